@@ -1,0 +1,26 @@
+"""Installs decoupled_diloco: `pip install -e .[test]` (add `[cuda]` or `[tpu]` on accelerators)."""
+
+import setuptools
+
+setuptools.setup(
+    name="decoupled_diloco",
+    version="0.1.0",
+    description="Decoupled DiLoCo: resilient, asynchronous distributed pre-training in JAX.",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["decoupled_diloco", "decoupled_diloco.*"]),
+    install_requires=[
+        "jax>=0.7.0",
+        "flax>=0.11.0",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11.0",
+        "ml-collections>=1.0.0",
+        "absl-py>=2.1.0",
+        "numpy>=1.26",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0"],
+        "cuda": ["jax[cuda12]>=0.7.0"],
+        "tpu": ["jax[tpu]>=0.7.0"],
+    },
+)
