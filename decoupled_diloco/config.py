@@ -1,0 +1,147 @@
+"""Every configuration field, declared once with its default and meaning.
+
+`base_config()` turns these dataclasses into the `ml_collections.ConfigDict`
+that experiment files start from; `parse()` turns a (possibly overridden)
+ConfigDict back into the typed, frozen, validated dataclasses that the library
+uses. Nothing below `train.py` ever sees a ConfigDict.
+"""
+
+import dataclasses
+import typing
+
+import ml_collections
+
+from decoupled_diloco.models.transformer import ModelConfig, PRESETS
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  path: str = "embedded"  # `embedded` (this Python's stdlib source), a text file/dir/glob, or a .npy of uint8/uint16 tokens.
+  eval_percent: float = 5.0  # Share of files (of tokens for .npy / single files) held out for eval.
+  batch_size: int = 32  # Global batch in sequences per inner step, summed over all learners.
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 300  # Inner steps of every learner (data-parallel: optimizer steps).
+  log_every: int = 25  # Steps between progress lines.
+  eval_every: int = 100  # Steps between evals of the global model (0: only at the end).
+  eval_batches: int = 16  # Held-out batches per eval (fixed windows, same every time).
+  checkpoint_every: int = 100  # Steps between checkpoints (0: only at the end).
+  keep_checkpoints: int = 2  # Most recent checkpoints kept.
+
+
+@dataclasses.dataclass(frozen=True)
+class InnerOptConfig:
+  lr: float = 3e-3  # Peak AdamW learning rate.
+  warmup_steps: int = 30  # Linear warmup from 0.
+  final_lr_fraction: float = 0.1  # Cosine decays to this fraction of `lr` at the last step.
+  b1: float = 0.9  # Adam beta1.
+  b2: float = 0.95  # Adam beta2.
+  weight_decay: float = 0.1  # Decoupled weight decay.
+  clip_norm: float = 1.0  # Global gradient-norm clip (0: off).
+
+
+@dataclasses.dataclass(frozen=True)
+class OuterOptConfig:
+  name: str = "nesterov"  # `nesterov` (SGD + Nesterov momentum), `sgd` (plain or heavy-ball) or `adam`.
+  lr: float = 0.7  # Outer learning rate applied to the merged pseudo-gradient.
+  momentum: float = 0.9  # Momentum for `nesterov` / `sgd` (0: none); beta1 for `adam`.
+
+
+@dataclasses.dataclass(frozen=True)
+class DilocoConfig:
+  num_learners: int = 4  # M: independent learners, one island each.
+  num_fragments: int = 1  # P: parameter fragments synced on a staggered schedule.
+  sync_every: int = 25  # H: inner steps between two syncs of one fragment.
+  overlap: int = 0  # tau: steps between sending a fragment and applying the merged result.
+  alpha: float = 0.0  # Mixing on alignment: theta <- alpha*theta_local + (1-alpha)*global.
+  fragmentation: str = "balanced"  # `balanced` (bin-packing), `layer` or `strided`.
+  merge: str = "mean"  # `mean` (weighted mean of pseudo-gradients).
+  weighting: str = "uniform"  # Per-learner merge weights: `uniform`.
+  max_abs_delta: float = 1e4  # Contributions with any |value| above this are rejected as absurd.
+
+
+@dataclasses.dataclass(frozen=True)
+class IslandsConfig:
+  fsdp: bool = False  # Shard parameters and optimizer state over each island's `data` axis.
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  seed: int = 0  # Seeds parameter init and data order.
+  runtime: str = "data_parallel"  # `data_parallel` (one replica, all devices) or `lockstep` (DiLoCo family).
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  inner: InnerOptConfig = InnerOptConfig()
+  outer: OuterOptConfig = OuterOptConfig()
+  diloco: DilocoConfig = DilocoConfig()
+  islands: IslandsConfig = IslandsConfig()
+
+
+RUNTIMES = ("data_parallel", "lockstep")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields at their defaults (the `tiny` model), as a locked ConfigDict."""
+  c = ml_collections.ConfigDict(dataclasses.asdict(Config()))
+  c.lock()
+  return c
+
+
+def use_preset(c: ml_collections.ConfigDict, name: str) -> None:
+  """Sets `c.model` to a named size preset (`tiny`, `small`)."""
+  if name not in PRESETS:
+    raise ValueError(f"model preset {name!r} is unknown; choose from {sorted(PRESETS)}.")
+  c.model.update(PRESETS[name])
+
+
+def _build(cls, values, where: str):
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = set(values) - set(fields)
+  if unknown:
+    raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(fields)}.")
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for name, value in values.items():
+    if dataclasses.is_dataclass(hints[name]):
+      kwargs[name] = _build(hints[name], value, f"{where}.{name}".lstrip("."))
+    else:
+      kwargs[name] = value
+  return cls(**kwargs)
+
+
+def parse(c: ml_collections.ConfigDict) -> Config:
+  """Validates a ConfigDict and returns the typed Config."""
+  cfg = _build(Config, c.to_dict(), "config")
+  _validate(cfg)
+  return cfg
+
+
+def _positive(section, obj, *names):
+  for name in names:
+    if getattr(obj, name) <= 0:
+      raise ValueError(f"{section}.{name}={getattr(obj, name)} must be positive.")
+
+
+def _validate(cfg: Config) -> None:
+  if cfg.runtime not in RUNTIMES:
+    raise ValueError(f"runtime={cfg.runtime!r} is unknown; choose from {RUNTIMES}.")
+  _positive("data", cfg.data, "batch_size")
+  _positive("train", cfg.train, "steps", "log_every", "eval_batches", "keep_checkpoints")
+  for name in ("eval_every", "checkpoint_every"):
+    if getattr(cfg.train, name) < 0:
+      raise ValueError(f"train.{name}={getattr(cfg.train, name)} must be >= 0.")
+  _positive("inner", cfg.inner, "lr")
+  if not 0 <= cfg.inner.final_lr_fraction <= 1:
+    raise ValueError(f"inner.final_lr_fraction={cfg.inner.final_lr_fraction} must be in [0, 1].")
+  d = cfg.diloco
+  _positive("diloco", d, "num_learners", "num_fragments", "sync_every", "max_abs_delta")
+  if not 0 <= d.overlap < d.sync_every:
+    raise ValueError(f"diloco.overlap={d.overlap} must be in [0, diloco.sync_every={d.sync_every}).")
+  if not 0 <= d.alpha < 1:
+    raise ValueError(f"diloco.alpha={d.alpha} must be in [0, 1).")
+  if cfg.runtime != "data_parallel" and cfg.data.batch_size % d.num_learners:
+    raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by"
+                     f" diloco.num_learners={d.num_learners} (the global batch is split).")

@@ -1,0 +1,104 @@
+"""Byte-level corpora: the embedded default, text files, or a pre-tokenized array.
+
+A corpus is two flat token arrays (train and eval). The embedded default is the
+running Python's own standard-library source: real text every machine has.
+"""
+
+import dataclasses
+import glob
+import os
+import sysconfig
+import zlib
+
+import numpy as np
+
+EMBEDDED = "embedded"  # `data.path` value that selects the standard-library corpus.
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  train: np.ndarray  # [N] uint8 or uint16 tokens
+  eval: np.ndarray  # [M] tokens, held out by file
+  vocab_size: int
+  description: str
+
+
+def _eval_file(name: str, eval_percent: float) -> bool:
+  """Deterministic by-file split: a stable hash of the relative path."""
+  return zlib.crc32(name.encode()) % 10_000 < eval_percent * 100
+
+
+def _read_files(paths: list[str], root: str, eval_percent: float, what: str) -> Corpus:
+  train, held_out = [], []
+  for path in sorted(paths):
+    with open(path, "rb") as f:
+      data = f.read()
+    if not data:
+      continue
+    rel = os.path.relpath(path, root)
+    (held_out if _eval_file(rel, eval_percent) else train).append(data)
+  if not train or not held_out:
+    raise ValueError(
+        f"data.path={what!r}: needs at least one non-empty file in each of the"
+        f" train and eval splits (found {len(train)} train, {len(held_out)} eval"
+        f" files); give more files or change data.eval_percent."
+    )
+  as_array = lambda chunks: np.frombuffer(b"".join(chunks), dtype=np.uint8)
+  return Corpus(as_array(train), as_array(held_out), 256,
+                f"{what}: {len(train)} train / {len(held_out)} eval files")
+
+
+def stdlib_files() -> tuple[list[str], str]:
+  """The running interpreter's standard-library `.py` files (no site-packages)."""
+  root = sysconfig.get_paths()["stdlib"]
+  paths = [
+      p for p in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+      if "site-packages" not in p and "dist-packages" not in p
+  ]
+  return paths, root
+
+
+def load(path: str, eval_percent: float = 5.0) -> Corpus:
+  """Loads a corpus.
+
+  Args:
+    path: `embedded`; a text file, directory or glob; or a `.npy` file of
+      uint8/uint16 tokens (memory-mapped, the last `eval_percent` held out).
+    eval_percent: share of files (or of tokens, for `.npy`) held out for eval.
+
+  Raises:
+    ValueError: naming `data.path` when nothing usable is found.
+  """
+  if not 0 < eval_percent < 100:
+    raise ValueError(f"data.eval_percent={eval_percent} must be in (0, 100).")
+  if path == EMBEDDED:
+    paths, root = stdlib_files()
+    return _read_files(paths, root, eval_percent, "embedded Python stdlib")
+  if path.endswith(".npy"):
+    if not os.path.isfile(path):
+      raise ValueError(f"data.path={path!r}: no such file.")
+    tokens = np.load(path, mmap_mode="r")
+    if tokens.ndim != 1 or tokens.dtype not in (np.uint8, np.uint16):
+      raise ValueError(
+          f"data.path={path!r}: a pre-tokenized file must be a flat uint8 or"
+          f" uint16 array, got shape {tokens.shape} dtype {tokens.dtype}.")
+    split = int(len(tokens) * (1 - eval_percent / 100))
+    vocab = 256 if tokens.dtype == np.uint8 else 65536
+    return Corpus(tokens[:split], tokens[split:], vocab, f"{path}: {len(tokens)} tokens")
+  if os.path.isdir(path):
+    paths, root = [p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                   if os.path.isfile(p)], path
+  else:
+    paths, root = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)], ""
+    root = os.path.dirname(path.split("*")[0]) or "."
+  if not paths:
+    raise ValueError(f"data.path={path!r}: no files match (give `embedded`, a"
+                     " file, a directory, a glob or a .npy token file).")
+  if len(paths) == 1:  # One file: hold out its tail instead of splitting by file.
+    with open(paths[0], "rb") as f:
+      tokens = np.frombuffer(f.read(), dtype=np.uint8)
+    if len(tokens) == 0:
+      raise ValueError(f"data.path={path!r}: the file is empty.")
+    split = int(len(tokens) * (1 - eval_percent / 100))
+    return Corpus(tokens[:split], tokens[split:], 256, f"{path}: {len(tokens)} bytes")
+  return _read_files(paths, root, eval_percent, path)

@@ -1,0 +1,80 @@
+"""Metrics to JSON lines and TensorBoard, and a human progress line.
+
+Files in the workdir: `metrics.jsonl` (one object per record, appended across
+resumes), `tb/` (TensorBoard event files) and `summary.json` at the end.
+"""
+
+import json
+import os
+import time
+
+from absl import logging
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+  """Writes scalar records keyed by step to JSONL and TensorBoard."""
+
+  def __init__(self, workdir: str):
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, step)
+
+  def flush(self) -> None:
+    self._jsonl.flush()
+    self._tb.flush()
+
+  def close(self) -> None:
+    self._jsonl.close()
+    self._tb.close()
+
+
+class Progress:
+  """Tracks throughput and prints `step, loss, tokens/s, ETA` lines."""
+
+  def __init__(self, start_step: int, total_steps: int, tokens_per_step: int):
+    self.start_step, self.total_steps = start_step, total_steps
+    self.tokens_per_step = tokens_per_step
+    self._t0 = time.perf_counter()
+    self._last_step, self._last_t = start_step, self._t0
+
+  def restart_clock(self, step: int) -> None:
+    """Called after the first step, so compilation does not count as training time."""
+    self._t0 = self._last_t = time.perf_counter()
+    self.start_step = self._last_step = step
+
+  def tokens_per_second(self, step: int) -> float:
+    now = time.perf_counter()
+    rate = (step - self._last_step) * self.tokens_per_step / max(now - self._last_t, 1e-9)
+    self._last_step, self._last_t = step, now
+    return rate
+
+  def log(self, step: int, loss: float, rate: float) -> None:
+    done = step - self.start_step
+    elapsed = time.perf_counter() - self._t0
+    eta = elapsed / max(done, 1) * (self.total_steps - step)
+    logging.info("step %d/%d  loss %.4f  %.0f tokens/s  ETA %s", step, self.total_steps,
+                 loss, rate, _clock(eta))
+
+  def mean_tokens_per_second(self, step: int) -> float:
+    """Throughput since `restart_clock` (compilation excluded)."""
+    elapsed = time.perf_counter() - self._t0
+    return (step - self.start_step) * self.tokens_per_step / max(elapsed, 1e-9)
+
+
+def _clock(seconds: float) -> str:
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}:{m:02d}:{s:02d}"
+
+
+def write_summary(workdir: str, summary: dict) -> str:
+  path = os.path.join(workdir, "summary.json")
+  with open(path, "w") as f:
+    json.dump(summary, f, indent=2, sort_keys=True)
+  return path

@@ -1,0 +1,91 @@
+"""A pre-norm, decoder-only transformer over bytes (flax linen).
+
+Shapes are named in variables: B batch, L sequence, D model width, H heads,
+K head width, F MLP width, V vocabulary.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 256
+  seq_len: int = 128
+  num_layers: int = 2
+  d_model: int = 128
+  num_heads: int = 4
+  mlp_dim: int = 512
+  dtype: str = "float32"  # Compute dtype; parameters stay float32.
+
+  def __post_init__(self):
+    for name in ("vocab_size", "seq_len", "num_layers", "d_model", "num_heads", "mlp_dim"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"model.{name}={getattr(self, name)} must be positive.")
+    if self.d_model % self.num_heads:
+      raise ValueError(f"model.d_model={self.d_model} must be divisible by"
+                       f" model.num_heads={self.num_heads}.")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"model.dtype={self.dtype!r} must be float32 or bfloat16.")
+
+
+PRESETS = {
+    "tiny": dict(num_layers=2, d_model=128, num_heads=4, mlp_dim=512, seq_len=128),
+    "small": dict(num_layers=6, d_model=384, num_heads=6, mlp_dim=1536, seq_len=256),
+}
+
+
+class Block(nn.Module):
+  c: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    c = self.c
+    dtype = jnp.dtype(c.dtype)
+    h_BxLxD = nn.LayerNorm(dtype=dtype, name="attn_norm")(x_BxLxD)
+    h_BxLxD = nn.MultiHeadDotProductAttention(
+        num_heads=c.num_heads, dtype=dtype, use_bias=False, name="attn")(
+            h_BxLxD, mask=nn.make_causal_mask(jnp.ones(x_BxLxD.shape[:2])))
+    x_BxLxD = x_BxLxD + h_BxLxD
+    h_BxLxD = nn.LayerNorm(dtype=dtype, name="mlp_norm")(x_BxLxD)
+    h_BxLxF = nn.gelu(nn.Dense(c.mlp_dim, dtype=dtype, name="mlp_in")(h_BxLxD))
+    return x_BxLxD + nn.Dense(c.d_model, dtype=dtype, name="mlp_out")(h_BxLxF)
+
+
+class Transformer(nn.Module):
+  """Maps tokens [B, L] to next-token logits [B, L, V]."""
+  c: ModelConfig
+
+  @nn.compact
+  def __call__(self, y_BxL):
+    c = self.c
+    dtype = jnp.dtype(c.dtype)
+    init = nn.initializers.normal(0.02)
+    x_BxLxD = nn.Embed(c.vocab_size, c.d_model, embedding_init=init, name="embed")(y_BxL)
+    pos_LxD = self.param("pos_embed", init, (c.seq_len, c.d_model))
+    x_BxLxD = (x_BxLxD + pos_LxD[None, :y_BxL.shape[1]]).astype(dtype)
+    for i in range(c.num_layers):
+      x_BxLxD = Block(c, name=f"block_{i}")(x_BxLxD)
+    x_BxLxD = nn.LayerNorm(dtype=dtype, name="final_norm")(x_BxLxD)
+    logits_BxLxV = nn.Dense(c.vocab_size, dtype=dtype, kernel_init=init, name="head")(x_BxLxD)
+    return logits_BxLxV.astype(jnp.float32)
+
+
+def init_params(c: ModelConfig, rng: jax.Array):
+  return Transformer(c).init(rng, jnp.zeros((1, c.seq_len), jnp.int32))["params"]
+
+
+def loss_fn(params, model: Transformer, batch_BxL1):
+  """Mean next-byte cross-entropy (nats) of a [B, L+1] token batch."""
+  x_BxL, y_BxL = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
+  logits_BxLxV = model.apply({"params": params}, x_BxL)
+  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV)
+  nll_BxL = -jnp.take_along_axis(logp_BxLxV, y_BxL[..., None], axis=-1)[..., 0]
+  return nll_BxL.mean()
+
+
+def num_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,95 @@
+"""Model shapes, presets, and island meshes on 8 fake CPU devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from decoupled_diloco import islands as islands_lib
+from decoupled_diloco import steps
+from decoupled_diloco.models import transformer
+
+
+def test_tiny_preset_shapes_and_size():
+  c = transformer.ModelConfig(**transformer.PRESETS["tiny"])
+  params = transformer.init_params(c, jax.random.key(0))
+  n = transformer.num_params(params)
+  assert 400_000 < n < 600_000, n
+  logits = transformer.Transformer(c).apply({"params": params}, jnp.zeros((3, 128), jnp.int32))
+  assert logits.shape == (3, 128, 256) and logits.dtype == jnp.float32
+  assert params["embed"]["embedding"].shape == (256, 128)
+
+
+def test_loss_at_init_is_near_uniform():
+  c = transformer.ModelConfig(seq_len=16)
+  params = transformer.init_params(c, jax.random.key(0))
+  batch = jax.random.randint(jax.random.key(1), (4, 17), 0, 256)
+  loss = transformer.loss_fn(params, transformer.Transformer(c), batch)
+  assert abs(float(loss) - np.log(256)) < 0.2
+
+
+def test_causal_masking():
+  c = transformer.ModelConfig(seq_len=8, num_layers=1, d_model=32, num_heads=2, mlp_dim=64)
+  params = transformer.init_params(c, jax.random.key(0))
+  m = transformer.Transformer(c)
+  x = jnp.arange(8)[None] % 256
+  y = x.at[0, 5].set(99)
+  a, b = m.apply({"params": params}, x), m.apply({"params": params}, y)
+  np.testing.assert_allclose(a[0, :5], b[0, :5], atol=1e-6)
+  assert not np.allclose(a[0, 5:], b[0, 5:])
+
+
+@pytest.mark.parametrize("field,value", [("d_model", 130), ("num_layers", 0), ("dtype", "fp16")])
+def test_bad_model_config(field, value):
+  with pytest.raises(ValueError, match=f"model.{field}"):
+    transformer.ModelConfig(**{field: value})
+
+
+def test_two_islands_of_four_devices():
+  isl = islands_lib.make_islands(2)
+  assert [i.size for i in isl] == [4, 4]
+  ids = [{d.id for d in i.mesh.devices.flat} for i in isl]
+  assert ids[0].isdisjoint(ids[1]) and len(ids[0] | ids[1]) == 8
+  batch = jax.device_put(np.zeros((8, 17), np.int32), isl[1].batch)
+  assert {d.id for d in batch.devices()} == ids[1]
+  shard_rows = {s.data.shape[0] for s in batch.addressable_shards}
+  assert shard_rows == {2}  # 8 rows split over 4 devices.
+
+
+def test_replicated_and_fsdp_placement():
+  c = transformer.ModelConfig(seq_len=16)
+  params = transformer.init_params(c, jax.random.key(0))
+  rep, fsdp = islands_lib.make_islands(2)[0], islands_lib.make_islands(2, fsdp=True)[0]
+  p_rep = rep.put(params)
+  emb = p_rep["embed"]["embedding"]
+  assert emb.sharding.is_fully_replicated and len(emb.devices()) == 4
+  p_fsdp = fsdp.put(params)
+  w = p_fsdp["block_0"]["mlp_in"]["kernel"]  # [128, 512]: the 512 axis is split.
+  assert {s.data.shape for s in w.addressable_shards} == {(128, 128)}
+  bias = p_fsdp["block_0"]["attn_norm"]["scale"]  # [128]: split 4 ways too.
+  assert {s.data.shape for s in bias.addressable_shards} == {(32,)}
+
+
+def test_fsdp_step_matches_replicated_step():
+  c = transformer.ModelConfig(seq_len=16)
+  params = transformer.init_params(c, jax.random.key(0))
+  # Plain SGD: Adam's first step g/|g| is ill-conditioned for tiny gradients.
+  tx = optax.sgd(0.5)
+  batch = np.asarray(jax.random.randint(jax.random.key(1), (8, 17), 0, 256))
+  out = []
+  for island in (islands_lib.make_islands(1)[0], islands_lib.make_islands(1, fsdp=True)[0]):
+    p, o = island.put(params), island.put(tx.init(params))
+    step = steps.make_inner_step(transformer.Transformer(c), tx, island, p, o)
+    p, o, loss = step(p, o, jax.device_put(batch, island.batch))
+    out.append((jax.device_get(p), float(loss)))
+  assert abs(out[0][1] - out[1][1]) < 1e-5
+  for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0])):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_more_islands_than_devices_share_devices():
+  isl = islands_lib.make_islands(3, devices=jax.devices()[:2])
+  assert [next(iter(i.mesh.devices.flat)).id for i in isl] == [0, 1, 0]
+  with pytest.raises(ValueError, match="not divisible"):
+    islands_lib.check_batch(islands_lib.make_islands(2)[0], 6)
