@@ -1,4 +1,4 @@
-r"""Codec throughput: jitted encode+decode of one fragment-sized array vs a copy.
+r"""Codec throughput: jitted encode+decode of a fragment-sized array vs copy.
 
 For every codec in `codecs.CODEC_NAMES` (top-k with each value format) this
 measures a jitted `decode(encode(x))` over one float32 array of `--size`

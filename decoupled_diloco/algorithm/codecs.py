@@ -28,8 +28,9 @@ Codecs (`CODEC_NAMES`):
          x̂ = ±scale with scale = the block's mean |x| (signSGD with a scale).
   topk   {"indices": uint8|uint16[nb, k], "values": ...[nb, k] (+ "scales")}:
          per block keeps exactly k = max(1, round(topk_fraction * block_size))
-         largest magnitudes (Python's round); index within its block (uint8 when block_size <=
-         256); values float32, bfloat16, or int8 with a float32 block absmax.
+         largest magnitudes (Python's round); index within its block (uint8
+         when block_size <= 256); values float32, bfloat16, or int8 with a
+         float32 block absmax.
 
 Layout. Arrays are flattened (row-major) and cut into blocks of `block_size`;
 the last block is padded with zeros for the scale computation only: value
