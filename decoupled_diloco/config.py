@@ -57,9 +57,18 @@ class DilocoConfig:
   overlap: int = 0  # tau: steps between sending a fragment and applying the merged result.
   alpha: float = 0.0  # Mixing on alignment: theta <- alpha*theta_local + (1-alpha)*global.
   fragmentation: str = "balanced"  # `balanced` (bin-packing), `layer` or `strided`.
-  merge: str = "mean"  # `mean` (weighted mean of pseudo-gradients).
-  weighting: str = "uniform"  # Per-learner merge weights: `uniform`.
+  merge: str = "mean"  # `mean`, `rda` (radial-directional; embeddings on mean) or `rda_everywhere`.
+  weighting: str = "uniform"  # Merge weights: `uniform`, `tokens` or `tokens2_per_step`.
   max_abs_delta: float = 1e4  # Contributions with any |value| above this are rejected as absurd.
+
+
+@dataclasses.dataclass(frozen=True)
+class CodecConfig:
+  up: str = "fp32"  # Pseudo-gradient codec, learner -> syncer (see algorithm/codecs.py).
+  down: str = "fp32"  # Published-fragment codec, syncer -> learner.
+  error_feedback: bool = False  # Learners carry what the up codec dropped into the next send.
+  block_size: int = 256  # Values per scale for block codecs (int8/int4/e3m0/int2/sign/topk).
+  topk_fraction: float = 0.01  # Share of each block that `topk` keeps.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +86,12 @@ class Config:
   inner: InnerOptConfig = InnerOptConfig()
   outer: OuterOptConfig = OuterOptConfig()
   diloco: DilocoConfig = DilocoConfig()
+  codec: CodecConfig = CodecConfig()
   islands: IslandsConfig = IslandsConfig()
 
 
 RUNTIMES = ("data_parallel", "lockstep")
+
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -1,0 +1,88 @@
+"""Partition a parameter tree into P fragments and stagger their syncs.
+
+Streaming DiLoCo (Douillard et al. 2025, https://arxiv.org/abs/2501.18512)
+syncs one fragment at a time so the peak bandwidth per step falls by ~P.
+Fragments are whole tensors, named by their `/`-joined paths; every tensor is
+in exactly one fragment. Strategies:
+  - `balanced`: largest-first bin packing, each tensor to the lightest fragment
+    (minimises the largest fragment, hence the peak bandwidth);
+  - `layer`: contiguous runs of top-level modules (embed, block_i, head, ...);
+  - `strided`: tensor i (in path order) goes to fragment i mod P.
+"""
+
+import numpy as np
+from flax import traverse_util
+
+STRATEGIES = ("balanced", "layer", "strided")
+
+
+def flatten(tree) -> dict:
+  """Nested params -> {"block_0/attn/query/kernel": array} (sorted keys)."""
+  flat = traverse_util.flatten_dict(tree, sep="/")
+  return {k: flat[k] for k in sorted(flat)}
+
+
+def unflatten(flat: dict):
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def partition(flat_params: dict, num_fragments: int, strategy: str) -> tuple[tuple[str, ...], ...]:
+  """Returns P tuples of tensor paths (each sorted), covering every tensor once."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"diloco.fragmentation={strategy!r} is unknown; choose from {STRATEGIES}.")
+  paths = sorted(flat_params)
+  if not 1 <= num_fragments <= len(paths):
+    raise ValueError(f"diloco.num_fragments={num_fragments} must be in [1, {len(paths)}]"
+                     " (the model has that many tensors).")
+  sizes = {k: int(np.prod(np.shape(flat_params[k]))) for k in paths}
+  bins = [[] for _ in range(num_fragments)]
+  if strategy == "balanced":
+    load = np.zeros(num_fragments)
+    for k in sorted(paths, key=lambda k: (-sizes[k], k)):
+      p = int(np.argmin(load))
+      bins[p].append(k)
+      load[p] += sizes[k]
+  elif strategy == "strided":
+    for i, k in enumerate(paths):
+      bins[i % num_fragments].append(k)
+  else:  # layer: cut the module sequence into P contiguous, near-equal runs.
+    modules = _module_order(paths)
+    if len(modules) < num_fragments:
+      raise ValueError(f"diloco.num_fragments={num_fragments} exceeds the model's"
+                       f" {len(modules)} top-level modules for fragmentation=layer.")
+    weight = [sum(sizes[k] for k in paths if k.split("/")[0] == m) for m in modules]
+    cuts = np.cumsum(weight) / sum(weight)
+    p = 0
+    for i, m in enumerate(modules):
+      bins[p].extend(k for k in paths if k.split("/")[0] == m)
+      remaining_modules, remaining_bins = len(modules) - i - 1, num_fragments - p - 1
+      if remaining_bins and (cuts[i] >= (p + 1) / num_fragments
+                             or remaining_modules == remaining_bins):
+        p += 1
+  return tuple(tuple(sorted(b)) for b in bins)
+
+
+def _module_order(paths) -> list[str]:
+  """Top-level modules in network order: embeddings, blocks by index, the rest."""
+  names = sorted({k.split("/")[0] for k in paths})
+  def key(n):
+    if "embed" in n:
+      return (0, 0, n)
+    if n.startswith("block_"):
+      return (1, int(n.split("_")[1]), n)
+    return (2, 0, n)
+  return sorted(names, key=key)
+
+
+def sync_offsets(num_fragments: int, sync_every: int) -> tuple[int, ...]:
+  """offset_p = p*H/P (rounded down), staggered evenly over H."""
+  return tuple(p * sync_every // num_fragments for p in range(num_fragments))
+
+
+def due(step: int, offsets, sync_every: int) -> list[int]:
+  """Fragments a learner sends after its inner step number `step` (>= 1)."""
+  return [p for p, o in enumerate(offsets) if step > 0 and (step - o) % sync_every == 0]
+
+
+def fragment_bytes(flat_params: dict, fragments, itemsize: int = 4) -> list[int]:
+  return [sum(int(np.prod(np.shape(flat_params[k]))) * itemsize for k in f) for f in fragments]

@@ -1,0 +1,128 @@
+"""The syncer: validates contributions, merges them per fragment, takes outer steps.
+
+Per fragment p it holds the global tensors Theta_p, their version, an outer
+optimizer state (any optax transformation: the merged pseudo-gradient is
+treated as a gradient, as in DiLoCo, https://arxiv.org/abs/2311.08105) and
+the contributions of the current round. When to close a round is the
+runtime's decision (lock-step: all learners; decoupled: quorum + grace).
+"""
+
+import collections
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from decoupled_diloco.algorithm import codecs, merge
+from decoupled_diloco.algorithm.messages import Contribution, Publication
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _check(codec, payload, like):
+  """Decodes a contribution and returns (deltas, all finite, max |delta|)."""
+  deltas = codecs.decode_tree(codec, list(payload), like)
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(d)) for d in deltas]))
+  max_abs = jnp.max(jnp.stack([jnp.max(jnp.abs(d)) for d in deltas]))
+  return deltas, finite, max_abs
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _outer_step(tx, rules, down, theta, opt_state, deltas, w_N):
+  """Merges stacked deltas per tensor, applies the outer optimizer, encodes Theta."""
+  merged = [rule(d, w_N) for rule, d in zip(rules, deltas)]
+  updates, opt_state = tx.update(merged, opt_state, theta)
+  theta = optax.apply_updates(theta, updates)
+  return theta, opt_state, codecs.encode_tree(down, theta)
+
+
+class Syncer:
+  """Global fragments, versions and outer optimizer states; see module docstring."""
+
+  def __init__(self, flat_params: dict, fragments, *, outer_tx: optax.GradientTransformation,
+               merge_rule: str, weighting: str, up: codecs.Codec, down: codecs.Codec,
+               num_learners: int, max_abs_delta: float, max_staleness: int | None = None,
+               device=None):
+    self.fragments = fragments
+    self.device = device or jax.devices()[0]
+    self.theta = [jax.device_put([jnp.asarray(flat_params[k]) for k in f], self.device)
+                  for f in fragments]
+    self.theta = [[jnp.array(t, copy=True) for t in f] for f in self.theta]
+    self.version = np.zeros(len(fragments), np.int64)
+    self.tx = outer_tx
+    self.opt_state = [outer_tx.init(t) for t in self.theta]
+    self.rules = [tuple(merge.rule_for(k, merge_rule) for k in f) for f in fragments]
+    merge.weights([1], [1], weighting)  # Validates the name now, not at the first merge.
+    self.weighting, self.up, self.down = weighting, up, down
+    self.num_learners, self.max_abs_delta = num_learners, max_abs_delta
+    self.max_staleness = max_staleness
+    self.pending: list[dict[int, tuple]] = [{} for _ in fragments]  # learner -> (c, deltas)
+    self.rejected = collections.Counter()
+    self.merges = np.zeros(len(fragments), np.int64)
+
+  def _reject(self, c: Contribution, reason: str) -> bool:
+    self.rejected[reason] += 1
+    logging.warning("syncer: rejected learner %s fragment %s (%s)", c.learner, c.fragment, reason)
+    return False
+
+  def receive(self, c: Contribution) -> bool:
+    """Admits a contribution to its fragment's round; returns False if rejected."""
+    if not (0 <= c.fragment < len(self.fragments)) or not 0 <= c.learner < self.num_learners:
+      return self._reject(c, "unknown learner or fragment")
+    p = c.fragment
+    if c.base_version > self.version[p] or c.steps < 0 or c.tokens < 0:
+      return self._reject(c, "inconsistent metadata")
+    if self.max_staleness is not None and self.version[p] - c.base_version > self.max_staleness:
+      return self._reject(c, "stale")
+    try:
+      deltas, finite, max_abs = _check(self.up, jax.device_put(c.payload, self.device),
+                                       self.theta[p])
+    except (TypeError, ValueError, KeyError) as e:  # Malformed payload.
+      return self._reject(c, f"malformed payload: {e}")
+    if not bool(finite):
+      return self._reject(c, "non-finite")
+    if float(max_abs) > self.max_abs_delta:
+      return self._reject(c, "absurd magnitude")
+    self.pending[p][c.learner] = (c, deltas)  # A newer one from the same learner replaces it.
+    return True
+
+  def contributors(self, p: int) -> int:
+    return len(self.pending[p])
+
+  def merge(self, p: int) -> Publication | None:
+    """Closes fragment p's round: merge, outer step, new version. None if empty."""
+    entries = [self.pending[p][m] for m in sorted(self.pending[p])]
+    self.pending[p] = {}
+    if not entries:
+      return None
+    w_N = merge.weights([c.steps for c, _ in entries], [c.tokens for c, _ in entries],
+                        self.weighting)
+    if float(w_N.sum()) <= 0:
+      return None
+    stacked = [jnp.stack(ts) for ts in zip(*(d for _, d in entries))]
+    self.theta[p], self.opt_state[p], payload = _outer_step(
+        self.tx, self.rules[p], self.down, self.theta[p], self.opt_state[p], stacked, w_N)
+    self.version[p] += 1
+    self.merges[p] += 1
+    return Publication(p, int(self.version[p]), tuple(payload), codecs.payload_nbytes(payload))
+
+  def publication(self, p: int) -> Publication:
+    """The current global fragment p (e.g. for a learner that rejoins)."""
+    payload = jax.jit(functools.partial(codecs.encode_tree, self.down))(self.theta[p])
+    return Publication(p, int(self.version[p]), tuple(payload), codecs.payload_nbytes(payload))
+
+  def global_flat(self) -> dict:
+    """{path: tensor} of the whole global model."""
+    return {k: t for f, ts in zip(self.fragments, self.theta) for k, t in zip(f, ts)}
+
+  def state(self) -> dict:
+    return {"theta": self.theta, "opt_state": self.opt_state, "version": self.version,
+            "merges": self.merges}
+
+  def load_state(self, s: dict) -> None:
+    self.theta = [list(t) for t in s["theta"]]
+    self.opt_state = list(s["opt_state"])
+    self.version = np.asarray(s["version"]).copy()
+    self.merges = np.asarray(s["merges"]).copy()

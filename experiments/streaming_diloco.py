@@ -1,0 +1,32 @@
+"""Streaming DiLoCo (Douillard et al. 2025, arXiv 2501.18512) in lock-step.
+
+Parameters are split into P = 5 balanced fragments, synced on a schedule
+staggered over H = 25 steps; each merged fragment arrives tau = 2 steps after
+it was sent (communication overlapped with compute) and is mixed in with
+alpha = 0.5. Peak bytes per step fall by about P relative to DiLoCo.
+
+Command (about 2 minutes on a 2-core CPU; eval loss close to DiLoCo's):
+  python -m decoupled_diloco.main --config=experiments/streaming_diloco.py \
+      --workdir=/tmp/streaming
+
+Variants: `tiny` (default), `small` (P = 4 with the 6-layer model, H = 100).
+"""
+
+from decoupled_diloco import config as config_lib
+
+
+def get_config(arg: str | None = None):
+  c = config_lib.base_config()
+  c.runtime = "lockstep"
+  c.diloco.update(num_learners=4, num_fragments=5, sync_every=25, overlap=2, alpha=0.5,
+                  fragmentation="balanced", merge="mean", weighting="uniform")
+  c.outer.update(name="nesterov", lr=0.7, momentum=0.9)
+  if arg == "small":
+    config_lib.use_preset(c, "small")
+    c.train.update(steps=5000, eval_every=500, checkpoint_every=500)
+    c.data.batch_size = 64
+    c.inner.lr = 1e-3
+    c.diloco.update(sync_every=100, num_fragments=4)
+  elif arg not in (None, "tiny"):
+    raise ValueError(f"unknown variant {arg!r}; choose tiny or small.")
+  return c

@@ -1,0 +1,178 @@
+"""Fragments, merge rules, weights, the syncer and the learner, by hand."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from decoupled_diloco import islands as islands_lib
+from decoupled_diloco.algorithm import codecs, fragments, merge
+from decoupled_diloco.algorithm.learner import Learner
+from decoupled_diloco.algorithm.messages import Contribution
+from decoupled_diloco.algorithm.syncer import Syncer
+from decoupled_diloco.models import transformer
+
+FP32 = codecs.make_codec("fp32")
+
+
+def tiny_flat():
+  c = transformer.ModelConfig(**transformer.PRESETS["tiny"])
+  return fragments.flatten(transformer.init_params(c, jax.random.key(0)))
+
+
+@pytest.mark.parametrize("strategy", fragments.STRATEGIES)
+@pytest.mark.parametrize("num", [1, 3, 5])
+def test_fragments_cover_every_tensor_once(strategy, num):
+  flat = tiny_flat()
+  frags = fragments.partition(flat, num, strategy)
+  assert len(frags) == num and all(frags)
+  together = [k for f in frags for k in f]
+  assert sorted(together) == sorted(flat) and len(set(together)) == len(together)
+
+
+@pytest.mark.parametrize("num", [2, 3, 4, 6])
+def test_balanced_packing_is_within_four_thirds_of_ideal(num):
+  flat = tiny_flat()
+  sizes = fragments.fragment_bytes(flat, fragments.partition(flat, num, "balanced"))
+  ideal = sum(sizes) / num
+  assert max(np.prod(np.shape(v)) * 4 for v in flat.values()) <= ideal  # Precondition.
+  assert max(sizes) <= 4 / 3 * ideal
+  layer = fragments.fragment_bytes(flat, fragments.partition(flat, num, "layer"))
+  assert max(sizes) <= max(layer)
+
+
+def test_layer_fragments_are_contiguous_modules():
+  frags = fragments.partition(tiny_flat(), 2, "layer")
+  mods = [sorted({k.split("/")[0] for k in f}) for f in frags]
+  assert "embed" in mods[0] and "head" in mods[1]
+  assert not set(mods[0]) & set(mods[1])
+
+
+def test_too_many_fragments_and_unknown_strategy():
+  with pytest.raises(ValueError, match="diloco.num_fragments"):
+    fragments.partition({"a": np.zeros(2)}, 2, "balanced")
+  with pytest.raises(ValueError, match="diloco.fragmentation='x'"):
+    fragments.partition({"a": np.zeros(2)}, 1, "x")
+
+
+def test_sync_offsets_are_staggered_and_each_fragment_due_once_per_period():
+  offsets = fragments.sync_offsets(4, 24)
+  assert offsets == (0, 6, 12, 18)
+  due_steps = {p: [t for t in range(1, 49) if p in fragments.due(t, offsets, 24)]
+               for p in range(4)}
+  assert due_steps == {0: [24, 48], 1: [6, 30], 2: [12, 36], 3: [18, 42]}
+  assert fragments.due(0, offsets, 24) == []
+
+
+def test_rda_keeps_norm_of_orthogonal_equal_deltas():
+  d = jnp.eye(4) * 3.0  # Four orthogonal deltas of norm 3.
+  w = jnp.ones(4)
+  np.testing.assert_allclose(jnp.linalg.norm(merge.merge_rda(d, w)), 3.0, rtol=1e-6)
+  np.testing.assert_allclose(jnp.linalg.norm(merge.merge_mean(d, w)), 1.5, rtol=1e-6)
+
+
+def test_rda_equals_mean_for_equal_deltas_and_handles_zero():
+  d = jnp.stack([jnp.array([1.0, -2.0, 2.0])] * 3)
+  w = jnp.array([1.0, 2.0, 3.0])
+  np.testing.assert_allclose(merge.merge_rda(d, w), d[0], rtol=1e-6)
+  np.testing.assert_allclose(merge.merge_mean(d, w), d[0], rtol=1e-6)
+  z = jnp.stack([jnp.zeros(3), jnp.array([0.0, 3.0, 4.0])])
+  # unit(0) = 0: radius (0 + 5)/2, direction unit((0 + (0, .6, .8))/2) = (0, .6, .8).
+  np.testing.assert_allclose(merge.merge_rda(z, jnp.ones(2)), [0.0, 1.5, 2.0], rtol=1e-6)
+  assert np.all(merge.merge_rda(jnp.zeros((2, 3)), jnp.ones(2)) == 0)
+
+
+def test_weights():
+  np.testing.assert_allclose(merge.weights([10, 5], [100, 100], "tokens2_per_step"),
+                             [1000.0, 2000.0])
+  np.testing.assert_allclose(merge.weights([10, 5], [100, 50], "tokens"), [100.0, 50.0])
+  np.testing.assert_allclose(merge.weights([10, 0], [100, 0], "uniform"), [1.0, 1.0])
+  np.testing.assert_allclose(merge.weights([0], [0], "tokens2_per_step"), [0.0])
+  with pytest.raises(ValueError, match="diloco.weighting"):
+    merge.weights([1], [1], "votes")
+
+
+def test_rda_rule_keeps_embeddings_on_mean():
+  assert merge.rule_for("embed/embedding", "rda") is merge.merge_mean
+  assert merge.rule_for("block_0/mlp_in/kernel", "rda") is merge.merge_rda
+  assert merge.rule_for("embed/embedding", "rda_everywhere") is merge.merge_rda
+  assert merge.rule_for("embed/embedding", "mean") is merge.merge_mean
+
+
+def contribution(learner, fragment, deltas, *, version=0, steps=1, tokens=1):
+  payload = codecs.encode_tree(FP32, [jnp.asarray(d, jnp.float32) for d in deltas])
+  return Contribution(learner, fragment, version, steps, tokens, tuple(payload),
+                      codecs.payload_nbytes(payload))
+
+
+def make_syncer(flat, frags, tx, **kw):
+  kw = {"merge_rule": "mean", "weighting": "uniform", "num_learners": 2,
+        "max_abs_delta": 1e4, **kw}
+  return Syncer(flat, frags, outer_tx=tx, up=FP32, down=FP32, **kw)
+
+
+def test_outer_nesterov_matches_hand_computation():
+  flat = {"a": np.array([1.0, 2.0], np.float32), "b": np.array(4.0, np.float32)}
+  s = make_syncer(flat, (("a", "b"),), optax.sgd(0.5, momentum=0.5, nesterov=True))
+  # Round 1: learners send (1, 2 | 2) and (3, 2 | 0): mean delta (2, 2 | 1).
+  s.receive(contribution(0, 0, [[1.0, 2.0], 2.0]))
+  s.receive(contribution(1, 0, [[3.0, 2.0], 0.0]))
+  pub = s.merge(0)
+  # Nesterov: trace = d; update = -lr (d + mu trace) = -0.5 * 1.5 d.
+  np.testing.assert_allclose(s.theta[0][0], [1.0 - 1.5, 2.0 - 1.5])
+  np.testing.assert_allclose(s.theta[0][1], 4.0 - 0.75)
+  assert pub.version == 1 and s.version[0] == 1
+  # Round 2: mean delta (0, 2 | -1); trace = d2 + mu d1 = (1, 3 | -0.5).
+  s.receive(contribution(0, 0, [[0.0, 2.0], -1.0], version=1))
+  s.merge(0)
+  # update = -0.5 (d2 + 0.5 trace) = -0.5 * ((0.5, 3.5 | -1.25)).
+  np.testing.assert_allclose(s.theta[0][0], [-0.5 - 0.25, 0.5 - 1.75])
+  np.testing.assert_allclose(s.theta[0][1], 3.25 + 0.625)
+
+
+def test_syncer_rejects_bad_contributions_and_counts_them():
+  flat = {"a": np.zeros(3, np.float32)}
+  s = make_syncer(flat, (("a",),), optax.sgd(1.0), max_abs_delta=100.0)
+  assert not s.receive(contribution(0, 0, [[1.0, np.nan, 0.0]]))
+  assert not s.receive(contribution(1, 0, [[1.0, np.inf, 0.0]]))
+  assert not s.receive(contribution(0, 0, [[1e6, 0.0, 0.0]]))
+  assert not s.receive(contribution(5, 0, [[1.0, 0.0, 0.0]]))
+  assert not s.receive(contribution(0, 3, [[1.0, 0.0, 0.0]]))
+  assert not s.receive(contribution(0, 0, [[1.0, 0.0, 0.0]], version=7))
+  assert not s.receive(contribution(0, 0, [[1.0, 0.0]]))  # Wrong shape.
+  assert s.contributors(0) == 0 and s.merge(0) is None
+  assert sum(s.rejected.values()) == 7 and s.rejected["non-finite"] == 2
+  assert s.receive(contribution(1, 0, [[1.0, 2.0, 3.0]]))
+  s.merge(0)
+  np.testing.assert_allclose(s.theta[0][0], [-1.0, -2.0, -3.0])
+
+
+def test_learner_snapshot_and_align():
+  island = islands_lib.make_islands(2)[1]
+  flat = {"a": np.array([1.0, 2.0], np.float32), "b": np.array([5.0], np.float32)}
+  params = fragments.unflatten(flat)
+
+  def fake_step(params, opt_state, batch):  # "Training" subtracts the batch.
+    return jax.tree.map(lambda p: p - batch, params), opt_state, jnp.float32(0.0)
+
+  learner = Learner(0, island, fake_step, params, {}, (("a",), ("b",)), alpha=0.25,
+                    up=FP32, down=FP32, error_feedback=False, tokens_per_step=8)
+  learner.inner_step(jnp.float32(1.0))
+  learner.inner_step(jnp.float32(0.5))
+  c = learner.snapshot(0)
+  assert (c.fragment, c.steps, c.tokens, c.base_version, c.nbytes) == (0, 2, 16, 0, 8)
+  np.testing.assert_allclose(codecs.decode_tree(FP32, list(c.payload), [flat["a"]])[0],
+                             [1.5, 1.5])
+  sync = make_syncer(flat, (("a",), ("b",)), optax.sgd(1.0), num_learners=1)
+  sync.receive(c)
+  pub = sync.merge(0)  # Global a = (1, 2) - (1.5, 1.5) = (-0.5, 0.5).
+  learner.align(pub)
+  a = fragments.flatten(learner.params)["a"]
+  # 0.25 * local (-0.5, 0.5) + 0.75 * global (-0.5, 0.5).
+  np.testing.assert_allclose(a, [-0.5, 0.5])
+  assert {d.id for d in a.devices()} == {d.id for d in island.mesh.devices.flat}
+  assert learner.c_steps.tolist() == [0, 2] and learner.base_version.tolist() == [1, 0]
+  learner.inner_step(jnp.float32(1.0))  # Donation must not delete the new base.
+  np.testing.assert_allclose(learner.base[0][0], [-0.5, 0.5])
+  np.testing.assert_allclose(fragments.flatten(learner.params)["b"], [2.5])

@@ -1,0 +1,122 @@
+"""DiLoCo and Streaming DiLoCo in lock-step: reductions, accounting, resumption."""
+
+import jax
+import numpy as np
+import pytest
+
+from decoupled_diloco import train
+from decoupled_diloco.algorithm import fragments
+from decoupled_diloco.algorithm.syncer import Syncer
+from decoupled_diloco.data import corpus as corpus_lib
+from decoupled_diloco.data.loader import ShardIterator
+from decoupled_diloco.runtime.lockstep import LockStep
+from tests.helpers import assert_trees_equal, final_checkpoint, tiny_config
+from decoupled_diloco import config as config_lib
+
+
+def diloco_config(steps=6, **overrides):
+  base = {"diloco.num_learners": 2, "diloco.num_fragments": 1, "diloco.sync_every": 3,
+          "diloco.overlap": 0, "diloco.alpha": 0.0}
+  return tiny_config("lockstep", steps=steps, **{**base, **overrides})
+
+
+def test_diloco_m1_h1_unit_sgd_equals_plain_training(tmp_path):
+  overrides = {"diloco.num_learners": 1, "diloco.sync_every": 1, "outer.name": "sgd",
+               "outer.lr": 1.0, "outer.momentum": 0.0}
+  train.train_and_evaluate(tiny_config(steps=6), str(tmp_path / "dp"))
+  train.train_and_evaluate(diloco_config(**overrides), str(tmp_path / "dl"))
+  dp = fragments.flatten(final_checkpoint(tmp_path / "dp")["params"])
+  dl = final_checkpoint(tmp_path / "dl")
+  glob = dict(zip(dl["syncer"]["theta"] and
+                  [k for f in fragments.partition(dp, 1, "balanced") for k in f],
+                  [t for f in dl["syncer"]["theta"] for t in f]))
+  local = fragments.flatten(dl["learners"][0]["params"])
+  for k in dp:
+    # global - (global - theta) == theta up to one rounding of the subtraction.
+    np.testing.assert_allclose(glob[k], dp[k], rtol=0, atol=2e-7)
+    np.testing.assert_allclose(local[k], dp[k], rtol=0, atol=2e-7)
+
+
+def test_identical_data_merged_update_equals_one_learners():
+  # Two learners: (d + d) / 2 == d exactly in floating point (three would round).
+  cfg = config_lib.parse(diloco_config())
+  corpus = corpus_lib.load("embedded")
+  rt = LockStep(cfg, corpus.train)
+  team = rt.team
+  team.data = [ShardIterator(corpus.train, shard=0, num_shards=2, batch_size=8, seq_len=32,
+                             seed=0) for _ in range(2)]
+  # A shadow syncer that only ever sees learner 0's contributions.
+  shadow = Syncer(team.syncer.global_flat(), team.fragments, outer_tx=team.syncer.tx,
+                  merge_rule="mean", weighting="uniform", up=team.syncer.up,
+                  down=team.syncer.down, num_learners=2, max_abs_delta=1e4)
+  receive, merge = team.syncer.receive, team.syncer.merge
+  team.syncer.receive = lambda c: (c.learner == 0 and shadow.receive(c), receive(c))[1]
+  team.syncer.merge = lambda p: (shadow.merge(p), merge(p))[1]
+  for _ in range(6):  # Two outer steps with Nesterov momentum.
+    rt.train_step()
+  assert team.syncer.merges.tolist() == [2]
+  for a, b in zip(team.syncer.theta[0], shadow.theta[0]):
+    # Equal up to float32 rounding: XLA compiles the 2- and 1-contributor outer
+    # steps separately and may contract multiply-adds differently (1 ulp).
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  assert_trees_equal(team.learners[0].params, team.learners[1].params)
+
+
+def test_streaming_with_one_fragment_no_overlap_equals_diloco(tmp_path):
+  from experiments import diloco, streaming_diloco
+  runs = {}
+  for name, module in (("diloco", diloco), ("streaming", streaming_diloco)):
+    c = module.get_config()
+    small = tiny_config("lockstep", steps=6)
+    c.model.update(small.model)
+    c.data.update(small.data)
+    c.train.update(small.train)
+    c.diloco.update(num_learners=2, sync_every=3)
+    if name == "streaming":
+      c.diloco.update(num_fragments=1, overlap=0, alpha=0.0)
+    train.train_and_evaluate(c, str(tmp_path / name))
+    runs[name] = final_checkpoint(tmp_path / name)
+  assert_trees_equal(runs["diloco"]["syncer"], runs["streaming"]["syncer"])
+  assert_trees_equal(runs["diloco"]["learners"], runs["streaming"]["learners"])
+
+
+def test_streaming_accounting_counts_exact_bytes(tmp_path):
+  c = diloco_config(steps=12, **{"diloco.num_fragments": 3, "diloco.sync_every": 6,
+                                 "diloco.overlap": 2, "diloco.alpha": 0.5})
+  s = train.train_and_evaluate(c, str(tmp_path))
+  cfg = config_lib.parse(c)
+  rt = LockStep(cfg, corpus_lib.load("embedded").train)
+  frag_bytes = fragments.fragment_bytes(fragments.flatten(rt.eval_params()), rt.team.fragments)
+  # Offsets (0, 2, 4): fragment 0 sent at 6, 12; 1 at 2, 8; 2 at 4, 10. Two learners.
+  assert s["bytes_up_per_fragment"] == [2 * 2 * b for b in frag_bytes]
+  # Fragment 0's second merge (sent at 12) would land at 14: after the run.
+  assert s["bytes_down_per_fragment"] == [2 * frag_bytes[0], 4 * frag_bytes[1],
+                                          4 * frag_bytes[2]]
+  assert s["outer_steps"] == 6
+  # Busiest step: 8, when fragment 1 goes up and fragment 0 (sent at 6) comes down.
+  assert s["peak_bytes_per_step"] == 2 * frag_bytes[1] + 2 * frag_bytes[0]
+  assert s["dp_allreduce_bytes"] == 2 * sum(frag_bytes) * 2 * 12
+
+
+def test_streaming_resumes_exactly_with_fragments_in_flight(tmp_path, monkeypatch):
+  c = diloco_config(steps=12, **{"diloco.num_fragments": 3, "diloco.sync_every": 6,
+                                 "diloco.overlap": 2, "diloco.alpha": 0.5,
+                                 "train.checkpoint_every": 5})
+  train.train_and_evaluate(c, str(tmp_path / "straight"))
+  original = LockStep.train_step
+
+  def crash(self):
+    if self.step == 8:
+      raise KeyboardInterrupt("preempted")
+    return original(self)
+
+  monkeypatch.setattr(LockStep, "train_step", crash)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(c, str(tmp_path / "resumed"))
+  ckpt5 = final_checkpoint(tmp_path / "resumed")
+  assert int(ckpt5["step"]) == 5
+  assert [int(s["due_step"]) for s in ckpt5["in_flight"]] == [-1, -1, 6]  # Sent at 4.
+  monkeypatch.setattr(LockStep, "train_step", original)
+  train.train_and_evaluate(c, str(tmp_path / "resumed"))
+  assert_trees_equal(final_checkpoint(tmp_path / "straight"),
+                     final_checkpoint(tmp_path / "resumed"))
