@@ -11,6 +11,7 @@ import typing
 
 import ml_collections
 
+from decoupled_diloco.algorithm import codecs
 from decoupled_diloco.models.transformer import ModelConfig, PRESETS
 
 
@@ -153,6 +154,13 @@ def _validate(cfg: Config) -> None:
     raise ValueError(f"diloco.overlap={d.overlap} must be in [0, diloco.sync_every={d.sync_every}).")
   if not 0 <= d.alpha < 1:
     raise ValueError(f"diloco.alpha={d.alpha} must be in [0, 1).")
+  for field in ("up", "down"):
+    if getattr(cfg.codec, field) not in codecs.CODEC_NAMES:
+      raise ValueError(f"codec.{field}={getattr(cfg.codec, field)!r} is unknown; choose"
+                       f" from {codecs.CODEC_NAMES}.")
+  if cfg.codec.block_size <= 0 or not 0 < cfg.codec.topk_fraction <= 1:
+    raise ValueError(f"codec.block_size={cfg.codec.block_size} must be positive and"
+                     f" codec.topk_fraction={cfg.codec.topk_fraction} in (0, 1].")
   if cfg.runtime != "data_parallel" and cfg.data.batch_size % d.num_learners:
     raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by"
                      f" diloco.num_learners={d.num_learners} (the global batch is split).")
