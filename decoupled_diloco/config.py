@@ -61,6 +61,10 @@ class DilocoConfig:
   merge: str = "mean"  # `mean`, `rda` (radial-directional; embeddings on mean) or `rda_everywhere`.
   weighting: str = "uniform"  # Merge weights: `uniform`, `tokens` or `tokens2_per_step`.
   max_abs_delta: float = 1e4  # Contributions with any |value| above this are rejected as absurd.
+  quorum: int = 0  # K: distinct live learners a round needs before it may close (0: all, i.e. M).
+  grace_gamma: float = 0.0  # gamma: grace-window safety factor (0: merge as soon as the quorum is met).
+  grace_max_s: float = 60.0  # Upper bound of the grace window, virtual seconds.
+  max_staleness: int = -1  # Reject contributions whose base is more versions old than this (-1: admit all).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,32 @@ class CodecConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SimConfig:
+  step_seconds: float = 1.0  # Virtual seconds of one inner step on a whole learner (0: measure the real step).
+  slow_learners: int = 0  # How many learners (the last ones) run on slower hardware.
+  slow_factor: float = 1.0  # Step-time multiplier of the slow learners (1.18: 18% slower).
+  noise: float = 0.0  # Lognormal sigma of per-step time noise (0.1: about 10%).
+  latency_s: float = 0.0  # One-way message latency, virtual seconds.
+  bandwidth_gbps: float = 0.0  # Per-learner link bandwidth, gigabits/s (0: unlimited).
+  syncer_seconds: float = 0.0  # Virtual time of one merge + outer step.
+  lockstep: bool = False  # Learners wait for fragment p at send step + tau (lock-step semantics).
+  event_log: bool = True  # Write every event to `events.jsonl` in the workdir.
+
+
+@dataclasses.dataclass(frozen=True)
+class ChaosConfig:
+  enabled: bool = False  # Inject slice failures (decoupled runtime).
+  slices_per_learner: int = 4  # Each learner is this many slices; it runs on the ones that are up.
+  chips_per_slice: int = 256  # Chips per slice (goodput is in chip-time).
+  mtbi_chip_hours: float = 8766.0  # Mean time between interruptions of one chip (1 year).
+  repair_median_s: float = 2400.0  # Median repair time of a failed slice (lognormal).
+  repair_sigma: float = 1.5  # Lognormal sigma of repair times (heavy tail).
+  reconfiguration_s: float = 9.4  # Pause when a learner loses or regains a slice.
+  restart_s: float = 71.1  # Pause when a learner restarts from zero slices.
+  seed: int = 0  # Seeds the failure draws (independent of `seed`).
+
+
+@dataclasses.dataclass(frozen=True)
 class IslandsConfig:
   fsdp: bool = False  # Shard parameters and optimizer state over each island's `data` axis.
 
@@ -80,7 +110,7 @@ class IslandsConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
   seed: int = 0  # Seeds parameter init and data order.
-  runtime: str = "data_parallel"  # `data_parallel` (one replica, all devices) or `lockstep` (DiLoCo family).
+  runtime: str = "data_parallel"  # `data_parallel`, `lockstep` (DiLoCo family) or `decoupled` (event-driven).
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
@@ -88,11 +118,12 @@ class Config:
   outer: OuterOptConfig = OuterOptConfig()
   diloco: DilocoConfig = DilocoConfig()
   codec: CodecConfig = CodecConfig()
+  sim: SimConfig = SimConfig()
+  chaos: ChaosConfig = ChaosConfig()
   islands: IslandsConfig = IslandsConfig()
 
 
-RUNTIMES = ("data_parallel", "lockstep")
-
+RUNTIMES = ("data_parallel", "lockstep", "decoupled")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -161,6 +192,25 @@ def _validate(cfg: Config) -> None:
   if cfg.codec.block_size <= 0 or not 0 < cfg.codec.topk_fraction <= 1:
     raise ValueError(f"codec.block_size={cfg.codec.block_size} must be positive and"
                      f" codec.topk_fraction={cfg.codec.topk_fraction} in (0, 1].")
+  if not 0 <= d.quorum <= d.num_learners:
+    raise ValueError(f"diloco.quorum={d.quorum} must be in [0, diloco.num_learners={d.num_learners}].")
+  if d.grace_gamma < 0 or d.grace_max_s < 0:
+    raise ValueError(f"diloco.grace_gamma={d.grace_gamma} and diloco.grace_max_s={d.grace_max_s}"
+                     " must be >= 0.")
+  if d.max_staleness < -1:
+    raise ValueError(f"diloco.max_staleness={d.max_staleness} must be >= 0, or -1 for no bound.")
+  sim = cfg.sim
+  for name in ("step_seconds", "noise", "latency_s", "bandwidth_gbps", "syncer_seconds"):
+    if getattr(sim, name) < 0:
+      raise ValueError(f"sim.{name}={getattr(sim, name)} must be >= 0.")
+  if not 0 <= sim.slow_learners <= d.num_learners or sim.slow_factor <= 0:
+    raise ValueError(f"sim.slow_learners={sim.slow_learners} must be in [0, {d.num_learners}]"
+                     f" and sim.slow_factor={sim.slow_factor} positive.")
+  ch = cfg.chaos
+  _positive("chaos", ch, "slices_per_learner", "chips_per_slice", "mtbi_chip_hours",
+            "repair_median_s")
+  if ch.enabled and cfg.runtime != "decoupled":
+    raise ValueError(f"chaos.enabled=True needs runtime='decoupled' (got {cfg.runtime!r}).")
   if cfg.runtime != "data_parallel" and cfg.data.batch_size % d.num_learners:
     raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by"
                      f" diloco.num_learners={d.num_learners} (the global batch is split).")

@@ -16,15 +16,18 @@ from decoupled_diloco import checkpointing, config as config_lib, metrics, steps
 from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.data import loader
 from decoupled_diloco.runtime.data_parallel import DataParallel
+from decoupled_diloco.runtime.decoupled import Decoupled
+from decoupled_diloco.runtime.lockstep import LockStep
 
 BITS_PER_NAT = 1 / math.log(2)
 
 
-def make_runtime(cfg: config_lib.Config, corpus: corpus_lib.Corpus):
+def make_runtime(cfg: config_lib.Config, corpus: corpus_lib.Corpus, workdir: str):
   if cfg.runtime == "data_parallel":
     return DataParallel(cfg, corpus.train)
-  from decoupled_diloco.runtime.lockstep import LockStep  # pylint: disable=g-import-not-at-top
-  return LockStep(cfg, corpus.train)
+  if cfg.runtime == "lockstep":
+    return LockStep(cfg, corpus.train)
+  return Decoupled(cfg, corpus.train, workdir)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -39,7 +42,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the"
                      f" data's vocabulary ({corpus.vocab_size}).")
   logging.info("data: %s", corpus.description)
-  rt = make_runtime(cfg, corpus)
+  rt = make_runtime(cfg, corpus, workdir)
+  resumable = getattr(rt, "resumable", True)
   eval_island = rt.eval_island
   eval_loss = steps.make_eval_loss(rt.model, eval_island)
   eval_batches = loader.eval_batches(corpus.eval, batch_size=cfg.data.batch_size,
@@ -48,6 +52,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   ckpt = checkpointing.Checkpointer(workdir, cfg.train.keep_checkpoints)
   if (latest := ckpt.latest_step()) is not None:
+    if not resumable:
+      raise ValueError(f"{workdir} holds checkpoints, but runtime={cfg.runtime!r} cannot"
+                       " resume yet; use a fresh --workdir.")
     rt.load_state(ckpt.restore(latest, rt.state()))
     logging.info("resumed from %s at step %d", workdir, rt.step)
   writer = metrics.MetricWriter(workdir)
@@ -90,13 +97,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending = None
         if boundary(cfg.train.eval_every):
           eval_scalars = run_eval()
-        if boundary(cfg.train.checkpoint_every):
+        if resumable and boundary(cfg.train.checkpoint_every):
           ckpt.save(rt.step, rt.state())
         writer.flush()
     if pending is not None:
       record(*pending)
     tokens_per_second = progress.mean_tokens_per_second(rt.step)
-    if ckpt.latest_step() != rt.step:
+    if resumable and ckpt.latest_step() != rt.step:
       ckpt.save(rt.step, rt.state())
     if not eval_scalars or cfg.train.eval_every == 0 or rt.step % cfg.train.eval_every:
       eval_scalars = run_eval()

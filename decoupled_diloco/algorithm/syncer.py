@@ -38,6 +38,18 @@ def _outer_step(tx, rules, down, theta, opt_state, deltas, w_N):
   return theta, opt_state, codecs.encode_tree(down, theta)
 
 
+def grace_window(*, overlap: int, step_s: float, quorum_s: float, sync_s: float,
+                 gamma: float, grace_max_s: float) -> float:
+  """Seconds to wait for more learners once the quorum is reached.
+
+  grace = clip(gamma * (tau * xi_step - (xi_quorum + xi_sync)), 0, grace_max):
+  only wait inside the slack that the tau-step overlap already hides
+  (Decoupled DiLoCo, https://arxiv.org/abs/2604.21428).
+  """
+  slack = gamma * (overlap * step_s - (quorum_s + sync_s))
+  return min(max(slack, 0.0), grace_max_s)
+
+
 class Syncer:
   """Global fragments, versions and outer optimizer states; see module docstring."""
 

@@ -54,7 +54,8 @@ class Team:
           tokens_per_step=per_learner * cfg.model.seq_len))
     self.syncer = Syncer(flat, self.fragments, outer_tx=optim.outer_optimizer(cfg.outer),
                          merge_rule=d.merge, weighting=d.weighting, up=up, down=down,
-                         num_learners=d.num_learners, max_abs_delta=d.max_abs_delta)
+                         num_learners=d.num_learners, max_abs_delta=d.max_abs_delta,
+                         max_staleness=None if d.max_staleness < 0 else d.max_staleness)
     self.eval_island = islands_lib.make_islands(1, devices=[self.syncer.device])[0]
     self.data = [ShardIterator(train_tokens, shard=m, num_shards=d.num_learners,
                                batch_size=per_learner, seq_len=cfg.model.seq_len,

@@ -1,0 +1,130 @@
+"""Codecs inside lock-step DiLoCo training: exact bytes, error feedback, NaN guard."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from decoupled_diloco import config as config_lib
+from decoupled_diloco import train
+from decoupled_diloco.algorithm import fragments
+from decoupled_diloco.algorithm.syncer import Syncer
+from decoupled_diloco.data import corpus as corpus_lib
+from decoupled_diloco.models import transformer
+from decoupled_diloco.runtime.lockstep import LockStep
+from tests.helpers import assert_trees_equal, final_checkpoint, tiny_config
+
+
+def diloco_config(steps=6, **overrides):
+  """M = 2 learners, P = 1, H = 3, tau = 0: syncs after steps 3 and 6."""
+  base = {"diloco.num_learners": 2, "diloco.num_fragments": 1, "diloco.sync_every": 3,
+          "diloco.overlap": 0, "diloco.alpha": 0.0}
+  return tiny_config("lockstep", steps=steps, **{**base, **overrides})
+
+
+def tensor_sizes(c) -> list[int]:
+  params = transformer.init_params(config_lib.parse(c).model, jax.random.key(0))
+  return [int(np.prod(np.shape(t))) for t in fragments.flatten(params).values()]
+
+
+def test_int4_up_fp32_down_bytes_are_the_encoded_payloads(tmp_path):
+  # vocab 257 gives head/bias 257 values: an odd count and a partial second block.
+  c = diloco_config(**{"codec.up": "int4", "model.vocab_size": 257})
+  s = train.train_and_evaluate(c, str(tmp_path))
+  sizes = tensor_sizes(c)
+  assert 257 in sizes
+  # int4: ceil(n/2) bytes of nibbles + one float32 scale per block of 256, per tensor.
+  int4_bytes = sum(math.ceil(n / 2) + 4 * math.ceil(n / 256) for n in sizes)
+  num_learners, syncs = 2, 2
+  assert s["bytes_up"] == num_learners * syncs * int4_bytes
+  # fp32 down: the whole global model, 4 bytes per parameter, to each learner.
+  assert s["bytes_down"] == num_learners * syncs * 4 * sum(sizes)
+  assert s["dp_allreduce_bytes"] == 2 * 4 * sum(sizes) * num_learners * 6
+  assert s["bytes_reduction_vs_dp"] == pytest.approx(
+      s["dp_allreduce_bytes"] / (s["bytes_up"] + s["bytes_down"]), rel=1e-12)
+  assert s["rejected_contributions"] == {}
+  assert math.isfinite(s["final_eval_loss"])
+  # Without error feedback a learner keeps (and checkpoints) no residual.
+  assert all("residual" not in learner for learner in final_checkpoint(tmp_path)["learners"])
+
+
+def test_error_feedback_residual_is_checkpointed_and_resumes_bitwise(tmp_path, monkeypatch):
+  c = diloco_config(steps=6, **{"codec.up": "int2", "codec.error_feedback": True,
+                                "train.checkpoint_every": 4})
+  train.train_and_evaluate(c, str(tmp_path / "straight"))
+  straight = final_checkpoint(tmp_path / "straight")
+  for learner in straight["learners"]:
+    residual = learner["residual"]
+    # int2 has no zero level, so the send after step 6 must leave a residual.
+    assert all(np.all(np.isfinite(r)) for r in residual[0])
+    assert any(np.any(r != 0) for r in residual[0])
+  original = LockStep.train_step
+
+  def crash(self):
+    if self.step == 5:  # After the checkpoint at 4, which holds step 3's residual.
+      raise KeyboardInterrupt("preempted")
+    return original(self)
+
+  monkeypatch.setattr(LockStep, "train_step", crash)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(c, str(tmp_path / "resumed"))
+  ckpt4 = final_checkpoint(tmp_path / "resumed")
+  assert int(ckpt4["step"]) == 4
+  assert any(np.any(r != 0) for learner in ckpt4["learners"] for r in learner["residual"][0])
+  monkeypatch.setattr(LockStep, "train_step", original)
+  train.train_and_evaluate(c, str(tmp_path / "resumed"))
+  assert_trees_equal(straight, final_checkpoint(tmp_path / "resumed"))
+
+
+def test_nan_learner_is_rejected_and_never_merged():
+  # A lossy block codec with error feedback: NaN must survive encoding and the residual.
+  cfg = config_lib.parse(diloco_config(**{"codec.up": "int2", "codec.error_feedback": True}))
+  rt = LockStep(cfg, corpus_lib.load("embedded").train)
+  syncer = rt.team.syncer
+  # A shadow syncer that only ever sees the healthy learner 0.
+  shadow = Syncer(syncer.global_flat(), rt.team.fragments, outer_tx=syncer.tx,
+                  merge_rule="mean", weighting="uniform", up=syncer.up, down=syncer.down,
+                  num_learners=2, max_abs_delta=1e4)
+  receive, merge = syncer.receive, syncer.merge
+  syncer.receive = lambda c: (c.learner == 0 and shadow.receive(c), receive(c))[1]
+  syncer.merge = lambda p: (shadow.merge(p), merge(p))[1]
+  for step in range(6):
+    if step == 1:  # Poison one value of learner 1 between steps 1 and 2.
+      sick = rt.team.learners[1]
+      flat = fragments.flatten(sick.params)
+      key = next(iter(flat))
+      flat[key] = flat[key].at[(0,) * flat[key].ndim].set(jnp.nan)
+      sick.params = fragments.unflatten(flat)
+    rt.train_step()
+  # Its NaN Adam moments keep it sick after each alignment: both sends rejected.
+  assert dict(syncer.rejected) == {"non-finite": 2}
+  assert syncer.merges.tolist() == [2]
+  assert shadow.merges.tolist() == [2]
+  for glob, alone in zip(syncer.theta[0], shadow.theta[0]):
+    assert np.all(np.isfinite(glob))
+    np.testing.assert_array_equal(glob, alone)
+  assert all(np.all(np.isfinite(t)) for t in jax.tree.leaves(rt.team.learners[0].params))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("up", "int3", "codec.up='int3'"),
+    ("down", "float16", "codec.down='float16'"),
+    ("up", "", "codec.up=''"),
+    ("block_size", 0, "codec.block_size=0"),
+    ("block_size", -256, "codec.block_size=-256"),
+    ("topk_fraction", 0.0, "codec.topk_fraction=0.0"),
+    ("topk_fraction", 1.5, "codec.topk_fraction=1.5"),
+])
+def test_invalid_codec_config_names_the_field(field, value, message):
+  c = diloco_config()
+  c.codec[field] = value
+  with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    config_lib.parse(c)
+
+
+def test_invalid_codec_fails_before_training(tmp_path):
+  with pytest.raises(ValueError, match=r"codec\.down"):
+    train.train_and_evaluate(diloco_config(**{"codec.down": "int3"}), str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()

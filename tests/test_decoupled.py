@@ -1,0 +1,208 @@
+"""Decoupled DiLoCo: quorum, grace, staleness, failures, determinism, reductions."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from decoupled_diloco import config as config_lib
+from decoupled_diloco import train
+from decoupled_diloco.algorithm.syncer import grace_window
+from decoupled_diloco.data import corpus as corpus_lib
+from decoupled_diloco.runtime import chaos, simulated
+from decoupled_diloco.runtime.decoupled import Decoupled
+from decoupled_diloco.runtime.lockstep import LockStep
+from tests.helpers import assert_trees_equal, tiny_config
+
+
+def simulation(seconds, *, quorum, grace_gamma=0.0, grace_max_s=100.0, overlap=0,
+               num_fragments=1, sync_every=1, timelines=None, latency_s=0.0, lockstep=False,
+               max_staleness=-1, log_path=None):
+  m = len(seconds)
+  backend = simulated.AnalyticBackend(m, [100] * num_fragments, [100] * num_fragments,
+                                      max_staleness)
+  protocol = simulated.Protocol(
+      offsets=tuple(p * sync_every // num_fragments for p in range(num_fragments)),
+      sync_every=sync_every, overlap=overlap, quorum=quorum, grace_gamma=grace_gamma,
+      grace_max_s=grace_max_s, lockstep=lockstep)
+  machines = simulated.Machines(
+      step_seconds=np.asarray(seconds, float), noise=0.0, latency_s=latency_s,
+      bytes_per_s=math.inf, syncer_seconds=0.0, slices_per_learner=2, chips_per_slice=1,
+      timelines=timelines, outages=None, seed=0)
+  return simulated.Simulation(backend, protocol, machines, num_fragments, log_path)
+
+
+def events(path, kind):
+  return [e for e in map(json.loads, open(path)) if e["event"] == kind]
+
+
+def test_grace_window_formula():
+  # gamma (tau xi_step - (xi_quorum + xi_sync)) = 0.5 (2*3 - (1 + 1)) = 2.
+  assert grace_window(overlap=2, step_s=3.0, quorum_s=1.0, sync_s=1.0, gamma=0.5,
+                      grace_max_s=10.0) == 2.0
+  assert grace_window(overlap=2, step_s=3.0, quorum_s=1.0, sync_s=1.0, gamma=0.5,
+                      grace_max_s=1.5) == 1.5
+  assert grace_window(overlap=1, step_s=1.0, quorum_s=3.0, sync_s=1.0, gamma=1.0,
+                      grace_max_s=10.0) == 0.0
+
+
+def test_quorum_reached_at_k_and_not_before(tmp_path):
+  # Learners step in 1, 2, 3, 4 s; H = 1: each sends after every step.
+  log = str(tmp_path / "e.jsonl")
+  sim = simulation([1.0, 2.0, 3.0, 4.0], quorum=3, log_path=log)
+  sim.run(8)  # Through t = 4.
+  sim.close()
+  merges = events(log, "merge")
+  # Round 1 reaches 3 distinct learners at t = 3 (learner 0 twice by then).
+  assert merges[0]["t"] == 3.0 and merges[0]["contributors"] == 3
+  assert all(e["t"] >= 3.0 for e in merges)
+
+
+def test_grace_window_waits_and_closes_early_when_all_report(tmp_path):
+  log = str(tmp_path / "e.jsonl")
+  # K = 1, tau = 2, gamma = 1: grace = 2 * xi_step(= 2.0 initially) - (0 + 0) = 4.
+  sim = simulation([1.0, 3.0], quorum=1, grace_gamma=1.0, overlap=2, sync_every=3,
+                   log_path=log)
+  sim.run(10)
+  sim.close()
+  grace = events(log, "grace")
+  merges = events(log, "merge")
+  # Learner 0 sends at t = 3 (step 3), opening a grace window of ~4 s; learner 1's
+  # step 3 ends at t = 9, after it: the window closes on its timer, alone.
+  assert grace[0]["t"] == 3.0 and grace[0]["seconds"] == pytest.approx(4.0, rel=0.2)
+  assert merges[0]["contributors"] == 1
+  assert merges[0]["t"] == pytest.approx(3.0 + grace[0]["seconds"])
+
+  log2 = str(tmp_path / "e2.jsonl")
+  sim = simulation([1.0, 1.5], quorum=1, grace_gamma=1.0, overlap=2, sync_every=3,
+                   grace_max_s=10.0, log_path=log2)
+  sim.run(12)
+  sim.close()
+  first = events(log2, "merge")[0]
+  # Learner 1 reports at 4.5, inside the window: the round closes then, with both.
+  assert first["t"] == 4.5 and first["contributors"] == 2
+
+
+def test_k1_without_grace_merges_each_contribution_alone(tmp_path):
+  log = str(tmp_path / "e.jsonl")
+  sim = simulation([1.0, 1.7], quorum=1, log_path=log)
+  sim.run(10)
+  sim.close()
+  assert {e["contributors"] for e in events(log, "merge")} == {1}
+  assert sim.report()["uptime"] == pytest.approx(1.0)
+
+
+def test_staleness_bound_drops_old_contributions():
+  # Latency 2.5 s with 1 s steps: a contribution's base is several versions old.
+  admit = simulation([1.0, 1.0], quorum=1, latency_s=2.5)
+  admit.run(20)
+  bounded = simulation([1.0, 1.0], quorum=1, latency_s=2.5, max_staleness=1)
+  bounded.run(20)
+  assert admit.merges.sum() > bounded.merges.sum() > 0
+  assert admit.backend.version[0] > bounded.backend.version[0]
+
+
+def test_failed_learner_rejoins_and_contributes_again(tmp_path):
+  # Learner 1 loses both slices at t = 5.5 until 20 (then restarts for 2 s).
+  line = chaos.Timeline(start=np.array([0.0, 5.5, 20.0, 22.0]),
+                        end=np.array([5.5, 20.0, 22.0, 1e9]),
+                        slices_up=np.array([2, 0, 2, 2]),
+                        running=np.array([True, False, False, True]),
+                        num_reconfigurations=2)
+  full = chaos.Timeline(np.array([0.0]), np.array([1e9]), np.array([2]), np.array([True]), 0)
+  log = str(tmp_path / "e.jsonl")
+  sim = simulation([1.0, 1.0], quorum=1, timelines=[full, line], log_path=log)
+  sim.run(60)
+  sim.close()
+  assert [e["t"] for e in events(log, "down") if e["learner"] == 1] == [5.5]
+  assert [e["t"] for e in events(log, "rejoin") if e["learner"] == 1] == [22.0]
+  arrivals = [e["t"] for e in events(log, "arrive") if e["learner"] == 1]
+  assert max(a for a in arrivals if a < 5.5) == 5.0 and min(a for a in arrivals if a > 5.5) == 23.0
+  assert [e["step"] for e in events(log, "lost_step") if e["learner"] == 1] == [6]
+  r = sim.report()
+  assert r["learners"][1]["down_s"] == pytest.approx(14.5)
+  assert r["learners"][1]["stopped_s"] == pytest.approx(2.0)
+  assert r["goodput"] < 1.0 and r["uptime"] == pytest.approx(1.0)
+
+
+def test_lockstep_waits_for_fragment_at_send_step_plus_tau(tmp_path):
+  log = str(tmp_path / "e.jsonl")
+  # K = M, tau = 0: the fast learner waits for the slow one at every sync.
+  sim = simulation([1.0, 2.0], quorum=2, sync_every=2, lockstep=True, log_path=log)
+  sim.run(9)  # Just past t = 8, so the second wait has ended.
+  sim.close()
+  r = sim.report()
+  assert r["learners"][0]["waiting_s"] == pytest.approx(2.0 * 2)  # Two syncs by t = 8.
+  assert [e["t"] for e in events(log, "merge")] == [4.0, 8.0]
+
+
+def decoupled_config(steps=6, **overrides):
+  base = {"diloco.num_learners": 2, "diloco.sync_every": 3,
+          "diloco.num_fragments": 1, "sim.event_log": True}
+  return tiny_config("decoupled", steps=steps, **{**base, **overrides})
+
+
+def test_k_equals_m_without_grace_or_chaos_reproduces_lockstep():
+  corpus = corpus_lib.load("embedded")
+  c = decoupled_config(**{"diloco.num_fragments": 3, "diloco.overlap": 0,
+                          "sim.event_log": False})
+  dec = Decoupled(config_lib.parse(c), corpus.train, "/tmp/unused")
+  c.runtime = "lockstep"
+  lock = LockStep(config_lib.parse(c), corpus.train)
+  for _ in range(6):
+    dec.train_step()
+    lock.train_step()
+  assert_trees_equal(dec.team.syncer.theta, lock.team.syncer.theta)
+  assert_trees_equal([l.params for l in dec.team.learners],
+                     [l.params for l in lock.team.learners])
+
+
+def chaos_overrides():
+  return {"chaos.enabled": True, "chaos.slices_per_learner": 2, "chaos.chips_per_slice": 1,
+          "chaos.mtbi_chip_hours": 4 / 3600, "chaos.repair_median_s": 3.0,
+          "chaos.reconfiguration_s": 0.5, "chaos.restart_s": 1.0, "sim.noise": 0.1,
+          "diloco.quorum": 1, "diloco.overlap": 1, "diloco.grace_gamma": 1.0}
+
+
+def test_same_seed_gives_identical_event_log_and_parameters(tmp_path):
+  finals = []
+  for run in ("a", "b"):
+    c = decoupled_config(steps=8, **chaos_overrides())
+    train.train_and_evaluate(c, str(tmp_path / run))
+    finals.append((tmp_path / run / "events.jsonl").read_text())
+  assert finals[0] == finals[1]
+  kinds = {json.loads(l)["event"] for l in finals[0].splitlines()}
+  assert {"step", "send", "arrive", "merge", "align", "fail", "repair", "down",
+          "rejoin"} <= kinds
+  c = decoupled_config(steps=8, **{**chaos_overrides(), "chaos.seed": 1})
+  train.train_and_evaluate(c, str(tmp_path / "c"))
+  assert (tmp_path / "c" / "events.jsonl").read_text() != finals[0]
+
+
+def test_same_seed_gives_bitwise_identical_parameters():
+  corpus = corpus_lib.load("embedded")
+  runs = []
+  for _ in range(2):
+    rt = Decoupled(config_lib.parse(decoupled_config(
+        **{**chaos_overrides(), "sim.event_log": False})), corpus.train, "/tmp/unused")
+    for _ in range(6):
+      rt.train_step()
+    runs.append(jax.device_get(rt.team.syncer.theta))
+  assert_trees_equal(runs[0], runs[1])
+
+
+def test_nan_learner_is_rejected_and_training_goes_on(tmp_path, monkeypatch):
+  corpus = corpus_lib.load("embedded")
+  rt = Decoupled(config_lib.parse(decoupled_config(**{"diloco.quorum": 1,
+                                                      "sim.event_log": False})),
+                 corpus.train, "/tmp/unused")
+  learner = rt.team.learners[1]
+  learner.params = jax.tree.map(lambda p: p * np.nan, learner.params)
+  for _ in range(6):
+    rt.train_step()
+  assert rt.team.syncer.rejected["non-finite"] >= 1
+  assert rt.team.syncer.merges.sum() >= 2
+  for t in jax.tree.leaves(rt.team.syncer.theta):
+    assert np.isfinite(np.asarray(t)).all()
