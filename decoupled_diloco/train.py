@@ -128,5 +128,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("final eval loss %.4f nats/byte (%.3f bits/byte) after %d tokens",
                summary["final_eval_loss"], summary["final_eval_bits_per_byte"],
                summary["tokens"])
+  if "goodput" in summary:
+    logging.info("goodput %.1f%%, uptime %.1f%% over %.0f virtual seconds; %d outer steps",
+                 100 * summary["goodput"], 100 * summary["uptime"],
+                 summary["virtual_seconds"], summary["outer_steps"])
   logging.info("results in %s (summary: %s)", workdir, path)
   return summary

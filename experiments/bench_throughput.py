@@ -5,8 +5,8 @@ devices; they are measured alternately, `--rounds` times, and the medians are
 compared. Compilation is excluded from both (the framework's summary reports
 tokens/s after its first step; the hand loop is warmed up first).
 
-  python experiments/bench_throughput.py                 # tiny model, CPU
-  python experiments/bench_throughput.py --preset=small  # on an accelerator
+  python -m experiments.bench_throughput                 # tiny model, CPU
+  python -m experiments.bench_throughput --preset=small  # on an accelerator
 """
 
 import statistics

@@ -1,5 +1,6 @@
 """Codecs inside lock-step DiLoCo training: exact bytes, error feedback, NaN guard."""
 
+import functools
 import math
 
 import jax
@@ -9,12 +10,24 @@ import pytest
 
 from decoupled_diloco import config as config_lib
 from decoupled_diloco import train
-from decoupled_diloco.algorithm import fragments
+from decoupled_diloco.algorithm import codecs, fragments
 from decoupled_diloco.algorithm.syncer import Syncer
 from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.models import transformer
+from decoupled_diloco.runtime import lockstep
 from decoupled_diloco.runtime.lockstep import LockStep
 from tests.helpers import assert_trees_equal, final_checkpoint, tiny_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def shared_codecs():
+  """Runs share equal codec objects, so jits keyed on the codec compile once.
+
+  Codecs are pure functions of their options; this only keeps the file fast.
+  """
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(lockstep.codecs, "make_codec", functools.lru_cache(codecs.make_codec))
+    yield
 
 
 def diloco_config(steps=6, **overrides):

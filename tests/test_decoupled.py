@@ -9,6 +9,7 @@ import pytest
 
 from decoupled_diloco import config as config_lib
 from decoupled_diloco import train
+from decoupled_diloco.algorithm import fragments
 from decoupled_diloco.algorithm.syncer import grace_window
 from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.runtime import chaos, simulated
@@ -206,3 +207,33 @@ def test_nan_learner_is_rejected_and_training_goes_on(tmp_path, monkeypatch):
   assert rt.team.syncer.merges.sum() >= 2
   for t in jax.tree.leaves(rt.team.syncer.theta):
     assert np.isfinite(np.asarray(t)).all()
+
+
+def test_paper_chaos_config_never_stops_and_beats_non_elastic_data_parallel():
+  """The chaos of experiments/decoupled_diloco.py, compute-free (same protocol)."""
+  from experiments import decoupled_diloco
+  from decoupled_diloco.runtime import decoupled
+  cfg = config_lib.parse(decoupled_diloco.get_config("chaos"))
+  seconds = decoupled.step_seconds(cfg)
+  horizon = decoupled.chaos_horizon(cfg, seconds)
+  offsets = fragments.sync_offsets(10, 10)
+  backend = simulated.AnalyticBackend(4, [1000] * 10, [1000] * 10)
+  sim = simulated.Simulation(backend, decoupled.protocol(cfg, offsets),
+                             decoupled.machines(cfg, seconds, horizon), 10)
+  merge_times = []
+  merge = sim._merge
+
+  def timed_merge(p):
+    merge_times.append(sim.now)
+    merge(p)
+
+  sim._merge = timed_merge
+  sim.run(cfg.train.steps * 4)
+  report = sim.report()
+  assert all(l["down_s"] > 0 for l in report["learners"])  # Everyone went down...
+  gaps = np.diff([0.0] + merge_times + [sim.now])
+  assert gaps.max() < 5 * cfg.sim.step_seconds  # ...and the syncer merged throughout.
+  assert report["uptime"] > 0.95
+  dp = decoupled.data_parallel_baselines(cfg, cfg.train.steps * 1.0, sim.now, horizon)
+  assert dp["dp_non_elastic_seconds"] is None or dp["dp_non_elastic_seconds"] >= 1.5 * sim.now
+  assert dp["dp_non_elastic_progress_at_end"] < 1 / 1.5

@@ -103,32 +103,37 @@ def chaos_horizon(cfg: Config, seconds: np.ndarray) -> float:
   return 20.0 * cfg.train.steps * float(seconds.max()) + 100 * cfg.chaos.restart_s
 
 
-def data_parallel_seconds(cfg: Config, ideal_s: float, horizon_s: float) -> dict:
-  """Virtual time data-parallel needs for the same tokens under the same failures.
+def data_parallel_baselines(cfg: Config, ideal_s: float, end_s: float,
+                            horizon_s: float) -> dict:
+  """How data-parallel fares on the same chips under the same failure draws.
 
   Data-parallel runs one job over all M x S slices at the same global batch,
-  so failure-free it takes `ideal_s`. Non-elastic: any failure stalls it until
-  a repair and a restart; elastic: it continues on the slices up after a
-  reconfiguration, its speed proportional to them.
+  so failure-free it needs `ideal_s`. Non-elastic: any failure stalls it until
+  the slice is repaired, then it restarts; elastic: it goes on with the slices
+  that are up after a reconfiguration, at a speed proportional to them.
+  Returns, for each, the virtual seconds it needs for the same tokens (None if
+  more than the sampled horizon) and the share of them done by `end_s`, when
+  the decoupled run finished.
   """
   model = failure_model(cfg)
   num_slices = cfg.chaos.slices_per_learner * cfg.diloco.num_learners
   outages = chaos.sample_outages(model, num_slices, horizon_s, cfg.chaos.seed)
-
-  def first_time(work) -> float:
-    lo, hi = ideal_s, horizon_s
-    if work(hi) < ideal_s:
-      return math.inf
-    for _ in range(60):
-      mid = (lo + hi) / 2
-      lo, hi = (lo, mid) if work(mid) >= ideal_s else (mid, hi)
-    return hi
-
-  non_elastic = first_time(
-      lambda h: baselines.non_elastic(outages, model, num_slices, h).uptime * h)
-  elastic = first_time(
-      lambda h: baselines.elastic(outages, model, num_slices, h).goodput * h)
-  return {"dp_non_elastic_seconds": non_elastic, "dp_elastic_seconds": elastic}
+  work = {
+      "non_elastic": lambda h: baselines.non_elastic(outages, model, num_slices, h).uptime * h,
+      "elastic": lambda h: baselines.elastic(outages, model, num_slices, h).goodput * h,
+  }
+  out = {}
+  for name, done in work.items():
+    seconds = None
+    if done(horizon_s) >= ideal_s:  # Bisect the first time the work is done.
+      lo, hi = ideal_s, horizon_s
+      for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if done(mid) >= ideal_s else (mid, hi)
+      seconds = hi
+    out[f"dp_{name}_seconds"] = seconds
+    out[f"dp_{name}_progress_at_end"] = min(done(end_s) / ideal_s, 1.0)
+  return out
 
 
 class Decoupled:
@@ -185,5 +190,5 @@ class Decoupled:
     out = {**self.team.accounting(self.step), **report}
     if self.cfg.chaos.enabled:
       ideal = self.cfg.train.steps * float(step_seconds(self.cfg).min())
-      out.update(data_parallel_seconds(self.cfg, ideal, self.horizon_s))
+      out.update(data_parallel_baselines(self.cfg, ideal, self.sim.now, self.horizon_s))
     return out

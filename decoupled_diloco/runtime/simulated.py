@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from decoupled_diloco.algorithm import fragments as fragments_lib
 from decoupled_diloco.algorithm.messages import Contribution, Publication
 from decoupled_diloco.algorithm.syncer import grace_window
 
@@ -87,6 +86,9 @@ class Simulation:
     self.backend, self.protocol, self.machines = backend, protocol, machines
     self.num_learners = len(machines.step_seconds)
     self.learners = [_Learner(num_fragments) for _ in range(self.num_learners)]
+    self._due = [[] for _ in range(protocol.sync_every)]  # step mod H -> fragments due.
+    for p, offset in enumerate(protocol.offsets):
+      self._due[offset % protocol.sync_every].append(p)
     self.rounds = [_Round() for _ in range(num_fragments)]
     self.now = 0.0
     self.total_steps = 0
@@ -100,6 +102,7 @@ class Simulation:
     self.merges = np.zeros(num_fragments, np.int64)
     self.contributors_per_merge: list[int] = []
     self._computing = 0
+    self._num_live = self.num_learners
     self._advancing_s = 0.0
     self._last_t = 0.0
     if machines.outages is not None and self._log is not None:
@@ -185,7 +188,7 @@ class Simulation:
       elif kind == ARRIVE_SYNCER:
         self._arrive_syncer(data)
       elif kind == ARRIVE_LEARNER:
-        self._arrive_learner(*data)
+        self._arrive_learner(data)
       elif kind == MERGE:
         self._merge_timer(*data)
       elif kind == LOST:
@@ -209,14 +212,19 @@ class Simulation:
       return
     if lr.down:
       lr.down = False
+      self._num_live += 1
       self.log("rejoin", learner=m, step=lr.step)
       self.backend.rejoin(m)
       lr.awaiting.clear()
-    for pub in lr.inbox:
-      self.backend.align(m, pub)
-      lr.awaiting.pop(pub.fragment, None)
-      self.log("align", learner=m, fragment=pub.fragment, version=pub.version)
-    lr.inbox.clear()
+    if lr.inbox:
+      align = self.backend.align
+      for pub in lr.inbox:
+        align(m, pub)
+        if lr.awaiting:
+          lr.awaiting.pop(pub.fragment, None)
+        if self._log:
+          self.log("align", learner=m, fragment=pub.fragment, version=pub.version)
+      lr.inbox.clear()
     if self.protocol.lockstep and any(s <= lr.step - self.protocol.overlap
                                       for s in lr.awaiting.values()):
       lr.waiting_since = self.now
@@ -239,13 +247,15 @@ class Simulation:
     lr.useful_chip_s += duration * chips
     self.xi_step += 0.1 * (duration - self.xi_step)
     self.losses.append(self.backend.inner_step(m))
-    self.log("step", learner=m, step=lr.step, seconds=round(duration, 9))
-    for p in fragments_lib.due(lr.step, self.protocol.offsets, self.protocol.sync_every):
+    if self._log:
+      self.log("step", learner=m, step=lr.step, seconds=round(duration, 9))
+    for p in self._due[lr.step % self.protocol.sync_every]:
       c = self.backend.snapshot(m, p)
       lr.last_send[p] = lr.step
       if self.protocol.lockstep:
         lr.awaiting[p] = lr.step
-      self.log("send", learner=m, fragment=p, base_version=c.base_version, bytes=c.nbytes)
+      if self._log:
+        self.log("send", learner=m, fragment=p, base_version=c.base_version, bytes=c.nbytes)
       self._push(self.now + self._transfer_s(c.nbytes), ARRIVE_SYNCER, c)
     self._push(self.now, START, m)
 
@@ -260,6 +270,7 @@ class Simulation:
     """All slices lost: the learner's parameters and unsent progress are gone."""
     lr = self.learners[m]
     lr.down = True
+    self._num_live -= 1
     lr.inbox.clear()
     if lr.step:
       unsent_steps = float(np.mean(lr.step - lr.last_send))
@@ -268,23 +279,21 @@ class Simulation:
       lr.useful_chip_s -= unsent_steps * per_step
     self.log("down", learner=m, step=lr.step)
 
-  def _live(self) -> int:
-    return sum(not lr.down for lr in self.learners)
-
   def _arrive_syncer(self, c: Contribution) -> None:
     p = c.fragment
     rnd = self.rounds[p]
     rnd.reported.add(c.learner)
     if rnd.opened is None:
       rnd.opened = self.now
-    live = max(self._live(), 1)
+    live = max(self._num_live, 1)
     if not self.backend.receive(c):
       self.log("reject", learner=c.learner, fragment=p)
       if len(rnd.reported) >= live:
         self._merge(p)  # Nobody else will report this round: close it.
       return
     n = self.backend.contributors(p)
-    self.log("arrive", learner=c.learner, fragment=p, contributors=n)
+    if self._log:
+      self.log("arrive", learner=c.learner, fragment=p, contributors=n)
     if rnd.timer is None and n >= min(self.protocol.quorum, live):
       grace = 0.0
       if self.protocol.grace_gamma > 0 and len(rnd.reported) < live:
@@ -296,7 +305,8 @@ class Simulation:
         self._merge(p)
       else:
         rnd.timer = self.now + grace
-        self.log("grace", fragment=p, seconds=round(grace, 9))
+        if self._log:
+          self.log("grace", fragment=p, seconds=round(grace, 9))
         self._push(rnd.timer, MERGE, (p, rnd.id))
     elif len(rnd.reported) >= live:
       self._merge(p)  # Everyone live has reported: close the round (grace ends early).
@@ -320,22 +330,22 @@ class Simulation:
     else:
       self.merges[p] += 1
       self.contributors_per_merge.append(n)
-      self.log("merge", fragment=p, version=pub.version, contributors=n, bytes=pub.nbytes)
+      if self._log:
+        self.log("merge", fragment=p, version=pub.version, contributors=n, bytes=pub.nbytes)
     sync_s = self.machines.syncer_seconds + self._transfer_s(pub.nbytes)
     self.xi_sync += 0.1 * (sync_s - self.xi_sync)
-    for m, lr in enumerate(self.learners):
-      if not lr.down:
-        self._push(self.now + sync_s, ARRIVE_LEARNER, (m, pub))
+    self._push(self.now + sync_s, ARRIVE_LEARNER, pub)  # Every link alike: one event.
 
-  def _arrive_learner(self, m: int, pub: Publication) -> None:
-    lr = self.learners[m]
-    if lr.down:
-      return
-    lr.inbox.append(pub)
-    if lr.waiting_since is not None:
-      lr.waiting_s += self.now - lr.waiting_since
-      lr.waiting_since = None
-      self._start(m)
+  def _arrive_learner(self, pub: Publication) -> None:
+    """The publication lands at every learner that is up; a down one misses it."""
+    for m, lr in enumerate(self.learners):
+      if lr.down:
+        continue
+      lr.inbox.append(pub)
+      if lr.waiting_since is not None:
+        lr.waiting_s += self.now - lr.waiting_since
+        lr.waiting_since = None
+        self._start(m)
 
   # --- accounting ----------------------------------------------------------------
 
