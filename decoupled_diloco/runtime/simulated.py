@@ -59,6 +59,7 @@ class _Learner:
 
   def __init__(self, num_fragments: int):
     self.step = 0
+    self.phase = 0  # Added to `step` for the fragment schedule (set on rejoin).
     self.inbox: list[Publication] = []
     self.awaiting: dict[int, int] = {}  # fragment -> send step (lock-step waits).
     self.last_send = np.zeros(num_fragments, np.int64)
@@ -213,7 +214,13 @@ class Simulation:
     if lr.down:
       lr.down = False
       self._num_live += 1
-      self.log("rejoin", learner=m, step=lr.step)
+      # Restarting from the global fragments, the learner also takes up the
+      # live learners' place in the fragment schedule, so its sends fall in
+      # the same rounds as theirs instead of forming rounds of their own.
+      live = [o.step + o.phase for o in self.learners if not o.down and o is not lr]
+      if live:
+        lr.phase = max(live) - lr.step
+      self.log("rejoin", learner=m, step=lr.step, phase=lr.phase)
       self.backend.rejoin(m)
       lr.awaiting.clear()
     if lr.inbox:
@@ -249,7 +256,7 @@ class Simulation:
     self.losses.append(self.backend.inner_step(m))
     if self._log:
       self.log("step", learner=m, step=lr.step, seconds=round(duration, 9))
-    for p in self._due[lr.step % self.protocol.sync_every]:
+    for p in self._due[(lr.step + lr.phase) % self.protocol.sync_every]:
       c = self.backend.snapshot(m, p)
       lr.last_send[p] = lr.step
       if self.protocol.lockstep:
