@@ -140,6 +140,19 @@ def use_preset(c: ml_collections.ConfigDict, name: str) -> None:
   c.model.update(PRESETS[name])
 
 
+def use_small_run(c: ml_collections.ConfigDict) -> None:
+  """The `small` variant every experiment offers: the `small` model, 5000 steps.
+
+  Sized for one accelerator host (islands = device groups); the outer momentum
+  goes back to DiLoCo's 0.9, which needs more outer steps than a CPU run has.
+  """
+  use_preset(c, "small")
+  c.train.update(steps=5000, eval_every=500, checkpoint_every=500)
+  c.data.batch_size = 64
+  c.inner.lr = 1e-3
+  c.outer.momentum = 0.9
+
+
 def _build(cls, values, where: str):
   fields = {f.name: f for f in dataclasses.fields(cls)}
   unknown = set(values) - set(fields)

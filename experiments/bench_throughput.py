@@ -23,15 +23,19 @@ from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.data.loader import ShardIterator
 from decoupled_diloco.models import transformer
 
+METHODS = {
+    "data_parallel": {"runtime": "data_parallel"},
+    "diloco": {"runtime": "lockstep", "diloco.num_learners": 4, "diloco.sync_every": 25},
+    "streaming_diloco": {"runtime": "lockstep", "diloco.num_learners": 4,
+                         "diloco.num_fragments": 5, "diloco.sync_every": 25,
+                         "diloco.overlap": 2, "diloco.alpha": 0.5},
+}
+
 _STEPS = flags.DEFINE_integer("steps", 150, "Steps per measured run.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds (framework, hand loop).")
 _PRESET = flags.DEFINE_string("preset", "tiny", "Model preset.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Global batch (sequences).")
-_METHODS = flags.DEFINE_list("methods", ["data_parallel"], "Framework methods to measure.")
-
-METHODS = {
-    "data_parallel": dict(runtime="data_parallel"),
-}
+_METHODS = flags.DEFINE_list("methods", list(METHODS), "Framework methods to measure.")
 
 
 def framework_config(method: str):
@@ -51,8 +55,12 @@ def framework_tokens_per_second(method: str) -> float:
     return train.train_and_evaluate(framework_config(method), workdir)["tokens_per_second"]
 
 
-def hand_loop_tokens_per_second(corpus) -> float:
-  """The minimal loop: jit(value_and_grad + optax update), nothing else."""
+def hand_loop_tokens_per_second(corpus, num_replicas: int = 1) -> float:
+  """The minimal loop: jit(value_and_grad + optax update), nothing else.
+
+  With `num_replicas` > 1, that many independent replicas take turns, each on
+  batch / num_replicas sequences: DiLoCo's inner work without any sync.
+  """
   cfg = config_lib.parse(framework_config("data_parallel"))
   model = transformer.Transformer(cfg.model)
   tx = optim.inner_optimizer(cfg.inner, cfg.train.steps)
@@ -65,13 +73,17 @@ def hand_loop_tokens_per_second(corpus) -> float:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  data = ShardIterator(corpus.train, shard=0, num_shards=1, batch_size=cfg.data.batch_size,
-                       seq_len=cfg.model.seq_len, seed=0)
-  params, opt_state, loss = step(params, opt_state, next(data))
+  batch = cfg.data.batch_size // num_replicas
+  data = [ShardIterator(corpus.train, shard=r, num_shards=num_replicas, batch_size=batch,
+                        seq_len=cfg.model.seq_len, seed=0) for r in range(num_replicas)]
+  states = [(params, opt_state)] * num_replicas
+  for r in range(num_replicas):
+    *states[r], loss = step(*states[r], next(data[r]))
   loss.block_until_ready()
   start = time.perf_counter()
   for _ in range(cfg.train.steps - 1):
-    params, opt_state, loss = step(params, opt_state, next(data))
+    for r in range(num_replicas):
+      *states[r], loss = step(*states[r], next(data[r]))
   loss.block_until_ready()
   return (cfg.train.steps - 1) * cfg.data.batch_size * cfg.model.seq_len / (
       time.perf_counter() - start)
@@ -82,20 +94,26 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   corpus = corpus_lib.load("embedded")
   results = {m: [] for m in _METHODS.value}
-  hand = []
+  hand, hand_m = [], []
   for r in range(_ROUNDS.value):
     for method in _METHODS.value:
       results[method].append(framework_tokens_per_second(method))
-      hand.append(hand_loop_tokens_per_second(corpus))
-      print(f"round {r}: {method} {results[method][-1]:.0f} tok/s, "
-            f"hand loop {hand[-1]:.0f} tok/s", flush=True)
-  hand_median = statistics.median(hand)
+      print(f"round {r}: {method} {results[method][-1]:.0f} tok/s", flush=True)
+    hand.append(hand_loop_tokens_per_second(corpus))
+    hand_m.append(hand_loop_tokens_per_second(corpus, num_replicas=4))
+    print(f"round {r}: hand loop {hand[-1]:.0f} tok/s, 4 hand replicas {hand_m[-1]:.0f}"
+          " tok/s", flush=True)
+  ref, ref_m = statistics.median(hand), statistics.median(hand_m)
   print(f"\ndevices: {jax.devices()}  preset={_PRESET.value}  batch={_BATCH.value}"
-        f"x{transformer.PRESETS[_PRESET.value]['seq_len']}  steps/run={_STEPS.value}")
-  print(f"{'method':<20}{'framework tok/s':>18}{'hand loop tok/s':>18}{'ratio':>8}")
+        f"x{transformer.PRESETS[_PRESET.value]['seq_len']}  steps/run={_STEPS.value}"
+        f"  rounds={_ROUNDS.value} (medians)")
+  print(f"hand loop (1 replica, global batch): {ref:.0f} tok/s;"
+        f" 4 hand replicas (batch/4 each, no sync): {ref_m:.0f} tok/s")
+  print(f"{'method':<20}{'framework tok/s':>16}{'vs hand loop':>14}{'vs 4 replicas':>15}")
   for method, rates in results.items():
     median = statistics.median(rates)
-    print(f"{method:<20}{median:>18.0f}{hand_median:>18.0f}{median / hand_median:>8.3f}")
+    vs_m = f"{median / ref_m:>15.3f}" if method != "data_parallel" else f"{'':>15}"
+    print(f"{method:<20}{median:>16.0f}{median / ref:>14.3f}{vs_m}")
 
 
 if __name__ == "__main__":

@@ -15,12 +15,7 @@ def get_config(arg: str | None = None):
   c = config_lib.base_config()
   c.runtime = "data_parallel"
   if arg == "small":
-    config_lib.use_preset(c, "small")
-    c.train.steps = 5000
-    c.data.batch_size = 64
-    c.inner.lr = 1e-3
-    c.train.eval_every = 500
-    c.train.checkpoint_every = 500
+    config_lib.use_small_run(c)
   elif arg not in (None, "tiny"):
     raise ValueError(f"unknown variant {arg!r}; choose tiny or small.")
   return c

@@ -48,12 +48,8 @@ def get_config(arg: str | None = None):
     elif arg != "hetero_k1_grace":
       raise ValueError(f"unknown variant {arg!r}.")
   elif arg == "small":
-    config_lib.use_preset(c, "small")
-    c.train.update(steps=5000, eval_every=500)
-    c.data.batch_size = 64
-    c.inner.lr = 1e-3
+    config_lib.use_small_run(c)
     c.diloco.update(num_fragments=24, sync_every=24)
-    c.outer.momentum = 0.9
   elif arg != "nochaos":
     raise ValueError(f"unknown variant {arg!r}; see the module docstring.")
   return c

@@ -24,11 +24,7 @@ def get_config(arg: str | None = None):
   # heavy momentum to build up (0.9 gave 2.51 vs 2.32-2.36 for 0.5 on `tiny`).
   c.outer.update(name="nesterov", lr=0.7, momentum=0.5)
   if arg == "small":
-    config_lib.use_preset(c, "small")
-    c.train.update(steps=5000, eval_every=500, checkpoint_every=500)
-    c.data.batch_size = 64
-    c.inner.lr = 1e-3
-    c.outer.momentum = 0.9
+    config_lib.use_small_run(c)
     c.diloco.update(sync_every=100, num_fragments=4)
   elif arg not in (None, "tiny"):
     raise ValueError(f"unknown variant {arg!r}; choose tiny or small.")
