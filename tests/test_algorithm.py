@@ -176,3 +176,14 @@ def test_learner_snapshot_and_align():
   learner.inner_step(jnp.float32(1.0))  # Donation must not delete the new base.
   np.testing.assert_allclose(learner.base[0][0], [-0.5, 0.5])
   np.testing.assert_allclose(fragments.flatten(learner.params)["b"], [2.5])
+
+
+def test_syncer_admits_stale_contributions_unless_bounded():
+  flat = {"a": np.zeros(2, np.float32)}
+  for bound, admitted in ((None, True), (2, True), (1, False)):
+    s = make_syncer(flat, (("a",),), optax.sgd(1.0), max_staleness=bound)
+    for _ in range(2):  # Two merges: the global fragment is at version 2.
+      s.receive(contribution(0, 0, [[1.0, 1.0]], version=int(s.version[0])))
+      s.merge(0)
+    assert s.receive(contribution(1, 0, [[1.0, 1.0]], version=0)) is admitted
+    assert s.rejected["stale"] == (0 if admitted else 1)
