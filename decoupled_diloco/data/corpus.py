@@ -86,11 +86,10 @@ def load(path: str, eval_percent: float = 5.0) -> Corpus:
     vocab = 256 if tokens.dtype == np.uint8 else 65536
     return Corpus(tokens[:split], tokens[split:], vocab, f"{path}: {len(tokens)} tokens")
   if os.path.isdir(path):
-    paths, root = [p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                   if os.path.isfile(p)], path
-  else:
-    paths, root = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)], ""
-    root = os.path.dirname(path.split("*")[0]) or "."
+    pattern, root = os.path.join(path, "**", "*"), path
+  else:  # A file or a glob: split by path relative to the glob's fixed prefix.
+    pattern, root = path, os.path.dirname(path.split("*")[0]) or "."
+  paths = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
   if not paths:
     raise ValueError(f"data.path={path!r}: no files match (give `embedded`, a"
                      " file, a directory, a glob or a .npy token file).")
