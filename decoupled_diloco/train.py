@@ -43,19 +43,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      f" data's vocabulary ({corpus.vocab_size}).")
   logging.info("data: %s", corpus.description)
   rt = make_runtime(cfg, corpus, workdir)
-  resumable = getattr(rt, "resumable", True)
   eval_island = rt.eval_island
   eval_loss = steps.make_eval_loss(rt.model, eval_island)
   eval_batches = loader.eval_batches(corpus.eval, batch_size=cfg.data.batch_size,
                                      seq_len=cfg.model.seq_len,
                                      num_batches=cfg.train.eval_batches)
 
-  ckpt = checkpointing.Checkpointer(workdir, cfg.train.keep_checkpoints)
+  ckpt = checkpointing.Checkpointer(workdir, cfg.train.keep_checkpoints, cfg.runtime)
   if (latest := ckpt.latest_step()) is not None:
-    if not resumable:
-      raise ValueError(f"{workdir} holds checkpoints, but runtime={cfg.runtime!r} cannot"
-                       " resume yet; use a fresh --workdir.")
-    rt.load_state(ckpt.restore(latest, rt.state()))
+    ckpt.restore(latest, rt)
     logging.info("resumed from %s at step %d", workdir, rt.step)
   writer = metrics.MetricWriter(workdir)
   progress = metrics.Progress(rt.step, cfg.train.steps, rt.tokens_per_step)
@@ -97,14 +93,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending = None
         if boundary(cfg.train.eval_every):
           eval_scalars = run_eval()
-        if resumable and boundary(cfg.train.checkpoint_every):
-          ckpt.save(rt.step, rt.state())
+        if boundary(cfg.train.checkpoint_every):
+          ckpt.save(rt.step, rt)
         writer.flush()
     if pending is not None:
       record(*pending)
     tokens_per_second = progress.mean_tokens_per_second(rt.step)
-    if resumable and ckpt.latest_step() != rt.step:
-      ckpt.save(rt.step, rt.state())
+    if ckpt.latest_step() != rt.step:
+      ckpt.save(rt.step, rt)
     if not eval_scalars or cfg.train.eval_every == 0 or rt.step % cfg.train.eval_every:
       eval_scalars = run_eval()
   finally:

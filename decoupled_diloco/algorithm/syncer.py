@@ -100,6 +100,12 @@ class Syncer:
     self.pending[p][c.learner] = (c, deltas)  # A newer one from the same learner replaces it.
     return True
 
+  def readmit(self, c: Contribution) -> None:
+    """Puts back into its round a contribution that `receive` admitted (on resume)."""
+    deltas, _, _ = _check(self.up, jax.device_put(c.payload, self.device),
+                          self.theta[c.fragment])
+    self.pending[c.fragment][c.learner] = (c, deltas)
+
   def contributors(self, p: int) -> int:
     return len(self.pending[p])
 

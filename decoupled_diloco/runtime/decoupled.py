@@ -4,9 +4,11 @@ The same `Team` of learners and syncer as the lock-step runtime; the
 simulator (runtime/simulated.py) decides, on a virtual clock, when each learner
 steps, sends, receives, fails and rejoins, and when the syncer merges. Real
 inner steps run in event order, so the trained model is real and a run is
-deterministic for its seeds (`seed`, `chaos.seed`).
+deterministic for its seeds (`seed`, `chaos.seed`), and resumes exactly from a
+checkpoint: the messages in flight and the simulator's state go with it.
 """
 
+import collections
 import math
 import os
 import time
@@ -137,12 +139,7 @@ def data_parallel_baselines(cfg: Config, ideal_s: float, end_s: float,
 
 
 class Decoupled:
-  """The interface `train.py` drives; one `train_step` = M inner steps in all.
-
-  Not resumable yet: the event queue (messages in flight with their payloads)
-  is not checkpointed, so `train.py` writes no checkpoints for this runtime.
-  """
-  resumable = False
+  """The interface `train.py` drives; one `train_step` = M inner steps in all."""
 
   def __init__(self, cfg: Config, train_tokens: np.ndarray, workdir: str):
     self.cfg = cfg
@@ -183,6 +180,30 @@ class Decoupled:
 
   def eval_params(self):
     return self.team.eval_params()
+
+  def state(self) -> dict:
+    return {**self.team.state(), "step": np.int64(self.step)}
+
+  def load_state(self, s: dict) -> None:
+    self.team.load_state(s)
+    self.step = int(s["step"])
+
+  def extra_state(self) -> tuple[list, dict]:
+    """(payloads, JSON) of the messages in flight or pending and the simulator."""
+    messages = simulated.MessageTable()
+    meta = {"simulation": self.sim.snapshot(messages),
+            "pending": [[messages.ref(c) for c, _ in pending.values()]
+                        for pending in self.team.syncer.pending],
+            "rejected": dict(self.team.syncer.rejected)}
+    return messages.payloads, meta
+
+  def load_extra_state(self, payloads: list, meta: dict) -> None:
+    messages = simulated.MessageTable(payloads)
+    self.sim.restore(meta["simulation"], messages)
+    for refs in meta["pending"]:
+      for ref in refs:
+        self.team.syncer.readmit(messages.message(ref))
+    self.team.syncer.rejected = collections.Counter(meta["rejected"])
 
   def summary(self) -> dict:
     self.sim.close()

@@ -12,11 +12,14 @@ for millions of simulated chips.
 
 Events at the same virtual time are processed in a fixed order (arrivals,
 merges, step ends, step starts; then by insertion), so a run is deterministic.
+Between two `run`s, `snapshot` and `restore` carry the whole state through a
+checkpoint, event log included, so a resumed run goes on exactly.
 """
 
 import heapq
 import json
 import math
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -26,7 +29,11 @@ from decoupled_diloco.algorithm.syncer import grace_window
 
 # Event kinds double as priorities at equal times.
 ARRIVE_SYNCER, ARRIVE_LEARNER, MERGE, DONE, LOST, START, NOTE = range(7)
+_MESSAGE_EVENTS = (ARRIVE_SYNCER, ARRIVE_LEARNER)  # Their data is a message.
 _NOISE_CHUNK = 4096
+# `Simulation` attributes that a snapshot holds as they are.
+_FIELDS = ("now", "total_steps", "_seq", "xi_step", "xi_sync", "contributors_per_merge",
+           "_computing", "_num_live", "_advancing_s", "_last_t", "_log_bytes")
 
 
 class Protocol(NamedTuple):
@@ -96,7 +103,10 @@ class Simulation:
     self._heap: list = []
     self._seq = 0
     self._noise_cache: dict[int, tuple[int, np.ndarray]] = {}
-    self._log = open(log_path, "w") if log_path else None
+    # Appended to, and cut to `_log_bytes` when a run starts: a fresh
+    # simulation drops a stale log, a restored one the lines past its checkpoint.
+    self._log = open(log_path, "a") if log_path else None
+    self._log_bytes = 0
     self.xi_step = float(np.mean(machines.step_seconds))
     self.xi_sync = machines.syncer_seconds
     self.losses: list = []
@@ -119,7 +129,8 @@ class Simulation:
 
   def log(self, event: str, **fields) -> None:
     if self._log is not None:
-      self._log.write(json.dumps({"t": round(self.now, 9), "event": event, **fields}) + "\n")
+      line = json.dumps({"t": round(self.now, 9), "event": event, **fields}) + "\n"
+      self._log_bytes += self._log.write(line)  # ASCII: characters are bytes.
 
   def close(self) -> None:
     if self._log is not None:
@@ -173,6 +184,8 @@ class Simulation:
     losses of the steps taken meanwhile (backend values).
     """
     self.losses = []
+    if self._log is not None:
+      self._log.truncate(self._log_bytes)
     heap = self._heap
     while self.total_steps < total_steps or (heap and heap[0][0] <= self.now):
       if not heap:
@@ -354,6 +367,45 @@ class Simulation:
         lr.waiting_since = None
         self._start(m)
 
+  # --- checkpoints -----------------------------------------------------------------
+
+  def snapshot(self, messages: "MessageTable") -> dict:
+    """The state between two `run`s as JSON; messages go into `messages`.
+
+    Failure timelines and step-time noise are recomputed from the seeds, so
+    they are not part of it.
+    """
+    if self._log is not None:
+      self._log.flush()  # The checkpoint vouches for `_log_bytes` on disk.
+    heap = [(t, kind, seq, messages.ref(data) if kind in _MESSAGE_EVENTS else data)
+            for t, kind, seq, data in self._heap]
+    learners = [{**vars(lr), "inbox": [messages.ref(pub) for pub in lr.inbox],
+                 "awaiting": list(lr.awaiting.items()), "last_send": lr.last_send.tolist()}
+                for lr in self.learners]
+    rounds = [{**vars(rnd), "reported": sorted(rnd.reported)} for rnd in self.rounds]
+    return _to_json({"heap": heap, "learners": learners, "rounds": rounds,
+                     "fields": {name: getattr(self, name) for name in _FIELDS},
+                     "merges": self.merges.tolist()})
+
+  def restore(self, snapshot: dict, messages: "MessageTable") -> None:
+    """Takes up the state `snapshot` returned, on a simulation of the same config."""
+    s = _from_json(snapshot)
+    log_bytes = s["fields"]["_log_bytes"]
+    if self._log is not None and os.fstat(self._log.fileno()).st_size < log_bytes:
+      raise ValueError(f"{self._log.name} is shorter than the {log_bytes} bytes it had at"
+                       " the checkpoint; resume in the workdir that wrote both.")
+    self._heap = [(t, kind, seq, messages.message(data) if kind in _MESSAGE_EVENTS
+                   else tuple(data) if isinstance(data, list) else data)
+                  for t, kind, seq, data in s["heap"]]  # Same list, same heap order.
+    for lr, saved in zip(self.learners, s["learners"]):
+      vars(lr).update(saved, inbox=[messages.message(ref) for ref in saved["inbox"]],
+                      awaiting=dict(saved["awaiting"]),
+                      last_send=np.array(saved["last_send"], np.int64))
+    for rnd, saved in zip(self.rounds, s["rounds"]):
+      vars(rnd).update(saved, reported=set(saved["reported"]))
+    vars(self).update(s["fields"])
+    self.merges = np.array(s["merges"], np.int64)
+
   # --- accounting ----------------------------------------------------------------
 
   def report(self) -> dict:
@@ -372,6 +424,61 @@ class Simulation:
                       "down_s": lr.down_s, "stopped_s": lr.stopped_s, "lost_s": lr.lost_s}
                      for lr in self.learners],
     }
+
+
+class MessageTable:
+  """The messages of a checkpoint: JSON references into a list of payloads.
+
+  A message referred to from several places (a publication in every inbox) is
+  stored once and comes back as one object.
+  """
+
+  def __init__(self, payloads=()):
+    self.payloads = list(payloads)
+    self._saved: dict[int, int] = {}  # id(message) -> payload index.
+    self._restored: dict[int, Contribution | Publication] = {}  # payload index -> message.
+
+  def ref(self, message: Contribution | Publication) -> dict:
+    """The message's fields, with the index of its payload in `payloads`."""
+    if id(message) not in self._saved:
+      self._saved[id(message)] = len(self.payloads)
+      self.payloads.append(message.payload)
+    return {"type": type(message).__name__, **message._asdict(),
+            "payload": self._saved[id(message)]}
+
+  def message(self, ref: dict) -> Contribution | Publication:
+    """The message that `ref` refers to."""
+    i = ref["payload"]
+    if i not in self._restored:
+      kind = {"Contribution": Contribution, "Publication": Publication}[ref["type"]]
+      fields = {k: v for k, v in ref.items() if k != "type"}
+      self._restored[i] = kind(**{**fields, "payload": tuple(self.payloads[i])})
+    return self._restored[i]
+
+
+def _to_json(x):
+  """`x` as JSON, with numpy floats tagged so that `_from_json` gives them back.
+
+  Python's `round` and numpy's differ in the last digit now and then, and
+  the event log rounds times: a resumed run must keep every number's type.
+  """
+  if isinstance(x, np.float64):
+    return {"float64": float(x)}
+  if isinstance(x, (list, tuple)):
+    return [_to_json(v) for v in x]
+  if isinstance(x, dict):
+    return {k: _to_json(v) for k, v in x.items()}
+  return x
+
+
+def _from_json(x):
+  if isinstance(x, list):
+    return [_from_json(v) for v in x]
+  if isinstance(x, dict):
+    if x.keys() == {"float64"}:
+      return np.float64(x["float64"])
+    return {k: _from_json(v) for k, v in x.items()}
+  return x
 
 
 class AnalyticBackend:

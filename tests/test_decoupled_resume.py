@@ -1,0 +1,134 @@
+"""The decoupled runtime resumes exactly: messages in flight, open rounds, event log."""
+
+import copy
+import json
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from decoupled_diloco import checkpointing, config as config_lib, train
+from decoupled_diloco.algorithm import fragments
+from decoupled_diloco.runtime import decoupled, simulated
+from decoupled_diloco.runtime.decoupled import Decoupled
+from tests.helpers import assert_trees_equal, final_checkpoint, tiny_config
+from tests.test_decoupled import chaos_overrides
+
+
+def checkpoint_meta(workdir, step):
+  mgr = ocp.CheckpointManager(f"{workdir}/checkpoints", item_names=("meta",))
+  meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  mgr.close()
+  return meta
+
+
+def test_snapshot_keeps_numpy_floats_apart_from_python_floats():
+  # Their round() differs (numpy's scales by 10**9 first, Python's is exact), and the
+  # event log rounds times: a resumed run must log what the original would.
+  x = 14.3851361025
+  assert round(x, 9) != round(np.float64(x), 9)
+  json_text = json.dumps(simulated._to_json({"a": [x, (np.float64(x), None)]}))
+  back = simulated._from_json(json.loads(json_text))
+  assert back == {"a": [x, [x, None]]}
+  assert type(back["a"][0]) is float and type(back["a"][1][0]) is np.float64
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_simulation_resumes_exactly_from_a_snapshot(tmp_path, lockstep):
+  """Compute-free, over many events: snapshot after 600 steps in all, go on to 2000."""
+  cfg = config_lib.parse(tiny_config("decoupled", steps=500, **{
+      **chaos_overrides(), "diloco.num_learners": 4, "diloco.num_fragments": 3,
+      "diloco.sync_every": 6, "sim.latency_s": 0.4, "sim.syncer_seconds": 0.3,
+      "sim.lockstep": lockstep}))
+  seconds = decoupled.step_seconds(cfg)
+  horizon = decoupled.chaos_horizon(cfg, seconds)
+
+  def simulation(log):
+    return simulated.Simulation(
+        simulated.AnalyticBackend(4, [100] * 3, [100] * 3),
+        decoupled.protocol(cfg, fragments.sync_offsets(3, 6)),
+        decoupled.machines(cfg, seconds, horizon), 3, str(log))
+
+  straight = simulation(tmp_path / "straight.jsonl")
+  straight.run(600)
+  messages = simulated.MessageTable()
+  snapshot = json.loads(json.dumps(straight.snapshot(messages)))  # As orbax's JsonSave.
+  assert messages.payloads  # In flight or in inboxes.
+  backend = copy.deepcopy(straight.backend)
+  log = (tmp_path / "straight.jsonl").read_text()
+  straight.run(2000)
+  straight.close()
+
+  with pytest.raises(ValueError, match="lost.jsonl is shorter than the"):
+    simulation(tmp_path / "lost.jsonl").restore(snapshot, simulated.MessageTable())
+
+  (tmp_path / "resumed.jsonl").write_text(log + log[:1000])  # Lines past the snapshot.
+  resumed = simulation(tmp_path / "resumed.jsonl")
+  resumed.restore(snapshot, simulated.MessageTable(messages.payloads))
+  resumed.backend = backend
+  resumed.run(2000)
+  resumed.close()
+  assert ((tmp_path / "resumed.jsonl").read_text()
+          == (tmp_path / "straight.jsonl").read_text())
+  assert resumed.report() == straight.report()
+
+
+def test_interrupted_run_resumes_exactly_with_messages_in_flight(tmp_path, monkeypatch):
+  # K = 1 with a grace window, tau = 1, P = 3, slice failures; latency and
+  # syncer time keep messages in flight across train_step boundaries.
+  c = tiny_config("decoupled", steps=12, **{
+      **chaos_overrides(), "chaos.mtbi_chip_hours": 0.002, "diloco.num_learners": 2,
+      "diloco.num_fragments": 3, "diloco.sync_every": 3, "sim.latency_s": 0.4,
+      "sim.syncer_seconds": 0.3})
+  straight = train.train_and_evaluate(c, str(tmp_path / "straight"))  # Saves only at the end.
+  c.train.checkpoint_every = 4
+
+  original = Decoupled.train_step
+
+  def crash(self):
+    if self.step == 6:
+      raise KeyboardInterrupt("preempted")
+    return original(self)
+
+  monkeypatch.setattr(Decoupled, "train_step", crash)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(c, str(tmp_path / "resumed"))
+  meta = checkpoint_meta(tmp_path / "resumed", 4)
+  sim = meta["extra"]["simulation"]
+  in_flight = {simulated.ARRIVE_SYNCER, simulated.ARRIVE_LEARNER}
+  assert in_flight <= {kind for _, kind, _, _ in sim["heap"]}
+  assert any(meta["extra"]["pending"])  # A grace window is open.
+
+  monkeypatch.setattr(Decoupled, "train_step", original)
+  resumed = train.train_and_evaluate(c, str(tmp_path / "resumed"))
+  assert resumed["resumed_from_step"] == 4
+  assert_trees_equal(final_checkpoint(tmp_path / "straight"),
+                     final_checkpoint(tmp_path / "resumed"))
+  assert ((tmp_path / "resumed" / "events.jsonl").read_text()
+          == (tmp_path / "straight" / "events.jsonl").read_text())
+  for key in ("virtual_seconds", "goodput", "uptime", "learners", "merges_per_fragment",
+              "bytes_up", "bytes_down", "rejected_contributions"):
+    assert resumed[key] == straight[key], key
+
+
+class Counter:
+  """The smallest runtime a `Checkpointer` can save."""
+
+  def __init__(self):
+    self.count = np.int64(0)
+
+  def state(self):
+    return {"count": self.count}
+
+  def load_state(self, s):
+    self.count = s["count"]
+
+
+def test_checkpoint_of_another_runtime_is_a_clear_error(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1, runtime="lockstep")
+  ckpt.save(1, Counter())
+  ckpt.close()
+  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1, runtime="decoupled")
+  with pytest.raises(ValueError, match="runtime='lockstep', not runtime='decoupled'"):
+    ckpt.restore(1, Counter())
+  ckpt.close()
