@@ -16,8 +16,8 @@ from absl import app, flags, logging
 from decoupled_diloco import train
 from experiments import decoupled_diloco
 
-_ROWS = flags.DEFINE_list("rows", ["chaos", "nochaos", "hetero_km", "hetero_k1",
-                                   "hetero_k1_grace"], "Variants to run.")
+_ROWS = flags.DEFINE_list("rows", ["chaos", "nochaos", "hetero_lockstep", "hetero_km",
+                                   "hetero_k1", "hetero_k1_grace"], "Variants to run.")
 _STEPS = flags.DEFINE_integer("steps", 300, "Steps (x4 learners) per run.")
 
 

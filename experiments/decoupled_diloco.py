@@ -20,6 +20,9 @@ Variants:
   chaos (default), nochaos: the same run with and without failures.
   hetero_km, hetero_k1, hetero_k1_grace: no failures; learners 2 and 3 are 18%
     slower and every step has 10% noise; quorum K = M, K = 1, K = 1 + grace.
+    Learners never wait for the syncer. hetero_lockstep: K = M with lock-step
+    waits (fast learners wait for fragment p at send step + tau): synchronous
+    Streaming DiLoCo on the same hardware.
   small: the `small` model with P = H = 24 (the paper's setting), on accelerators.
 """
 
@@ -41,8 +44,9 @@ def get_config(arg: str | None = None):
                    reconfiguration_s=2.0, restart_s=5.0, seed=1)
   elif arg.startswith("hetero"):
     c.sim.update(slow_learners=2, slow_factor=1.18, noise=0.1)
-    if arg == "hetero_km":
+    if arg in ("hetero_km", "hetero_lockstep"):
       c.diloco.update(quorum=0, grace_gamma=0.0)
+      c.sim.lockstep = arg == "hetero_lockstep"
     elif arg == "hetero_k1":
       c.diloco.update(quorum=1, grace_gamma=0.0)
     elif arg != "hetero_k1_grace":
