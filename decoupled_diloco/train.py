@@ -10,6 +10,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from decoupled_diloco import checkpointing, config as config_lib, metrics, steps
@@ -67,12 +68,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def record(step: int, out: dict) -> None:
     """Reads step `step`'s metrics (called after the next step is dispatched)."""
-    scalars = {k: float(v) for k, v in out.items()}
-    if not math.isfinite(scalars["loss"]):
+    losses = np.atleast_1d(np.asarray(jax.device_get(out["loss"]), np.float64))
+    finite = np.isfinite(losses)
+    if not finite.any():
       raise NonFiniteLossError(
-          f"training loss is {scalars['loss']} at step {step}; stopping. The last"
+          f"training loss is {losses.tolist()} at step {step}; stopping. The last"
           f" good checkpoint (step {ckpt.latest_step()}) in {workdir} is intact:"
           " lower inner.lr or raise inner.warmup_steps, then resume.")
+    scalars = {k: float(v) for k, v in out.items() if k != "loss"}
+    scalars["loss"] = float(losses[finite].mean())
+    if not finite.all():  # One learner diverged: the syncer rejects its deltas.
+      scalars["nonfinite_losses"] = int((~finite).sum())
+      logging.warning("step %d: %d of %d learner losses are not finite; their"
+                      " contributions are rejected", step, (~finite).sum(), losses.size)
     writer.write(step, scalars)
     if step == start_step + 1:
       progress.restart_clock(step)

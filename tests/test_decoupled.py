@@ -237,3 +237,20 @@ def test_paper_chaos_config_never_stops_and_beats_non_elastic_data_parallel():
   dp = decoupled.data_parallel_baselines(cfg, cfg.train.steps * 1.0, sim.now, horizon)
   assert dp["dp_non_elastic_seconds"] is None or dp["dp_non_elastic_seconds"] >= 1.5 * sim.now
   assert dp["dp_non_elastic_progress_at_end"] < 1 / 1.5
+
+
+def test_a_diverged_learner_does_not_stop_the_run(tmp_path, monkeypatch):
+  init = Decoupled.__init__
+
+  def poison_learner_1(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    learner = self.team.learners[1]
+    learner.params = jax.tree.map(lambda p: p * np.nan, learner.params)
+
+  monkeypatch.setattr(Decoupled, "__init__", poison_learner_1)
+  c = decoupled_config(**{"diloco.quorum": 1, "sim.event_log": False})
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  assert math.isfinite(summary["final_eval_loss"])
+  assert summary["rejected_contributions"]["non-finite"] >= 1
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert any(r.get("nonfinite_losses") == 1 for r in records)

@@ -31,8 +31,8 @@ def _check(codec, payload, like):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _outer_step(tx, rules, down, theta, opt_state, deltas, w_N):
-  """Merges stacked deltas per tensor, applies the outer optimizer, encodes Theta."""
-  merged = [rule(d, w_N) for rule, d in zip(rules, deltas)]
+  """Merges deltas [contributor][tensor], takes the outer step, encodes Theta."""
+  merged = [rule(jnp.stack(d), w_N) for rule, d in zip(rules, zip(*deltas))]
   updates, opt_state = tx.update(merged, opt_state, theta)
   theta = optax.apply_updates(theta, updates)
   return theta, opt_state, codecs.encode_tree(down, theta)
@@ -119,9 +119,9 @@ class Syncer:
                         self.weighting)
     if float(w_N.sum()) <= 0:
       return None
-    stacked = [jnp.stack(ts) for ts in zip(*(d for _, d in entries))]
     self.theta[p], self.opt_state[p], payload = _outer_step(
-        self.tx, self.rules[p], self.down, self.theta[p], self.opt_state[p], stacked, w_N)
+        self.tx, self.rules[p], self.down, self.theta[p], self.opt_state[p],
+        [list(d) for _, d in entries], w_N)
     self.version[p] += 1
     self.merges[p] += 1
     return Publication(p, int(self.version[p]), tuple(payload), codecs.payload_nbytes(payload))
