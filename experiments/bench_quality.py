@@ -9,12 +9,14 @@ and the bytes each learner moves with what data-parallel would all-reduce.
   python -m experiments.bench_quality --rows=diloco_m4,int4
 
 Accounting (exact encoded payload sizes, both directions, never estimates):
-  data-parallel reference: a ring all-reduce of fp32 gradients moves ~2x the
-    gradient bytes per replica per step: 2 * 4 * num_params * steps;
+  every byte over a participant's link, both directions, on both sides;
+  data-parallel reference: a ring all-reduce of fp32 gradients sends 2(N-1)/N
+    and receives as much of the gradient per replica per step, ~4x its bytes:
+    4 * 4 * num_params * steps;
   DiLoCo bytes per learner: (bytes_up + bytes_down) / M;
   reduction = reference / DiLoCo bytes per learner (Team.accounting's
     `bytes_reduction_vs_dp`). With one fragment and tau = 0 it is
-    8 * H / (up + down bytes per parameter), whatever the number of steps.
+    16 * H / (up + down bytes per parameter), whatever the number of steps.
 """
 
 import datetime
@@ -159,11 +161,11 @@ def main(argv):
     print(f"{name}: eval loss {s['final_eval_loss']:.4f}, bytes per learner vs data-parallel"
           f" {_times(s['reduction'])}, {s['bench_wall_seconds']:.0f} s", flush=True)
   print_table(results)
-  print("\naccounting: data-parallel reference = ring all-reduce of fp32 gradients, ~2x the"
-        " gradient bytes per replica per step;\n  DiLoCo bytes per learner = (bytes_up +"
-        " bytes_down) / M, both directions, exact encoded payload sizes;\n  reduction ="
-        " reference / bytes per learner (1 fragment, tau = 0: 8 H / (up + down bytes per"
-        " parameter)).")
+  print("\naccounting: link bytes, both directions, on both sides. Data-parallel reference ="
+        " ring all-reduce of fp32 gradients, ~4x the\n  gradient bytes per replica per step"
+        " (2(N-1)/N sent + as much received); DiLoCo bytes per learner = (bytes_up +\n"
+        "  bytes_down) / M, exact encoded payload sizes; reduction = reference / bytes per"
+        " learner\n  (1 fragment, tau = 0: 16 H / (up + down bytes per parameter)).")
   print_targets(results)
 
 

@@ -41,7 +41,7 @@ def test_int4_up_fp32_down_bytes_are_the_encoded_payloads(tmp_path):
   assert s["bytes_up"] == num_learners * syncs * int4_bytes
   # fp32 down: the whole global model, 4 bytes per parameter, to each learner.
   assert s["bytes_down"] == num_learners * syncs * 4 * sum(sizes)
-  assert s["dp_allreduce_bytes"] == 2 * 4 * sum(sizes) * num_learners * 6
+  assert s["dp_allreduce_bytes"] == 4 * 4 * sum(sizes) * num_learners * 6
   assert s["bytes_reduction_vs_dp"] == pytest.approx(
       s["dp_allreduce_bytes"] / (s["bytes_up"] + s["bytes_down"]), rel=1e-12)
   assert s["rejected_contributions"] == {}

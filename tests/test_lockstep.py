@@ -94,7 +94,7 @@ def test_streaming_accounting_counts_exact_bytes(tmp_path):
   assert s["outer_steps"] == 6
   # Busiest step: 8, when fragment 1 goes up and fragment 0 (sent at 6) comes down.
   assert s["peak_bytes_per_step"] == 2 * frag_bytes[1] + 2 * frag_bytes[0]
-  assert s["dp_allreduce_bytes"] == 2 * sum(frag_bytes) * 2 * 12
+  assert s["dp_allreduce_bytes"] == 4 * sum(frag_bytes) * 2 * 12  # 4x, 2 learners, 12 steps.
 
 
 def test_streaming_resumes_exactly_with_fragments_in_flight(tmp_path, monkeypatch):

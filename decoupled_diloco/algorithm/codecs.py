@@ -65,6 +65,7 @@ References:
     https://arxiv.org/abs/1901.09847
 """
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -333,6 +334,7 @@ def _make_topk(block_size: int, fraction: float, values_dtype: str) -> Codec:
   return Codec("topk", encode, decode)
 
 
+@functools.lru_cache(maxsize=None)  # One object per setting: jit caches hit across runs.
 def make_codec(name: str, *, block_size: int = 256,
                topk_fraction: float = 0.01, topk_values: str = "fp32") -> Codec:
   """Builds the codec called `name`; see the module docstring for formats.

@@ -87,10 +87,12 @@ class Team:
   def accounting(self, steps_done: int) -> dict:
     """Exact bytes exchanged, and what data-parallel would all-reduce meanwhile.
 
-    Data-parallel reference: a ring all-reduce of fp32 gradients moves about
-    2x the gradient's bytes per replica per step; M replicas, same steps.
+    Both sides count every byte over a participant's link, both directions.
+    Data-parallel: a ring all-reduce of fp32 gradients sends 2(N-1)/N and
+    receives as much of the gradient per replica per step, about 4x its bytes;
+    M replicas, same steps. DiLoCo: each learner's encoded uploads + downloads.
     """
-    dp = 2 * self.param_bytes * self.num_learners * steps_done
+    dp = 4 * self.param_bytes * self.num_learners * steps_done
     sent = int(self.bytes_up.sum() + self.bytes_down.sum())
     return {"bytes_up": int(self.bytes_up.sum()), "bytes_down": int(self.bytes_down.sum()),
             "bytes_up_per_fragment": self.bytes_up.tolist(),
