@@ -100,6 +100,22 @@ class Learner:
     self.c_steps[pub.fragment] = 0
     self.c_tokens[pub.fragment] = 0
 
+  def recover(self, publications) -> None:
+    """Restarts a diverged learner from the global model.
+
+    Its parameters become the published fragments; non-finite entries of its
+    inner optimizer state (Adam's moments, once a NaN got in) and of its
+    error-feedback residuals become zeros, so the next step and send are
+    finite again; step counts and the schedule are kept.
+    """
+    for pub in publications:
+      self.align(pub)
+    clean = lambda x: (jnp.where(jnp.isfinite(x), x, 0)
+                       if jnp.issubdtype(x.dtype, jnp.floating) else x)
+    self.opt_state = jax.tree.map(clean, self.opt_state)
+    if self.residual is not None:
+      self.residual = jax.tree.map(clean, self.residual)
+
   def state(self) -> dict:
     s = {"params": self.params, "opt_state": self.opt_state, "base": self.base,
          "base_version": self.base_version, "c_steps": self.c_steps,

@@ -72,9 +72,12 @@ class Syncer:
     self.max_staleness = max_staleness
     self.pending: list[dict[int, tuple]] = [{} for _ in fragments]  # learner -> (c, deltas)
     self.rejected = collections.Counter()
+    self.last_rejection: str | None = None  # Reason of the latest rejection.
+    self._encode_down = jax.jit(functools.partial(codecs.encode_tree, down))
     self.merges = np.zeros(len(fragments), np.int64)
 
   def _reject(self, c: Contribution, reason: str) -> bool:
+    self.last_rejection = reason
     self.rejected[reason] += 1
     logging.warning("syncer: rejected learner %s fragment %s (%s)", c.learner, c.fragment, reason)
     return False
@@ -128,7 +131,7 @@ class Syncer:
 
   def publication(self, p: int) -> Publication:
     """The current global fragment p (e.g. for a learner that rejoins)."""
-    payload = jax.jit(functools.partial(codecs.encode_tree, self.down))(self.theta[p])
+    payload = self._encode_down(self.theta[p])
     return Publication(p, int(self.version[p]), tuple(payload), codecs.payload_nbytes(payload))
 
   def global_flat(self) -> dict:

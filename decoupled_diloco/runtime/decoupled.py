@@ -36,7 +36,7 @@ class JaxBackend:
     return c
 
   def receive(self, c) -> bool:
-    return self.team.syncer.receive(c)
+    return self.team.receive(c)
 
   def contributors(self, p) -> int:
     return self.team.syncer.contributors(p)

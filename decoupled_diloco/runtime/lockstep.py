@@ -70,6 +70,16 @@ class Team:
   def eval_params(self):
     return fragments_lib.unflatten(self.syncer.global_flat())
 
+  def receive(self, c) -> bool:
+    """Hands a contribution to the syncer; a learner that sent NaN/Inf recovers."""
+    if self.syncer.receive(c):
+      return True
+    if self.syncer.last_rejection == "non-finite":
+      pubs = [self.syncer.publication(p) for p in range(len(self.fragments))]
+      self.learners[c.learner].recover(pubs)
+      self.bytes_down += np.array([pub.nbytes for pub in pubs])
+    return False
+
   def state(self) -> dict:
     return {"learners": [l.state() for l in self.learners], "syncer": self.syncer.state(),
             "data_position": np.array([it.position for it in self.data], np.int64),
@@ -126,7 +136,7 @@ class LockStep:
         c = learner.snapshot(p)
         team.bytes_up[p] += c.nbytes
         step_bytes += c.nbytes
-        team.syncer.receive(c)
+        team.receive(c)
       if (pub := team.syncer.merge(p)) is not None:
         self.in_flight[p] = (self.step + self.overlap, pub)
     for p, slot in enumerate(self.in_flight):
