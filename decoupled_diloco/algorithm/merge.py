@@ -9,21 +9,26 @@ where a plain mean shrinks it by about sqrt(M).
 """
 
 import jax.numpy as jnp
+import numpy as np
 
 MERGE_RULES = ("mean", "rda", "rda_everywhere")  # `rda` keeps embeddings on `mean`.
 WEIGHTINGS = ("uniform", "tokens", "tokens2_per_step")
 
 
-def weights(steps, tokens, weighting: str) -> jnp.ndarray:
-  """Per-contribution weights; `tokens2_per_step` = tokens * (tokens / steps)."""
-  steps = jnp.asarray(steps, jnp.float32)
-  tokens = jnp.asarray(tokens, jnp.float32)
+def weights(steps, tokens, weighting: str) -> np.ndarray:
+  """Per-contribution weights; `tokens2_per_step` = tokens * (tokens / steps).
+
+  Computed on the host (numpy): they come from message metadata, and the
+  syncer checks their sum without a device round trip.
+  """
+  steps = np.asarray(steps, np.float32)
+  tokens = np.asarray(tokens, np.float32)
   if weighting == "uniform":
-    return jnp.ones_like(steps)
+    return np.ones_like(steps)
   if weighting == "tokens":
     return tokens
   if weighting == "tokens2_per_step":
-    return jnp.where(steps > 0, tokens * tokens / jnp.maximum(steps, 1.0), 0.0)
+    return np.where(steps > 0, tokens * tokens / np.maximum(steps, 1.0), 0.0).astype(np.float32)
   raise ValueError(f"diloco.weighting={weighting!r} is unknown; choose from {WEIGHTINGS}.")
 
 

@@ -96,9 +96,10 @@ class Syncer:
                                        self.theta[p])
     except (TypeError, ValueError, KeyError) as e:  # Malformed payload.
       return self._reject(c, f"malformed payload: {e}")
-    if not bool(finite):
+    finite, max_abs = jax.device_get((finite, max_abs))  # One host sync, not two.
+    if not finite:
       return self._reject(c, "non-finite")
-    if float(max_abs) > self.max_abs_delta:
+    if max_abs > self.max_abs_delta:
       return self._reject(c, "absurd magnitude")
     self.pending[p][c.learner] = (c, deltas)  # A newer one from the same learner replaces it.
     return True
