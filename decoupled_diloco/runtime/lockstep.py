@@ -125,20 +125,33 @@ class LockStep:
     # At most one publication per fragment is in flight (tau < H): slot p holds
     # its delivery step (-1: empty) and payload.
     self.in_flight: list[tuple[int, Publication] | None] = [None] * len(self.team.fragments)
+    # With tau >= 1, the merge of fragments sent at step t runs on the host while
+    # step t + 1 computes (its result is needed only after step t + tau): the
+    # overlap of communication with compute. (send step, fragment, contributions).
+    self._unmerged: list[tuple[int, int, list]] = []
+
+  def _merge_sent(self) -> None:
+    for sent, p, contributions in self._unmerged:
+      for c in contributions:
+        self.team.receive(c)
+      if (pub := self.team.syncer.merge(p)) is not None:
+        self.in_flight[p] = (sent + self.overlap, pub)
+    self._unmerged = []
 
   def train_step(self) -> dict:
     team = self.team
     losses = [l.inner_step(team.batch(m)) for m, l in enumerate(team.learners)]
     self.step += 1
+    self._merge_sent()  # Last step's fragments, while this step computes.
     step_bytes = 0
     for p in fragments_lib.due(self.step, team.offsets, self.sync_every):
-      for learner in team.learners:
-        c = learner.snapshot(p)
+      contributions = [learner.snapshot(p) for learner in team.learners]
+      for c in contributions:
         team.bytes_up[p] += c.nbytes
         step_bytes += c.nbytes
-        team.receive(c)
-      if (pub := team.syncer.merge(p)) is not None:
-        self.in_flight[p] = (self.step + self.overlap, pub)
+      self._unmerged.append((self.step, p, contributions))
+    if not self.overlap:
+      self._merge_sent()  # tau = 0: needed before the next step.
     for p, slot in enumerate(self.in_flight):
       if slot is not None and slot[0] == self.step:
         for learner in team.learners:
@@ -150,9 +163,11 @@ class LockStep:
     return {"loss": losses}  # One per learner; train.py averages the finite ones.
 
   def eval_params(self):
+    self._merge_sent()
     return self.team.eval_params()
 
   def state(self) -> dict:
+    self._merge_sent()
     in_flight = []
     for p, slot in enumerate(self.in_flight):
       due_step, pub = slot if slot is not None else (-1, self.team.syncer.publication(p))
@@ -172,4 +187,5 @@ class LockStep:
                                              codecs.payload_nbytes(payload)))
 
   def summary(self) -> dict:
+    self._merge_sent()
     return {**self.team.accounting(self.step), "peak_bytes_per_step": self.peak_bytes_per_step}
