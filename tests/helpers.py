@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from decoupled_diloco import config as config_lib
 
@@ -35,3 +36,23 @@ def assert_trees_equal(a, b):
   assert len(la) == len(lb)
   for x, y in zip(la, lb):
     np.testing.assert_array_equal(x, y)
+
+
+def preempt(monkeypatch, runtime_cls, at_step: int, config, workdir) -> None:
+  """Runs `config` in `workdir` until the runtime reaches `at_step`, then kills it.
+
+  The run is interrupted the way a preemption would (mid-loop, after its
+  latest checkpoint); re-running `train_and_evaluate` on `workdir` resumes it.
+  """
+  from decoupled_diloco import train  # pylint: disable=g-import-not-at-top
+  original = runtime_cls.train_step
+
+  def crash(self):
+    if self.step == at_step:
+      raise KeyboardInterrupt("simulated preemption")
+    return original(self)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(runtime_cls, "train_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(config, str(workdir))

@@ -14,7 +14,7 @@ from decoupled_diloco.algorithm.syncer import Syncer
 from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.models import transformer
 from decoupled_diloco.runtime.lockstep import LockStep
-from tests.helpers import assert_trees_equal, final_checkpoint, tiny_config
+from tests.helpers import assert_trees_equal, final_checkpoint, preempt, tiny_config
 
 
 def diloco_config(steps=6, **overrides):
@@ -61,20 +61,11 @@ def test_error_feedback_residual_is_checkpointed_and_resumes_bitwise(tmp_path, m
     # int2 has no zero level, so the send after step 6 must leave a residual.
     assert all(np.all(np.isfinite(r)) for r in residual[0])
     assert any(np.any(r != 0) for r in residual[0])
-  original = LockStep.train_step
-
-  def crash(self):
-    if self.step == 5:  # After the checkpoint at 4, which holds step 3's residual.
-      raise KeyboardInterrupt("preempted")
-    return original(self)
-
-  monkeypatch.setattr(LockStep, "train_step", crash)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(c, str(tmp_path / "resumed"))
+  # Preempted after the checkpoint at 4, which holds step 3's residual.
+  preempt(monkeypatch, LockStep, 5, c, tmp_path / "resumed")
   ckpt4 = final_checkpoint(tmp_path / "resumed")
   assert int(ckpt4["step"]) == 4
   assert any(np.any(r != 0) for learner in ckpt4["learners"] for r in learner["residual"][0])
-  monkeypatch.setattr(LockStep, "train_step", original)
   train.train_and_evaluate(c, str(tmp_path / "resumed"))
   assert_trees_equal(straight, final_checkpoint(tmp_path / "resumed"))
 

@@ -11,7 +11,7 @@ from decoupled_diloco import checkpointing, config as config_lib, train
 from decoupled_diloco.algorithm import fragments
 from decoupled_diloco.runtime import decoupled, simulated
 from decoupled_diloco.runtime.decoupled import Decoupled
-from tests.helpers import assert_trees_equal, final_checkpoint, tiny_config
+from tests.helpers import assert_trees_equal, final_checkpoint, preempt, tiny_config
 from tests.test_decoupled import chaos_overrides
 
 
@@ -83,23 +83,13 @@ def test_interrupted_run_resumes_exactly_with_messages_in_flight(tmp_path, monke
   straight = train.train_and_evaluate(c, str(tmp_path / "straight"))  # Saves only at the end.
   c.train.checkpoint_every = 4
 
-  original = Decoupled.train_step
-
-  def crash(self):
-    if self.step == 6:
-      raise KeyboardInterrupt("preempted")
-    return original(self)
-
-  monkeypatch.setattr(Decoupled, "train_step", crash)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(c, str(tmp_path / "resumed"))
+  preempt(monkeypatch, Decoupled, 6, c, tmp_path / "resumed")
   meta = checkpoint_meta(tmp_path / "resumed", 4)
   sim = meta["extra"]["simulation"]
   in_flight = {simulated.ARRIVE_SYNCER, simulated.ARRIVE_LEARNER}
   assert in_flight <= {kind for _, kind, _, _ in sim["heap"]}
   assert any(meta["extra"]["pending"])  # A grace window is open.
 
-  monkeypatch.setattr(Decoupled, "train_step", original)
   resumed = train.train_and_evaluate(c, str(tmp_path / "resumed"))
   assert resumed["resumed_from_step"] == 4
   assert_trees_equal(final_checkpoint(tmp_path / "straight"),

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from decoupled_diloco import config as config_lib
 from decoupled_diloco import train
@@ -11,7 +10,7 @@ from decoupled_diloco.algorithm import codecs, fragments, merge
 from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.data.loader import ShardIterator
 from decoupled_diloco.runtime.lockstep import LockStep
-from tests.helpers import assert_trees_equal, final_checkpoint, tiny_config
+from tests.helpers import assert_trees_equal, final_checkpoint, preempt, tiny_config
 
 
 def diloco_config(steps=6, **overrides):
@@ -102,20 +101,10 @@ def test_streaming_resumes_exactly_with_fragments_in_flight(tmp_path, monkeypatc
                                  "diloco.overlap": 2, "diloco.alpha": 0.5,
                                  "train.checkpoint_every": 5})
   train.train_and_evaluate(c, str(tmp_path / "straight"))
-  original = LockStep.train_step
-
-  def crash(self):
-    if self.step == 8:
-      raise KeyboardInterrupt("preempted")
-    return original(self)
-
-  monkeypatch.setattr(LockStep, "train_step", crash)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(c, str(tmp_path / "resumed"))
+  preempt(monkeypatch, LockStep, 8, c, tmp_path / "resumed")
   ckpt5 = final_checkpoint(tmp_path / "resumed")
   assert int(ckpt5["step"]) == 5
   assert [int(s["due_step"]) for s in ckpt5["in_flight"]] == [-1, -1, 6]  # Sent at 4.
-  monkeypatch.setattr(LockStep, "train_step", original)
   train.train_and_evaluate(c, str(tmp_path / "resumed"))
   assert_trees_equal(final_checkpoint(tmp_path / "straight"),
                      final_checkpoint(tmp_path / "resumed"))

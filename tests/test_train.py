@@ -7,7 +7,7 @@ import pytest
 
 from decoupled_diloco import config as config_lib
 from decoupled_diloco import train
-from tests.helpers import assert_trees_equal, final_checkpoint, tiny_config
+from tests.helpers import assert_trees_equal, final_checkpoint, preempt, tiny_config
 
 
 def test_short_run_learns_and_writes_outputs(tmp_path):
@@ -30,17 +30,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
   c = tiny_config(steps=12, **{"train.checkpoint_every": 4})
   train.train_and_evaluate(c, str(tmp_path / "straight"))
 
-  original = train.DataParallel.train_step
-
-  def crash_at_step_7(self):
-    if self.step == 6:
-      raise KeyboardInterrupt("simulated preemption")
-    return original(self)
-
-  monkeypatch.setattr(train.DataParallel, "train_step", crash_at_step_7)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(c, str(tmp_path / "resumed"))
-  monkeypatch.setattr(train.DataParallel, "train_step", original)
+  preempt(monkeypatch, train.DataParallel, 6, c, tmp_path / "resumed")
   summary = train.train_and_evaluate(c, str(tmp_path / "resumed"))
   assert summary["resumed_from_step"] == 4
   assert_trees_equal(final_checkpoint(tmp_path / "straight"),
