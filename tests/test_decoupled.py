@@ -175,7 +175,7 @@ def test_same_seed_gives_identical_event_log_and_parameters(tmp_path):
     finals.append((tmp_path / run / "events.jsonl").read_text())
   assert finals[0] == finals[1]
   kinds = {json.loads(l)["event"] for l in finals[0].splitlines()}
-  assert {"step", "send", "arrive", "merge", "align", "fail", "repair", "down",
+  assert {"step", "send", "arrive", "merge", "publish", "align", "fail", "repair", "down",
           "rejoin"} <= kinds
   c = decoupled_config(steps=8, **{**chaos_overrides(), "chaos.seed": 1})
   train.train_and_evaluate(c, str(tmp_path / "c"))

@@ -354,6 +354,9 @@ class Simulation:
         self.log("merge", fragment=p, version=pub.version, contributors=n, bytes=pub.nbytes)
     sync_s = self.machines.syncer_seconds + self._transfer_s(pub.nbytes)
     self.xi_sync += 0.1 * (sync_s - self.xi_sync)
+    if self._log:
+      self.log("publish", fragment=p, version=pub.version,
+               arrives=round(self.now + sync_s, 9))
     self._push(self.now + sync_s, ARRIVE_LEARNER, pub)  # Every link alike: one event.
 
   def _arrive_learner(self, pub: Publication) -> None:
