@@ -80,7 +80,8 @@ def test_nan_learner_is_rejected_and_never_merged():
                   merge_rule="mean", weighting="uniform", up=syncer.up, down=syncer.down,
                   num_learners=2, max_abs_delta=1e4)
   receive, merge = syncer.receive, syncer.merge
-  syncer.receive = lambda c: (c.learner == 0 and shadow.receive(c), receive(c))[1]
+  syncer.receive = lambda c, checked=None: (c.learner == 0 and shadow.receive(c),
+                                            receive(c, checked))[1]
   syncer.merge = lambda p: (shadow.merge(p), merge(p))[1]
   sick = rt.team.learners[1]
   for step in range(6):

@@ -203,7 +203,8 @@ def test_nan_learner_is_rejected_and_training_goes_on(tmp_path, monkeypatch):
   learner.params = jax.tree.map(lambda p: p * np.nan, learner.params)
   accepted = []
   receive = rt.team.syncer.receive
-  rt.team.syncer.receive = lambda c: (ok := receive(c)) and accepted.append(c.learner) or ok
+  rt.team.syncer.receive = lambda c, checked=None: ((ok := receive(c, checked))
+                             and accepted.append(c.learner) or ok)
   for _ in range(6):
     rt.train_step()
   # Rejected once, then the learner restarts from the global model and recovers.

@@ -45,7 +45,7 @@ def test_identical_data_merged_update_equals_one_learners():
                              seed=0) for _ in range(2)]
   sent = []
   receive = team.syncer.receive
-  team.syncer.receive = lambda c: (sent.append(c), receive(c))[1]
+  team.syncer.receive = lambda c, checked=None: (sent.append(c), receive(c, checked))[1]
   for _ in range(6):  # Two outer steps with Nesterov momentum.
     rt.train_step()
   assert team.syncer.merges.tolist() == [2] and len(sent) == 4

@@ -82,7 +82,18 @@ class Syncer:
     logging.warning("syncer: rejected learner %s fragment %s (%s)", c.learner, c.fragment, reason)
     return False
 
-  def receive(self, c: Contribution) -> bool:
+  def check(self, c: Contribution):
+    """Starts decoding and validating `c` on the syncer's device, without waiting.
+
+    Returns what `receive(c, checked)` needs, or None if the payload is malformed.
+    A runtime that checks at send time and receives later never blocks on it.
+    """
+    try:
+      return _check(self.up, jax.device_put(c.payload, self.device), self.theta[c.fragment])
+    except (TypeError, ValueError, KeyError, IndexError):
+      return None
+
+  def receive(self, c: Contribution, checked=None) -> bool:
     """Admits a contribution to its fragment's round; returns False if rejected."""
     if not (0 <= c.fragment < len(self.fragments)) or not 0 <= c.learner < self.num_learners:
       return self._reject(c, "unknown learner or fragment")
@@ -91,11 +102,9 @@ class Syncer:
       return self._reject(c, "inconsistent metadata")
     if self.max_staleness is not None and self.version[p] - c.base_version > self.max_staleness:
       return self._reject(c, "stale")
-    try:
-      deltas, finite, max_abs = _check(self.up, jax.device_put(c.payload, self.device),
-                                       self.theta[p])
-    except (TypeError, ValueError, KeyError) as e:  # Malformed payload.
-      return self._reject(c, f"malformed payload: {e}")
+    if (checked := checked or self.check(c)) is None:
+      return self._reject(c, "malformed payload")
+    deltas, finite, max_abs = checked
     finite, max_abs = jax.device_get((finite, max_abs))  # One host sync, not two.
     if not finite:
       return self._reject(c, "non-finite")

@@ -70,9 +70,9 @@ class Team:
   def eval_params(self):
     return fragments_lib.unflatten(self.syncer.global_flat())
 
-  def receive(self, c) -> bool:
+  def receive(self, c, checked=None) -> bool:
     """Hands a contribution to the syncer; a learner that sent NaN/Inf recovers."""
-    if self.syncer.receive(c):
+    if self.syncer.receive(c, checked):
       return True
     if self.syncer.last_rejection == "non-finite":
       pubs = [self.syncer.publication(p) for p in range(len(self.fragments))]
@@ -127,13 +127,15 @@ class LockStep:
     self.in_flight: list[tuple[int, Publication] | None] = [None] * len(self.team.fragments)
     # With tau >= 1, the merge of fragments sent at step t runs on the host while
     # step t + 1 computes (its result is needed only after step t + tau): the
-    # overlap of communication with compute. (send step, fragment, contributions).
-    self._unmerged: list[tuple[int, int, list]] = []
+    # overlap of communication with compute. The syncer's checks are dispatched
+    # at send time so that reading them then never waits for a later step.
+    # (send step, fragment, contributions, checks).
+    self._unmerged: list[tuple[int, int, list, list]] = []
 
   def _merge_sent(self) -> None:
-    for sent, p, contributions in self._unmerged:
-      for c in contributions:
-        self.team.receive(c)
+    for sent, p, contributions, checks in self._unmerged:
+      for c, checked in zip(contributions, checks):
+        self.team.receive(c, checked)
       if (pub := self.team.syncer.merge(p)) is not None:
         self.in_flight[p] = (sent + self.overlap, pub)
     self._unmerged = []
@@ -149,7 +151,8 @@ class LockStep:
       for c in contributions:
         team.bytes_up[p] += c.nbytes
         step_bytes += c.nbytes
-      self._unmerged.append((self.step, p, contributions))
+      checks = [team.syncer.check(c) for c in contributions]
+      self._unmerged.append((self.step, p, contributions, checks))
     if not self.overlap:
       self._merge_sent()  # tau = 0: needed before the next step.
     for p, slot in enumerate(self.in_flight):
