@@ -9,6 +9,7 @@ many devices as islands, each island gets its own contiguous block of
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -53,9 +54,9 @@ class Island:
     Always a copy: inner steps donate their inputs, which must never delete
     the caller's arrays (e.g. one initialisation shared by every learner).
     `device_put(..., may_alias=False)` still aliases the shard already on the
-    right device when replicating (jax 0.10), so copy through a jitted identity.
+    right device when replicating (jax 0.10), so copy first, then place.
     """
-    return jax.jit(lambda t: t, out_shardings=self.shardings(tree))(tree)
+    return jax.device_put(jax.tree.map(jnp.copy, tree), self.shardings(tree))
 
 
 def make_islands(num_islands: int, *, fsdp: bool = False, devices=None) -> list[Island]:

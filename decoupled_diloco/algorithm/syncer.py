@@ -59,9 +59,9 @@ class Syncer:
                device=None):
     self.fragments = fragments
     self.device = device or jax.devices()[0]
-    self.theta = [jax.device_put([jnp.asarray(flat_params[k]) for k in f], self.device)
+    # Copied through the host: the syncer's fragments never alias a learner's.
+    self.theta = [jax.device_put([np.array(flat_params[k]) for k in f], self.device)
                   for f in fragments]
-    self.theta = [[jnp.array(t, copy=True) for t in f] for f in self.theta]
     self.version = np.zeros(len(fragments), np.int64)
     self.tx = outer_tx
     self.opt_state = [outer_tx.init(t) for t in self.theta]
