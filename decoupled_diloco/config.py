@@ -12,6 +12,7 @@ import typing
 import ml_collections
 
 from decoupled_diloco.algorithm import codecs
+from decoupled_diloco.algorithm import learner as learner_lib
 from decoupled_diloco.models.transformer import ModelConfig, PRESETS
 
 
@@ -71,7 +72,12 @@ class DilocoConfig:
 class CodecConfig:
   up: str = "fp32"  # Pseudo-gradient codec, learner -> syncer (see algorithm/codecs.py).
   down: str = "fp32"  # Published-fragment codec, syncer -> learner.
-  error_feedback: bool = False  # Learners carry what the up codec dropped into the next send.
+  error_feedback: bool = False  # Learners carry what the up codec dropped into later sends.
+  # With error feedback, where a learner restarts after a sync: `offset` (the global
+  # fragment minus its unsent residual, so its next delta holds the residual) or
+  # `global` (the global fragment; the residual is added to the next send, as in
+  # SparseLoCo/MuLoCo). See algorithm/learner.py; `offset` measured better.
+  feedback_restart: str = "offset"
   block_size: int = 256  # Values per scale for block codecs (int8/int4/e3m0/int2/sign/topk).
   topk_fraction: float = 0.01  # Share of each block that `topk` keeps.
 
@@ -202,6 +208,9 @@ def _validate(cfg: Config) -> None:
     if getattr(cfg.codec, field) not in codecs.CODEC_NAMES:
       raise ValueError(f"codec.{field}={getattr(cfg.codec, field)!r} is unknown; choose"
                        f" from {codecs.CODEC_NAMES}.")
+  if cfg.codec.feedback_restart not in learner_lib.FEEDBACK_RESTARTS:
+    raise ValueError(f"codec.feedback_restart={cfg.codec.feedback_restart!r} is unknown;"
+                     f" choose from {learner_lib.FEEDBACK_RESTARTS}.")
   if cfg.codec.block_size <= 0 or not 0 < cfg.codec.topk_fraction <= 1:
     raise ValueError(f"codec.block_size={cfg.codec.block_size} must be positive and"
                      f" codec.topk_fraction={cfg.codec.topk_fraction} in (0, 1].")

@@ -108,8 +108,8 @@ def contribution(learner, fragment, deltas, *, version=0, steps=1, tokens=1):
 
 def make_syncer(flat, frags, tx, **kw):
   kw = {"merge_rule": "mean", "weighting": "uniform", "num_learners": 2,
-        "max_abs_delta": 1e4, **kw}
-  return Syncer(flat, frags, outer_tx=tx, up=FP32, down=FP32, **kw)
+        "max_abs_delta": 1e4, "up": FP32, "down": FP32, **kw}
+  return Syncer(flat, frags, outer_tx=tx, **kw)
 
 
 def test_outer_nesterov_matches_hand_computation():
@@ -176,6 +176,46 @@ def test_learner_snapshot_and_align():
   learner.inner_step(jnp.float32(1.0))  # Donation must not delete the new base.
   np.testing.assert_allclose(learner.base[0][0], [-0.5, 0.5])
   np.testing.assert_allclose(fragments.flatten(learner.params)["b"], [2.5])
+
+
+@pytest.mark.parametrize("restart", ["offset", "global"])
+def test_error_feedback_restart_points(restart):
+  island = islands_lib.make_islands(2)[0]
+  flat = {"a": np.zeros(4, np.float32)}
+  sign = codecs.make_codec("sign", block_size=4)
+
+  def fake_step(params, opt_state, batch):  # "Training" subtracts the batch.
+    return jax.tree.map(lambda p: p - batch, params), opt_state, jnp.float32(0.0)
+
+  learner = Learner(0, island, fake_step, fragments.unflatten(flat), {}, (("a",),), alpha=0.0,
+                    up=sign, down=FP32, error_feedback=True, tokens_per_step=8,
+                    feedback_restart=restart)
+  # One learner and a unit outer SGD step: the global model moves by what was sent.
+  sync = make_syncer(flat, (("a",),), optax.sgd(1.0), num_learners=1, up=sign)
+  progress = [np.array([1.0, 0.1, -0.2, 0.5], np.float32),
+              np.array([0.3, -0.4, 0.2, 0.1], np.float32)]
+  sent = np.zeros(4)
+  for r, v in enumerate(progress):
+    learner.inner_step(jnp.asarray(v))
+    local = np.asarray(fragments.flatten(learner.params)["a"])
+    c = learner.snapshot(0)
+    decoded = np.asarray(sign.decode(c.payload[0], (4,), jnp.float32))
+    # Either way the send is x = residual before + this round's progress.
+    x = decoded + np.asarray(learner.residual[0][0])
+    np.testing.assert_allclose(x, sum(progress[:r + 1]) - sent, atol=1e-6)
+    sent += decoded
+    assert sync.receive(c)
+    learner.align(sync.merge(0))
+    glob = np.asarray(sync.theta[0][0])
+    np.testing.assert_allclose(glob, -sent, atol=1e-6)
+    restarted = np.asarray(fragments.flatten(learner.params)["a"])
+    if restart == "offset":  # Where its own steps took it: Theta - residual.
+      np.testing.assert_allclose(restarted, local, atol=1e-6)
+    else:
+      np.testing.assert_array_equal(restarted, glob)
+  # The residual is what the global model still lacks of the learner's progress.
+  np.testing.assert_allclose(np.asarray(learner.residual[0][0]), sum(progress) - sent, atol=1e-6)
+  assert np.any(np.asarray(learner.residual[0][0]) != 0)  # Sign is lossy here.
 
 
 def test_syncer_admits_stale_contributions_unless_bounded():

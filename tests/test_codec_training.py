@@ -99,6 +99,8 @@ def test_nan_learner_is_rejected_and_never_merged():
       # ...and the learner restarts from the global model, optimizer state cleaned.
       for t in jax.tree.leaves(sick.params) + jax.tree.leaves(sick.opt_state):
         assert np.all(np.isfinite(t))
+      # Its unsent residual (NaN after the poisoned send) is dropped.
+      assert all(np.all(r == 0) for r in jax.tree.leaves(sick.residual))
   # Second sync: the recovered learner's contribution is admitted again.
   assert dict(syncer.rejected) == {"non-finite": 1}
   assert syncer.merges.tolist() == [2]
@@ -110,6 +112,7 @@ def test_nan_learner_is_rejected_and_never_merged():
     ("up", "int3", "codec.up='int3'"),
     ("down", "float16", "codec.down='float16'"),
     ("up", "", "codec.up=''"),
+    ("feedback_restart", "virtual", "codec.feedback_restart='virtual'"),
     ("block_size", 0, "codec.block_size=0"),
     ("block_size", -256, "codec.block_size=-256"),
     ("topk_fraction", 0.0, "codec.topk_fraction=0.0"),

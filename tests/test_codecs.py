@@ -331,14 +331,15 @@ def test_error_feedback_keeps_the_decoded_sum_on_track(name, kwargs):
   assert drift_plain > 5 * drift_ef
 
 
-def test_tree_feedback_state_matches_per_array():
+def test_feedback_without_residual_is_plain_encoding_plus_its_error():
   codec = codecs.make_codec("sign", block_size=8)
-  tree = {"a": jnp.linspace(-1.0, 2.0, 20), "b": jnp.ones((2, 3))}
-  state = codecs.init_error_feedback(tree)
-  step = jax.jit(lambda s: codecs.encode_tree_with_feedback(codec, tree, s))
-  payloads, state = step(step(state)[1])
-  one = jax.jit(lambda r: codecs.encode_with_feedback(codec, tree["a"], r))
-  payload, residual = one(one(jnp.zeros(20))[1])
-  jax.tree.map(np.testing.assert_array_equal, payloads["a"], payload)
-  np.testing.assert_array_equal(state.residual["a"], residual)
-  np.testing.assert_array_equal(state.residual["b"], 0.0)  # Constant: exact.
+  x = jnp.linspace(-1.0, 2.0, 20)
+  payload, residual = jax.jit(lambda x: codecs.encode_with_feedback(codec, x))(x)
+  jax.tree.map(np.testing.assert_array_equal, payload, codec.encode(x))
+  np.testing.assert_allclose(residual, x - codec.decode(payload, x.shape, jnp.float32))
+  # With a zero residual it is the same send.
+  again, _ = codecs.encode_with_feedback(codec, x, jnp.zeros(20))
+  jax.tree.map(np.testing.assert_array_equal, again, payload)
+  # Constant blocks are exact: nothing is left over.
+  _, constant = codecs.encode_with_feedback(codec, jnp.ones((2, 3)))
+  np.testing.assert_array_equal(constant, 0.0)

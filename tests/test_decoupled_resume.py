@@ -3,6 +3,7 @@
 import copy
 import json
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -75,11 +76,12 @@ def test_simulation_resumes_exactly_from_a_snapshot(tmp_path, lockstep):
 
 def test_interrupted_run_resumes_exactly_with_messages_in_flight(tmp_path, monkeypatch):
   # K = 1 with a grace window, tau = 1, P = 3, slice failures; latency and
-  # syncer time keep messages in flight across train_step boundaries.
+  # syncer time keep messages in flight across train_step boundaries; int2
+  # pseudo-gradients with error feedback put residuals in the learners' state.
   c = tiny_config("decoupled", steps=12, **{
       **chaos_overrides(), "chaos.mtbi_chip_hours": 0.002, "diloco.num_learners": 2,
       "diloco.num_fragments": 3, "diloco.sync_every": 3, "sim.latency_s": 0.4,
-      "sim.syncer_seconds": 0.3})
+      "sim.syncer_seconds": 0.3, "codec.up": "int2", "codec.error_feedback": True})
   straight = train.train_and_evaluate(c, str(tmp_path / "straight"))  # Saves only at the end.
   c.train.checkpoint_every = 4
 
@@ -89,6 +91,9 @@ def test_interrupted_run_resumes_exactly_with_messages_in_flight(tmp_path, monke
   in_flight = {simulated.ARRIVE_SYNCER, simulated.ARRIVE_LEARNER}
   assert in_flight <= {kind for _, kind, _, _ in sim["heap"]}
   assert any(meta["extra"]["pending"])  # A grace window is open.
+  residuals = [r for learner in final_checkpoint(tmp_path / "resumed")["learners"]
+               for r in jax.tree.leaves(learner["residual"])]
+  assert residuals and any(np.any(r != 0) for r in residuals)
 
   resumed = train.train_and_evaluate(c, str(tmp_path / "resumed"))
   assert resumed["resumed_from_step"] == 4

@@ -53,6 +53,8 @@ finiteness check still sees it.
 Error feedback (`encode_with_feedback`): x = residual + delta is sent as
 encode(x), and the part lost, x - decode(encode(x)), is carried to the next
 round, so the decoded sum tracks the true sum of deltas up to one residual.
+(How a learner carries it, in the next send or in where it restarts, is
+`algorithm/learner.py`'s business.)
 
 References:
   Douillard et al., 2025. Streaming DiLoCo with overlapping communication.
@@ -92,11 +94,6 @@ class Codec(NamedTuple):
   decode: Callable[[Payload, tuple[int, ...], Any], jax.Array]
 
 
-class ErrorFeedbackState(NamedTuple):
-  """Per-tensor float32 residuals, a pytree shaped like the deltas."""
-  residual: Any
-
-
 def payload_nbytes(payload) -> int:
   """Exact bytes on the wire of a payload, or of any pytree of payloads.
 
@@ -117,29 +114,17 @@ def decode_tree(codec: Codec, payloads, like_tree) -> Any:
                       like_tree, payloads)
 
 
-def init_error_feedback(tree) -> ErrorFeedbackState:
-  """Zero residuals (float32) for a tree of deltas (arrays or shape structs)."""
-  return ErrorFeedbackState(
-      jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree))
-
-
 def encode_with_feedback(codec: Codec, delta: jax.Array,
-                         residual: jax.Array) -> tuple[Payload, jax.Array]:
-  """Encodes `residual + delta`; returns (payload, float32 new residual)."""
-  x = residual.astype(jnp.float32) + delta.astype(jnp.float32)
+                         residual: jax.Array | None = None) -> tuple[Payload, jax.Array]:
+  """Encodes x = residual + delta (x = delta if no residual).
+
+  Returns (payload, float32 new residual x - decode(payload)).
+  """
+  x = delta.astype(jnp.float32)
+  if residual is not None:
+    x = residual.astype(jnp.float32) + x
   payload = codec.encode(x)
   return payload, x - codec.decode(payload, x.shape, jnp.float32)
-
-
-def encode_tree_with_feedback(
-    codec: Codec, tree, state: ErrorFeedbackState
-) -> tuple[Any, ErrorFeedbackState]:
-  """`encode_with_feedback` over every leaf; returns (payloads, new state)."""
-  pairs = jax.tree.map(lambda d, r: encode_with_feedback(codec, d, r), tree,
-                       state.residual)
-  payloads = jax.tree.map(lambda _, pair: pair[0], tree, pairs)
-  residual = jax.tree.map(lambda _, pair: pair[1], tree, pairs)
-  return payloads, ErrorFeedbackState(residual)
 
 
 # ----------------------------------------------------------------- helpers

@@ -2,10 +2,21 @@
 
 Per fragment p the learner keeps the base Theta_p it last aligned to (and that
 base's version), counters of steps and tokens since then, and, with error
-feedback, the residual its codec has not yet sent (Decoupled DiLoCo,
+feedback, the residual e_p its codec has not yet sent (Decoupled DiLoCo,
 https://arxiv.org/abs/2604.21428; Streaming DiLoCo, https://arxiv.org/abs/2501.18512).
 It knows nothing of time or transport: a runtime calls `inner_step`,
 `snapshot` and `align` in whatever order its clock dictates.
+
+Error feedback keeps e_p <- x - decode(encode(x)) for the x it sends, in one of
+two ways (`feedback_restart`):
+  "offset" (default): on align the learner restarts at Theta_p - e_p, the point
+    it would hold had e_p been delivered, and sends x = Theta_p - theta_p, which
+    then holds e_p by itself. Its inner steps do not redo the undelivered work.
+  "global": it restarts at Theta_p and sends x = e_p + (Theta_p - theta_p), as in
+    SparseLoCo and MuLoCo. After H inner steps from Theta_p the fresh delta has
+    largely redone what Theta_p lacks, so adding e_p counts it twice; on `tiny`
+    with 1-bit `sign` this cost 3% eval loss where "offset" was within 0.3% of
+    no feedback (experiments/results/quality.md).
 """
 
 import functools
@@ -18,24 +29,35 @@ from decoupled_diloco.algorithm import codecs
 from decoupled_diloco.algorithm.fragments import flatten, unflatten
 from decoupled_diloco.algorithm.messages import Contribution, Publication
 
+FEEDBACK_RESTARTS = ("offset", "global")
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _encode_delta(codec, base, theta, residual):
-  """delta = base - theta, encoded; with a residual, error feedback."""
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _encode_delta(codec, feedback, base, theta, residual):
+  """delta = base - theta, encoded; returns (payload, new residual or None).
+
+  feedback: None (no error feedback), "global" (send residual + delta) or
+  "offset" (send delta: the learner restarted at base - residual, so delta
+  already holds it; `residual` is not read).
+  """
   delta = [b.astype(jnp.float32) - t.astype(jnp.float32) for b, t in zip(base, theta)]
-  if residual is None:
+  if feedback is None:
     return codecs.encode_tree(codec, delta), None
-  payload, state = codecs.encode_tree_with_feedback(
-      codec, delta, codecs.ErrorFeedbackState(residual))
-  return payload, state.residual
+  carried = residual if feedback == "global" else [None] * len(delta)
+  pairs = [codecs.encode_with_feedback(codec, d, r) for d, r in zip(delta, carried)]
+  return [p for p, _ in pairs], [r for _, r in pairs]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _align(codec, theta, payload, alpha):
-  """Returns (theta', base'): theta' = alpha*theta + (1-alpha)*Theta; base' = Theta."""
+def _align(codec, theta, payload, alpha, residual):
+  """Returns (theta', base'): theta' = alpha*theta + (1-alpha)*(Theta - residual); base' = Theta.
+
+  `residual` is None where the learner restarts at Theta itself.
+  """
   glob = codecs.decode_tree(codec, list(payload), theta)
-  new_theta = [(alpha * t + (1 - alpha) * g).astype(t.dtype) if alpha else g + jnp.zeros_like(t)
-               for t, g in zip(theta, glob)]
+  start = glob if residual is None else [g - r for g, r in zip(glob, residual)]
+  new_theta = [(alpha * t + (1 - alpha) * g).astype(t.dtype) if alpha
+               else g.astype(t.dtype) + jnp.zeros_like(t) for t, g in zip(theta, start)]
   return new_theta, glob
 
 
@@ -45,13 +67,16 @@ class Learner:
   def __init__(self, index: int, island, inner_step, params, opt_state,
                fragments: tuple[tuple[str, ...], ...], *, alpha: float,
                up: codecs.Codec, down: codecs.Codec, error_feedback: bool,
-               tokens_per_step: int):
+               tokens_per_step: int, feedback_restart: str = "offset"):
     self.index, self.island = index, island
     self._inner_step = inner_step
     self.params = island.put(params)
     self.opt_state = island.put(opt_state)
     self.fragments = fragments
     self.alpha, self.up, self.down = alpha, up, down
+    if feedback_restart not in FEEDBACK_RESTARTS:
+      raise ValueError(f"feedback_restart={feedback_restart!r}; choose from {FEEDBACK_RESTARTS}.")
+    self.feedback = feedback_restart if error_feedback else None
     self.tokens_per_step = tokens_per_step
     flat = flatten(params)
     num = len(fragments)
@@ -77,8 +102,9 @@ class Learner:
 
   def snapshot(self, p: int) -> Contribution:
     """The encoded pseudo-gradient `base_p - theta_p` with its metadata."""
-    residual = None if self.residual is None else self.residual[p]
-    payload, residual = _encode_delta(self.up, self.base[p], self.fragment_tensors(p), residual)
+    carried = self.residual[p] if self.feedback == "global" else None
+    payload, residual = _encode_delta(self.up, self.feedback, self.base[p],
+                                      self.fragment_tensors(p), carried)
     if self.residual is not None:
       self.residual[p] = residual
     return Contribution(self.index, p, int(self.base_version[p]), int(self.c_steps[p]),
@@ -87,10 +113,14 @@ class Learner:
   def align(self, pub: Publication) -> None:
     """theta_p <- alpha*theta_p + (1-alpha)*Theta_p; rebase; reset p's counters.
 
+    With "offset" error feedback, Theta_p - e_p stands in for Theta_p.
+
     The inner optimizer state is kept (DiLoCo keeps it across outer steps).
     """
     payload = jax.device_put(pub.payload, self.island.replicated)
-    theta, base = _align(self.down, self.fragment_tensors(pub.fragment), payload, self.alpha)
+    unsent = self.residual[pub.fragment] if self.feedback == "offset" else None
+    theta, base = _align(self.down, self.fragment_tensors(pub.fragment), payload, self.alpha,
+                         unsent)
     theta = jax.device_put(theta, [self.island.param_sharding(t) for t in theta])
     flat = flatten(self.params)
     flat.update(zip(self.fragments[pub.fragment], theta))
@@ -101,20 +131,20 @@ class Learner:
     self.c_tokens[pub.fragment] = 0
 
   def recover(self, publications) -> None:
-    """Restarts a diverged learner from the global model.
+    """Restarts the learner from the global model (after divergence or a full outage).
 
-    Its parameters become the published fragments; non-finite entries of its
-    inner optimizer state (Adam's moments, once a NaN got in) and of its
-    error-feedback residuals become zeros, so the next step and send are
-    finite again; step counts and the schedule are kept.
+    Its unsent residuals are dropped (zeros), its parameters become the
+    published fragments, and non-finite entries of its inner optimizer state
+    (Adam's moments, once a NaN got in) become zeros, so the next step and send
+    are finite again; step counts and the schedule are kept.
     """
+    if self.residual is not None:
+      self.residual = jax.tree.map(jnp.zeros_like, self.residual)
     for pub in publications:
       self.align(pub)
     clean = lambda x: (jnp.where(jnp.isfinite(x), x, 0)
                        if jnp.issubdtype(x.dtype, jnp.floating) else x)
     self.opt_state = jax.tree.map(clean, self.opt_state)
-    if self.residual is not None:
-      self.residual = jax.tree.map(clean, self.residual)
 
   def state(self) -> dict:
     s = {"params": self.params, "opt_state": self.opt_state, "base": self.base,

@@ -52,9 +52,11 @@ class JaxBackend:
     self.team.bytes_down[pub.fragment] += pub.nbytes
 
   def rejoin(self, m) -> None:
-    """A learner back from zero slices restarts from the current global fragments."""
-    for p in range(len(self.team.fragments)):
-      self.align(m, self.team.syncer.publication(p))
+    """A learner back from zero slices restarts from the current global fragments.
+
+    What it had not yet sent, error-feedback residuals included, was lost with it.
+    """
+    self.team.restart(m)
 
 
 def failure_model(cfg: Config) -> chaos.FailureModel:

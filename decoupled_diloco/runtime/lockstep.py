@@ -50,6 +50,7 @@ class Team:
       self.learners.append(Learner(
           m, island, inner, params, opt_state, self.fragments, alpha=d.alpha, up=up,
           down=down, error_feedback=cfg.codec.error_feedback,
+          feedback_restart=cfg.codec.feedback_restart,
           tokens_per_step=per_learner * cfg.model.seq_len))
     self.syncer = Syncer(flat, self.fragments, outer_tx=optim.outer_optimizer(cfg.outer),
                          merge_rule=d.merge, weighting=d.weighting, up=up, down=down,
@@ -75,10 +76,14 @@ class Team:
     if self.syncer.receive(c, checked):
       return True
     if self.syncer.last_rejection == "non-finite":
-      pubs = [self.syncer.publication(p) for p in range(len(self.fragments))]
-      self.learners[c.learner].recover(pubs)
-      self.bytes_down += np.array([pub.nbytes for pub in pubs])
+      self.restart(c.learner)
     return False
+
+  def restart(self, m: int) -> None:
+    """Learner m starts again from the global fragments (`Learner.recover`)."""
+    pubs = [self.syncer.publication(p) for p in range(len(self.fragments))]
+    self.learners[m].recover(pubs)
+    self.bytes_down += np.array([pub.nbytes for pub in pubs])
 
   def state(self) -> dict:
     return {"learners": [l.state() for l in self.learners], "syncer": self.syncer.state(),
