@@ -80,6 +80,7 @@ class CodecConfig:
   feedback_restart: str = "offset"
   block_size: int = 256  # Values per scale for block codecs (int8/int4/e3m0/int2/sign/topk).
   topk_fraction: float = 0.01  # Share of each block that `topk` keeps.
+  topk_values: str = "fp32"  # How `topk` sends the values it keeps: `fp32`, `bf16` or `int8`.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +182,12 @@ def parse(c: ml_collections.ConfigDict) -> Config:
   return cfg
 
 
+def make_codec(c: CodecConfig, direction: str) -> codecs.Codec:
+  """The codec of one direction (`up` or `down`) with the section's options."""
+  return codecs.make_codec(getattr(c, direction), block_size=c.block_size,
+                           topk_fraction=c.topk_fraction, topk_values=c.topk_values)
+
+
 def _positive(section, obj, *names):
   for name in names:
     if getattr(obj, name) <= 0:
@@ -208,12 +215,13 @@ def _validate(cfg: Config) -> None:
     if getattr(cfg.codec, field) not in codecs.CODEC_NAMES:
       raise ValueError(f"codec.{field}={getattr(cfg.codec, field)!r} is unknown; choose"
                        f" from {codecs.CODEC_NAMES}.")
+    try:
+      make_codec(cfg.codec, field)
+    except ValueError as e:  # Its message starts with the option's name and value.
+      raise ValueError(f"codec.{e} (codec.{field}={getattr(cfg.codec, field)!r})") from None
   if cfg.codec.feedback_restart not in learner_lib.FEEDBACK_RESTARTS:
     raise ValueError(f"codec.feedback_restart={cfg.codec.feedback_restart!r} is unknown;"
                      f" choose from {learner_lib.FEEDBACK_RESTARTS}.")
-  if cfg.codec.block_size <= 0 or not 0 < cfg.codec.topk_fraction <= 1:
-    raise ValueError(f"codec.block_size={cfg.codec.block_size} must be positive and"
-                     f" codec.topk_fraction={cfg.codec.topk_fraction} in (0, 1].")
   if not 0 <= d.quorum <= d.num_learners:
     raise ValueError(f"diloco.quorum={d.quorum} must be in [0, diloco.num_learners={d.num_learners}].")
   if d.grace_gamma < 0 or d.grace_max_s < 0:

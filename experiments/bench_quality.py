@@ -52,6 +52,9 @@ ROWS = {
                                 "codec.feedback_restart": "global"}),
     "sign_ef_global": (diloco, {"codec.up": "sign", "codec.error_feedback": True,
                                 "codec.feedback_restart": "global"}),
+    # 1% of each block of 256 (3 values, fp32, and their uint8 indices).
+    "topk": (diloco, {"codec.up": "topk"}),
+    "topk_ef": (diloco, {"codec.up": "topk", "codec.error_feedback": True}),
     "int4_h100": (diloco, {"codec.up": "int4", "diloco.sync_every": 100}),
     # Where 1000x is crossed: fp32 down alone costs 8H/4 = 2H, so it needs a
     # compressed publication as well (here the global parameters in int4).
@@ -148,7 +151,7 @@ def print_targets(results: dict) -> None:
     gap = loss("int4") / loss("diloco_m4") - 1
     print(f"  int4 within 1% of fp32 DiLoCo (M=4): {100 * gap:+.2f}%"
           f" -> {'met' if abs(gap) <= 0.01 else 'MISSED'}")
-  for codec in ("int2", "sign"):
+  for codec in ("int2", "sign", "topk"):
     for ef in (f"{codec}_ef", f"{codec}_ef_global"):
       if codec in results and ef in results:
         per_seed = " ".join(f"{100 * (a['final_eval_loss'] / b['final_eval_loss'] - 1):+.2f}%"

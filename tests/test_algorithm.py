@@ -148,6 +148,36 @@ def test_syncer_rejects_bad_contributions_and_counts_them():
   np.testing.assert_allclose(s.theta[0][0], [-1.0, -2.0, -3.0])
 
 
+@pytest.mark.parametrize("name", ["int4", "sign", "topk"])
+def test_syncer_rejects_malformed_compressed_payloads(name):
+  up = codecs.make_codec(name, block_size=64, topk_fraction=0.1)
+  s = make_syncer({"a": np.zeros(100, np.float32)}, (("a",),), optax.sgd(1.0), up=up)
+  good = up.encode(jnp.linspace(-1.0, 1.0, 100))
+  key = "indices" if name == "topk" else "scales"
+  malformed = [
+      {**good, "extra": jnp.zeros(2)},  # A key the codec does not send.
+      {k: v for k, v in good.items() if k != "values"},  # A key missing.
+      {**good, "values": jnp.concatenate([good["values"]] * 2)},  # Too long.
+      {**good, "values": good["values"].astype(jnp.float32)},  # Wrong dtype (int4/sign/topk int8).
+      {**good, key: good[key][:1]},  # One scale (or index row) broadcast to every block.
+      [good],  # Not a dict.
+  ]
+  if name == "topk":
+    malformed[3] = {**good, "values": good["values"].astype(jnp.bfloat16)}
+  for payload in malformed:
+    c = Contribution(0, 0, 0, 1, 1, (payload,), 0)
+    assert not s.receive(c)
+  assert s.rejected["malformed payload"] == len(malformed)
+  if name == "topk":  # Well-formed, but an index past its 64-value block.
+    outside = {**good, "indices": good["indices"].at[1, 0].set(64)}
+    assert not s.receive(Contribution(0, 0, 0, 1, 1, (outside,), 0))
+    assert s.rejected["non-finite"] == 1
+  assert s.contributors(0) == 0
+  assert s.receive(Contribution(1, 0, 0, 1, 1, (good,), 0))
+  s.merge(0)
+  np.testing.assert_array_equal(s.theta[0][0], -up.decode(good, (100,), jnp.float32))
+
+
 def test_learner_snapshot_and_align():
   island = islands_lib.make_islands(2)[1]
   flat = {"a": np.array([1.0, 2.0], np.float32), "b": np.array([5.0], np.float32)}

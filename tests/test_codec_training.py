@@ -29,16 +29,22 @@ def tensor_sizes(c) -> list[int]:
   return [int(np.prod(np.shape(t))) for t in fragments.flatten(params).values()]
 
 
-def test_int4_up_fp32_down_bytes_are_the_encoded_payloads(tmp_path):
+@pytest.mark.parametrize("overrides, tensor_bytes", [
+    # int4: ceil(n/2) bytes of nibbles + one float32 scale per block of 256.
+    ({"codec.up": "int4"}, lambda n: math.ceil(n / 2) + 4 * math.ceil(n / 256)),
+    # topk, 5% of 256 = 13 kept per block: a uint8 index and an int8 value each,
+    # plus one float32 scale per block.
+    ({"codec.up": "topk", "codec.topk_fraction": 0.05, "codec.topk_values": "int8"},
+     lambda n: math.ceil(n / 256) * (13 * 2 + 4)),
+])
+def test_up_fp32_down_bytes_are_the_encoded_payloads(tmp_path, overrides, tensor_bytes):
   # vocab 257 gives head/bias 257 values: an odd count and a partial second block.
-  c = diloco_config(**{"codec.up": "int4", "model.vocab_size": 257})
+  c = diloco_config(**{"model.vocab_size": 257, **overrides})
   s = train.train_and_evaluate(c, str(tmp_path))
   sizes = tensor_sizes(c)
   assert 257 in sizes
-  # int4: ceil(n/2) bytes of nibbles + one float32 scale per block of 256, per tensor.
-  int4_bytes = sum(math.ceil(n / 2) + 4 * math.ceil(n / 256) for n in sizes)
   num_learners, syncs = 2, 2
-  assert s["bytes_up"] == num_learners * syncs * int4_bytes
+  assert s["bytes_up"] == num_learners * syncs * sum(tensor_bytes(n) for n in sizes)
   # fp32 down: the whole global model, 4 bytes per parameter, to each learner.
   assert s["bytes_down"] == num_learners * syncs * 4 * sum(sizes)
   assert s["dp_allreduce_bytes"] == 4 * 4 * sum(sizes) * num_learners * 6
@@ -117,11 +123,18 @@ def test_nan_learner_is_rejected_and_never_merged():
     ("block_size", -256, "codec.block_size=-256"),
     ("topk_fraction", 0.0, "codec.topk_fraction=0.0"),
     ("topk_fraction", 1.5, "codec.topk_fraction=1.5"),
+    ("topk_values", "fp16", "codec.topk_values='fp16'"),
 ])
 def test_invalid_codec_config_names_the_field(field, value, message):
   c = diloco_config()
   c.codec[field] = value
   with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    config_lib.parse(c)
+
+
+def test_topk_block_limit_names_the_field():
+  c = diloco_config(**{"codec.down": "topk", "codec.block_size": 70000})
+  with pytest.raises(ValueError, match=r"codec\.block_size=70000 .*topk.*codec\.down='topk'"):
     config_lib.parse(c)
 
 

@@ -30,7 +30,7 @@ Codecs (`CODEC_NAMES`):
          per block keeps exactly k = max(1, round(topk_fraction * block_size))
          largest magnitudes (Python's round); index within its block (uint8
          when block_size <= 256); values float32, bfloat16, or int8 with a
-         float32 block absmax.
+         float32 block absmax. An index past its block decodes the block to NaN.
 
 Layout. Arrays are flattened (row-major) and cut into blocks of `block_size`;
 the last block is padded with zeros for the scale computation only: value
@@ -312,9 +312,12 @@ def _make_topk(block_size: int, fraction: float, values_dtype: str) -> Codec:
       kept = unit * payload["scales"][:, None]
     rows = jnp.arange(num_blocks)[:, None]
     blocks = jnp.zeros((num_blocks, block_size), jnp.float32)
-    blocks = blocks.at[rows, payload["indices"].astype(jnp.int32)].set(
-        kept.astype(jnp.float32), unique_indices=True)
-    return _from_blocks(blocks, shape, dtype)
+    indices = payload["indices"].astype(jnp.int32)
+    blocks = blocks.at[rows, indices].set(kept.astype(jnp.float32), unique_indices=True)
+    # An index past its block (only a corrupted or hostile payload has one)
+    # makes the block non-finite, so the receiver's finiteness check rejects it.
+    outside = jnp.any(indices >= block_size, axis=1, keepdims=True)
+    return _from_blocks(jnp.where(outside, jnp.nan, blocks), shape, dtype)
 
   return Codec("topk", encode, decode)
 
@@ -340,19 +343,18 @@ def make_codec(name: str, *, block_size: int = 256,
   if name not in CODEC_NAMES:
     raise ValueError(f"Unknown codec name {name!r}; allowed: "
                      f"{', '.join(CODEC_NAMES)}.")
+  # Option errors start with `option=value`, so a config can prefix its section.
   if (isinstance(block_size, bool) or not isinstance(block_size, int)
       or block_size < 1):
-    raise ValueError(
-        f"block_size must be a positive int; got {block_size!r}.")
+    raise ValueError(f"block_size={block_size!r} must be a positive int.")
   if name == "topk" and block_size > 65536:
-    raise ValueError(f"block_size must be at most 65536 for topk (indices are "
-                     f"uint16); got {block_size}.")
+    raise ValueError(f"block_size={block_size} must be at most 65536 for topk "
+                     f"(indices are uint16).")
   if not 0.0 < topk_fraction <= 1.0:
-    raise ValueError(
-        f"topk_fraction must be in (0, 1]; got {topk_fraction!r}.")
+    raise ValueError(f"topk_fraction={topk_fraction!r} must be in (0, 1].")
   if topk_values not in TOPK_VALUE_DTYPES:
-    raise ValueError(f"topk_values must be one of "
-                     f"{', '.join(TOPK_VALUE_DTYPES)}; got {topk_values!r}.")
+    raise ValueError(f"topk_values={topk_values!r} must be one of "
+                     f"{', '.join(TOPK_VALUE_DTYPES)}.")
 
   if name == "fp32":
     return _make_cast(name, jnp.float32)

@@ -38,6 +38,18 @@ def _outer_step(tx, rules, down, theta, opt_state, deltas, w_N):
   return theta, opt_state, codecs.encode_tree(down, theta)
 
 
+def _conforms(payload, spec) -> bool:
+  """True if `payload` has exactly the structure, shapes and dtypes of `spec`."""
+  try:
+    leaves, tree = jax.tree.flatten(list(payload))
+  except TypeError:
+    return False
+  want, want_tree = jax.tree.flatten(spec)
+  return tree == want_tree and all(
+      getattr(a, "shape", None) == w.shape and getattr(a, "dtype", None) == w.dtype
+      for a, w in zip(leaves, want))
+
+
 def grace_window(*, overlap: int, step_s: float, quorum_s: float, sync_s: float,
                  gamma: float, grace_max_s: float) -> float:
   """Seconds to wait for more learners once the quorum is reached.
@@ -74,6 +86,12 @@ class Syncer:
     self.rejected = collections.Counter()
     self.last_rejection: str | None = None  # Reason of the latest rejection.
     self._encode_down = jax.jit(functools.partial(codecs.encode_tree, down))
+    # What a well-formed contribution's payload is, per fragment: the up codec's
+    # output for each tensor (learners encode float32 deltas).
+    self._payload_specs = [
+        jax.eval_shape(lambda ts: codecs.encode_tree(up, ts),
+                       [jax.ShapeDtypeStruct(np.shape(t), jnp.float32) for t in theta])
+        for theta in self.theta]
     self.merges = np.zeros(len(fragments), np.int64)
 
   def _reject(self, c: Contribution, reason: str) -> bool:
@@ -85,9 +103,14 @@ class Syncer:
   def check(self, c: Contribution):
     """Starts decoding and validating `c` on the syncer's device, without waiting.
 
-    Returns what `receive(c, checked)` needs, or None if the payload is malformed.
-    A runtime that checks at send time and receives later never blocks on it.
+    Returns what `receive(c, checked)` needs, or None if the payload is malformed:
+    not exactly the arrays (keys, shapes, dtypes) the up codec makes for the
+    fragment. A runtime that checks at send time and receives later never blocks.
     """
+    if not 0 <= c.fragment < len(self.fragments):
+      return None
+    if not _conforms(c.payload, self._payload_specs[c.fragment]):
+      return None
     try:
       return _check(self.up, jax.device_put(c.payload, self.device), self.theta[c.fragment])
     except (TypeError, ValueError, KeyError, IndexError):

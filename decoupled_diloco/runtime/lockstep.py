@@ -16,14 +16,9 @@ from decoupled_diloco.algorithm import codecs, fragments as fragments_lib
 from decoupled_diloco.algorithm.learner import Learner
 from decoupled_diloco.algorithm.messages import Publication
 from decoupled_diloco.algorithm.syncer import Syncer
-from decoupled_diloco.config import Config
+from decoupled_diloco.config import Config, make_codec
 from decoupled_diloco.data.loader import ShardIterator
 from decoupled_diloco.models import transformer
-
-
-def make_codecs(cfg: Config) -> tuple[codecs.Codec, codecs.Codec]:
-  kw = dict(block_size=cfg.codec.block_size, topk_fraction=cfg.codec.topk_fraction)
-  return codecs.make_codec(cfg.codec.up, **kw), codecs.make_codec(cfg.codec.down, **kw)
 
 
 class Team:
@@ -42,7 +37,7 @@ class Team:
     flat = fragments_lib.flatten(params)
     self.fragments = fragments_lib.partition(flat, d.num_fragments, d.fragmentation)
     self.offsets = fragments_lib.sync_offsets(d.num_fragments, d.sync_every)
-    up, down = make_codecs(cfg)
+    up, down = make_codec(cfg.codec, "up"), make_codec(cfg.codec, "down")
     opt_state = tx.init(params)
     self.learners = []
     for m, island in enumerate(self.islands):
