@@ -61,7 +61,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def run_eval() -> dict:
     loss = steps.evaluate(eval_loss, eval_island, rt.eval_params(), eval_batches)
     scalars = {"eval_loss": loss, "eval_bits_per_byte": loss * BITS_PER_NAT}
-    writer.write(rt.step, scalars)
+    writer.write(rt.step, {**scalars, **rt.comm_metrics()})
     logging.info("step %d  eval loss %.4f  (%.3f bits/byte)", rt.step, loss,
                  scalars["eval_bits_per_byte"])
     return scalars

@@ -1,5 +1,6 @@
 """Codecs inside lock-step DiLoCo training: exact bytes, error feedback, NaN guard."""
 
+import json
 import math
 
 import jax
@@ -39,12 +40,20 @@ def tensor_sizes(c) -> list[int]:
 ])
 def test_up_fp32_down_bytes_are_the_encoded_payloads(tmp_path, overrides, tensor_bytes):
   # vocab 257 gives head/bias 257 values: an odd count and a partial second block.
-  c = diloco_config(**{"model.vocab_size": 257, **overrides})
+  c = diloco_config(**{"model.vocab_size": 257, "train.eval_every": 3, **overrides})
   s = train.train_and_evaluate(c, str(tmp_path))
   sizes = tensor_sizes(c)
   assert 257 in sizes
   num_learners, syncs = 2, 2
   assert s["bytes_up"] == num_learners * syncs * sum(tensor_bytes(n) for n in sizes)
+  # metrics.jsonl carries the same counters at every eval: one sync by step 3.
+  evals = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [3, 6]
+  for record, syncs_done in zip(evals, [1, 2]):
+    assert record["bytes_up"] == s["bytes_up"] * syncs_done // syncs
+    assert record["bytes_down"] == s["bytes_down"] * syncs_done // syncs
+    assert record["outer_steps"] == syncs_done and record["rejected"] == 0
+  assert evals[-1]["bytes_reduction_vs_dp"] == s["bytes_reduction_vs_dp"]
   # fp32 down: the whole global model, 4 bytes per parameter, to each learner.
   assert s["bytes_down"] == num_learners * syncs * 4 * sum(sizes)
   assert s["dp_allreduce_bytes"] == 4 * 4 * sum(sizes) * num_learners * 6

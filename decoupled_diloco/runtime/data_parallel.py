@@ -55,11 +55,13 @@ class DataParallel:
     self.step = int(tree["step"])
     self.data.position = int(tree["data_position"])
 
-  def summary(self) -> dict:
+  def comm_metrics(self) -> dict:
     """Bytes over each replica's link for a ring all-reduce of fp32 gradients.
 
     A ring all-reduce over N replicas sends 2(N-1)/N and receives as much of
     the gradient per replica per step: about 4x its bytes, both directions.
     """
-    return {"allreduce_bytes_per_step": 4 * self._grad_bytes,
-            "allreduce_bytes": 4 * self._grad_bytes * self.step}
+    return {"allreduce_bytes": 4 * self._grad_bytes * self.step}
+
+  def summary(self) -> dict:
+    return {"allreduce_bytes_per_step": 4 * self._grad_bytes, **self.comm_metrics()}

@@ -204,6 +204,9 @@ class Decoupled:
         self.team.syncer.readmit(messages.message(ref))
     self.team.syncer.rejected = collections.Counter(meta["rejected"])
 
+  def comm_metrics(self) -> dict:
+    return self.team.comm_metrics(self.step)
+
   def summary(self) -> dict:
     self.sim.close()
     report = self.sim.report()

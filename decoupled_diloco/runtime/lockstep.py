@@ -102,14 +102,19 @@ class Team:
     receives as much of the gradient per replica per step, about 4x its bytes;
     M replicas, same steps. DiLoCo: each learner's encoded uploads + downloads.
     """
+    return {**self.comm_metrics(steps_done),
+            "bytes_up_per_fragment": self.bytes_up.tolist(),
+            "bytes_down_per_fragment": self.bytes_down.tolist(),
+            "rejected_contributions": dict(self.syncer.rejected)}
+
+  def comm_metrics(self, steps_done: int) -> dict:
+    """The scalar part of `accounting`, for metrics.jsonl and TensorBoard."""
     dp = 4 * self.param_bytes * self.num_learners * steps_done
     sent = int(self.bytes_up.sum() + self.bytes_down.sum())
     return {"bytes_up": int(self.bytes_up.sum()), "bytes_down": int(self.bytes_down.sum()),
-            "bytes_up_per_fragment": self.bytes_up.tolist(),
-            "bytes_down_per_fragment": self.bytes_down.tolist(),
             "dp_allreduce_bytes": dp, "bytes_reduction_vs_dp": dp / max(sent, 1),
             "outer_steps": int(self.syncer.merges.sum()),
-            "rejected_contributions": dict(self.syncer.rejected)}
+            "rejected": int(sum(self.syncer.rejected.values()))}
 
 
 class LockStep:
@@ -188,6 +193,9 @@ class LockStep:
       self.in_flight[p] = None if int(slot["due_step"]) < 0 else (
           int(slot["due_step"]), Publication(p, int(slot["version"]), payload,
                                              codecs.payload_nbytes(payload)))
+
+  def comm_metrics(self) -> dict:
+    return self.team.comm_metrics(self.step)
 
   def summary(self) -> dict:
     self._merge_sent()
