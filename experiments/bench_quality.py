@@ -5,9 +5,9 @@ Every row trains the `tiny` model for `--steps` steps of a global batch of
 after the other, and the table compares final eval loss with data-parallel's
 and the bytes each learner moves with what data-parallel would all-reduce.
 
-  python -m experiments.bench_quality                    # all rows, ~30 min on 2 CPU cores
+  python -m experiments.bench_quality                    # all rows, ~20 min on 2 CPU cores
   python -m experiments.bench_quality --rows=diloco_m4,int4
-  python -m experiments.bench_quality --rows=sign,sign_ef --seeds=0,1,2,3
+  python -m experiments.bench_quality --rows=sign,sign_ef,int2,int2_ef --seeds=0,1,2,3,4,5,6,7
 
 With several seeds every row runs once per seed; the table shows the mean eval
 loss (and each seed's), and the targets compare means. Within one seed, rows
@@ -47,14 +47,19 @@ ROWS = {
     "int2_ef": (diloco, {"codec.up": "int2", "codec.error_feedback": True}),
     "sign": (diloco, {"codec.up": "sign"}),
     "sign_ef": (diloco, {"codec.up": "sign", "codec.error_feedback": True}),
-    # Error feedback as in SparseLoCo/MuLoCo: restart at Theta, add e to the next send.
-    "int2_ef_global": (diloco, {"codec.up": "int2", "codec.error_feedback": True,
-                                "codec.feedback_restart": "global"}),
-    "sign_ef_global": (diloco, {"codec.up": "sign", "codec.error_feedback": True,
-                                "codec.feedback_restart": "global"}),
     # 1% of each block of 256 (3 values, fp32, and their uint8 indices).
     "topk": (diloco, {"codec.up": "topk"}),
     "topk_ef": (diloco, {"codec.up": "topk", "codec.error_feedback": True}),
+    # Ablations of error feedback: the whole residual carried (beta = 1), and the
+    # SparseLoCo/MuLoCo form (restart at Theta, add e to the next send).
+    "int2_ef_b1": (diloco, {"codec.up": "int2", "codec.error_feedback": True,
+                            "codec.feedback_decay": 1.0}),
+    "sign_ef_b1": (diloco, {"codec.up": "sign", "codec.error_feedback": True,
+                            "codec.feedback_decay": 1.0}),
+    "int2_ef_global": (diloco, {"codec.up": "int2", "codec.error_feedback": True,
+                                "codec.feedback_restart": "global", "codec.feedback_decay": 1.0}),
+    "sign_ef_global": (diloco, {"codec.up": "sign", "codec.error_feedback": True,
+                                "codec.feedback_restart": "global", "codec.feedback_decay": 1.0}),
     "int4_h100": (diloco, {"codec.up": "int4", "diloco.sync_every": 100}),
     # Where 1000x is crossed: fp32 down alone costs 8H/4 = 2H, so it needs a
     # compressed publication as well (here the global parameters in int4).
@@ -123,24 +128,27 @@ def _loss(runs: list) -> float:
 def print_table(results: dict) -> None:
   """One line per row: mean eval loss over seeds; bytes do not depend on the seed."""
   dp = results.get("data_parallel")
-  print(f"\n{'row':<16}{'M':>3}{'H':>5}{'up':>6}{'down':>6}{'EF':>4}{'eval loss':>11}"
+  print(f"\n{'row':<16}{'M':>3}{'H':>5}{'up':>6}{'down':>6}{'EF':>6}{'eval loss':>11}"
         f"{'loss/DP':>8}{'up MB':>9}{'down MB':>9}{'MB/learner':>12}{'reduction':>10}{'wall s':>8}"
         f"  per seed")
   for name, runs in results.items():
     s, c = runs[0], runs[0]["config"]
     lockstep = c["runtime"] != "data_parallel"
-    ef = (c["codec"]["feedback_restart"] if c["codec"]["error_feedback"] else "n") if lockstep else "-"
+    codec = c["codec"] if lockstep else {"error_feedback": False}
+    ef = (f"{codec['feedback_restart'][0]}{codec['feedback_decay']:g}"
+          if codec["error_feedback"] else "n" if lockstep else "-")
     ratio = f"{_loss(runs) / _loss(dp):.4f}" if dp else "-"
     wall = sum(r["bench_wall_seconds"] for r in runs) / len(runs)
     per_seed = " ".join(f"{r['final_eval_loss']:.4f}" for r in runs)
     print(f"{name:<16}{s['num_learners']:>3}"
           f"{c['diloco']['sync_every'] if lockstep else 1:>5}"
           f"{c['codec']['up'] if lockstep else '-':>6}{c['codec']['down'] if lockstep else '-':>6}"
-          f"{ef[0]:>4}{_loss(runs):>11.4f}{ratio:>8}"
+          f"{ef:>6}{_loss(runs):>11.4f}{ratio:>8}"
           f"{_mb(s.get('bytes_up')):>9}{_mb(s.get('bytes_down')):>9}"
           f"{_mb(s['per_learner_bytes']):>12}{_times(s['reduction']):>10}{wall:>8.0f}"
           f"  {per_seed}")
-  print("EF: n = none, o = offset restart (default), g = global restart (SparseLoCo/MuLoCo).")
+  print("EF: n = none; o = offset restart (default), g = global restart (SparseLoCo/MuLoCo),"
+        " then the residual decay beta (codec.feedback_decay).")
 
 
 def print_targets(results: dict) -> None:
@@ -152,7 +160,7 @@ def print_targets(results: dict) -> None:
     print(f"  int4 within 1% of fp32 DiLoCo (M=4): {100 * gap:+.2f}%"
           f" -> {'met' if abs(gap) <= 0.01 else 'MISSED'}")
   for codec in ("int2", "sign", "topk"):
-    for ef in (f"{codec}_ef", f"{codec}_ef_global"):
+    for ef in (f"{codec}_ef", f"{codec}_ef_b1", f"{codec}_ef_global"):
       if codec in results and ef in results:
         per_seed = " ".join(f"{100 * (a['final_eval_loss'] / b['final_eval_loss'] - 1):+.2f}%"
                             for a, b in zip(results[ef], results[codec]))

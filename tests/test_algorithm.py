@@ -248,6 +248,36 @@ def test_error_feedback_restart_points(restart):
   assert np.any(np.asarray(learner.residual[0][0]) != 0)  # Sign is lossy here.
 
 
+def test_error_feedback_decay_carries_a_share_of_the_residual():
+  island = islands_lib.make_islands(2)[0]
+  flat = {"a": np.zeros(4, np.float32)}
+  sign = codecs.make_codec("sign", block_size=4)
+
+  def fake_step(params, opt_state, batch):  # "Training" subtracts the batch.
+    return jax.tree.map(lambda p: p - batch, params), opt_state, jnp.float32(0.0)
+
+  learner = Learner(0, island, fake_step, fragments.unflatten(flat), {}, (("a",),), alpha=0.0,
+                    up=sign, down=FP32, error_feedback=True, tokens_per_step=8,
+                    feedback_decay=0.5)
+  sync = make_syncer(flat, (("a",),), optax.sgd(1.0), num_learners=1, up=sign)
+  carried = np.zeros(4, np.float32)
+  for v in ([1.0, 0.1, -0.2, 0.5], [0.3, -0.4, 0.2, 0.1]):
+    learner.inner_step(jnp.asarray(v, jnp.float32))
+    c = learner.snapshot(0)
+    x = carried + np.asarray(v, np.float32)  # Restarted at Theta - carried: the delta holds it.
+    decoded = np.asarray(sign.decode(c.payload[0], (4,), jnp.float32))
+    np.testing.assert_allclose(decoded, np.mean(np.abs(x)) * np.sign(x), rtol=1e-6)
+    carried = 0.5 * (x - decoded)  # Half of what the codec dropped.
+    np.testing.assert_allclose(np.asarray(learner.residual[0][0]), carried, atol=1e-6)
+    assert sync.receive(c)
+    learner.align(sync.merge(0))
+    restarted = np.asarray(fragments.flatten(learner.params)["a"])
+    np.testing.assert_allclose(restarted, np.asarray(sync.theta[0][0]) - carried, atol=1e-6)
+  with pytest.raises(ValueError, match="feedback_decay"):
+    Learner(0, island, fake_step, fragments.unflatten(flat), {}, (("a",),), alpha=0.0,
+            up=sign, down=FP32, error_feedback=True, tokens_per_step=8, feedback_decay=1.5)
+
+
 def test_syncer_admits_stale_contributions_unless_bounded():
   flat = {"a": np.zeros(2, np.float32)}
   for bound, admitted in ((None, True), (2, True), (1, False)):

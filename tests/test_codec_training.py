@@ -128,6 +128,8 @@ def test_nan_learner_is_rejected_and_never_merged():
     ("down", "float16", "codec.down='float16'"),
     ("up", "", "codec.up=''"),
     ("feedback_restart", "virtual", "codec.feedback_restart='virtual'"),
+    ("feedback_decay", 1.5, "codec.feedback_decay=1.5"),
+    ("feedback_decay", -0.1, "codec.feedback_decay=-0.1"),
     ("block_size", 0, "codec.block_size=0"),
     ("block_size", -256, "codec.block_size=-256"),
     ("topk_fraction", 0.0, "codec.topk_fraction=0.0"),

@@ -7,16 +7,26 @@ https://arxiv.org/abs/2604.21428; Streaming DiLoCo, https://arxiv.org/abs/2501.1
 It knows nothing of time or transport: a runtime calls `inner_step`,
 `snapshot` and `align` in whatever order its clock dictates.
 
-Error feedback keeps e_p <- x - decode(encode(x)) for the x it sends, in one of
-two ways (`feedback_restart`):
+Error feedback keeps e_p <- beta * (x - decode(encode(x))) for the x it sends
+(beta = `feedback_decay`), in one of two ways (`feedback_restart`):
   "offset" (default): on align the learner restarts at Theta_p - e_p, the point
     it would hold had e_p been delivered, and sends x = Theta_p - theta_p, which
     then holds e_p by itself. Its inner steps do not redo the undelivered work.
   "global": it restarts at Theta_p and sends x = e_p + (Theta_p - theta_p), as in
     SparseLoCo and MuLoCo. After H inner steps from Theta_p the fresh delta has
     largely redone what Theta_p lacks, so adding e_p counts it twice; on `tiny`
-    with 1-bit `sign` this cost 3% eval loss where "offset" was within 0.3% of
-    no feedback (experiments/results/quality.md).
+    with 1-bit `sign` this cost 3% eval loss (experiments/results/quality.md).
+
+Why beta < 1 (measured on `tiny`, M = 4; experiments/results/quality.md): with
+the whole residual, `sign` with error feedback was 0.61% worse than none over 8
+seeds; with half, 0.15% better. sign sends each block's mean |x|, so half to
+70% of its residual is progress under-sent on the same large coordinates
+round after round: carried whole, it makes later sends mostly old progress,
+which the outer momentum extrapolates again; and as the four learners share only
+36-59% of it, restarting each at Theta_p - e_m moves them apart. `int2`'s
+residual is mostly the correction of values it over-sent (82%), and int2 was
+0.1% better at beta = 1, and better than none either way.
+(`python -m experiments.feedback_residuals` prints these shares.)
 """
 
 import functools
@@ -32,20 +42,20 @@ from decoupled_diloco.algorithm.messages import Contribution, Publication
 FEEDBACK_RESTARTS = ("offset", "global")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _encode_delta(codec, feedback, base, theta, residual):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _encode_delta(codec, feedback, decay, base, theta, residual):
   """delta = base - theta, encoded; returns (payload, new residual or None).
 
   feedback: None (no error feedback), "global" (send residual + delta) or
   "offset" (send delta: the learner restarted at base - residual, so delta
-  already holds it; `residual` is not read).
+  already holds it; `residual` is not read). The new residual is scaled by `decay`.
   """
   delta = [b.astype(jnp.float32) - t.astype(jnp.float32) for b, t in zip(base, theta)]
   if feedback is None:
     return codecs.encode_tree(codec, delta), None
   carried = residual if feedback == "global" else [None] * len(delta)
   pairs = [codecs.encode_with_feedback(codec, d, r) for d, r in zip(delta, carried)]
-  return [p for p, _ in pairs], [r for _, r in pairs]
+  return [p for p, _ in pairs], [decay * r for _, r in pairs]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -67,7 +77,8 @@ class Learner:
   def __init__(self, index: int, island, inner_step, params, opt_state,
                fragments: tuple[tuple[str, ...], ...], *, alpha: float,
                up: codecs.Codec, down: codecs.Codec, error_feedback: bool,
-               tokens_per_step: int, feedback_restart: str = "offset"):
+               tokens_per_step: int, feedback_restart: str = "offset",
+               feedback_decay: float = 1.0):
     self.index, self.island = index, island
     self._inner_step = inner_step
     self.params = island.put(params)
@@ -77,6 +88,9 @@ class Learner:
     if feedback_restart not in FEEDBACK_RESTARTS:
       raise ValueError(f"feedback_restart={feedback_restart!r}; choose from {FEEDBACK_RESTARTS}.")
     self.feedback = feedback_restart if error_feedback else None
+    if not 0 <= feedback_decay <= 1:
+      raise ValueError(f"feedback_decay={feedback_decay!r} must be in [0, 1].")
+    self.feedback_decay = float(feedback_decay)
     self.tokens_per_step = tokens_per_step
     flat = flatten(params)
     num = len(fragments)
@@ -103,7 +117,7 @@ class Learner:
   def snapshot(self, p: int) -> Contribution:
     """The encoded pseudo-gradient `base_p - theta_p` with its metadata."""
     carried = self.residual[p] if self.feedback == "global" else None
-    payload, residual = _encode_delta(self.up, self.feedback, self.base[p],
+    payload, residual = _encode_delta(self.up, self.feedback, self.feedback_decay, self.base[p],
                                       self.fragment_tensors(p), carried)
     if self.residual is not None:
       self.residual[p] = residual

@@ -45,7 +45,7 @@ class Team:
       self.learners.append(Learner(
           m, island, inner, params, opt_state, self.fragments, alpha=d.alpha, up=up,
           down=down, error_feedback=cfg.codec.error_feedback,
-          feedback_restart=cfg.codec.feedback_restart,
+          feedback_restart=cfg.codec.feedback_restart, feedback_decay=cfg.codec.feedback_decay,
           tokens_per_step=per_learner * cfg.model.seq_len))
     self.syncer = Syncer(flat, self.fragments, outer_tx=optim.outer_optimizer(cfg.outer),
                          merge_rule=d.merge, weighting=d.weighting, up=up, down=down,
