@@ -88,6 +88,7 @@ class Learner:
     if feedback_restart not in FEEDBACK_RESTARTS:
       raise ValueError(f"feedback_restart={feedback_restart!r}; choose from {FEEDBACK_RESTARTS}.")
     self.feedback = feedback_restart if error_feedback else None
+    # 1 here is the textbook form; the config's default (0.5) is the measured one.
     if not 0 <= feedback_decay <= 1:
       raise ValueError(f"feedback_decay={feedback_decay!r} must be in [0, 1].")
     self.feedback_decay = float(feedback_decay)
