@@ -208,20 +208,27 @@ def test_learner_snapshot_and_align():
   np.testing.assert_allclose(fragments.flatten(learner.params)["b"], [2.5])
 
 
-@pytest.mark.parametrize("restart", ["offset", "global"])
-def test_error_feedback_restart_points(restart):
-  island = islands_lib.make_islands(2)[0]
+SIGN4 = codecs.make_codec("sign", block_size=4)
+
+
+def sign_feedback_learner(**kw):
+  """One learner on a 4-value fragment, sign codec with error feedback, and a syncer
+  whose unit outer SGD step moves the global model by exactly what was sent."""
   flat = {"a": np.zeros(4, np.float32)}
-  sign = codecs.make_codec("sign", block_size=4)
 
   def fake_step(params, opt_state, batch):  # "Training" subtracts the batch.
     return jax.tree.map(lambda p: p - batch, params), opt_state, jnp.float32(0.0)
 
-  learner = Learner(0, island, fake_step, fragments.unflatten(flat), {}, (("a",),), alpha=0.0,
-                    up=sign, down=FP32, error_feedback=True, tokens_per_step=8,
-                    feedback_restart=restart)
-  # One learner and a unit outer SGD step: the global model moves by what was sent.
-  sync = make_syncer(flat, (("a",),), optax.sgd(1.0), num_learners=1, up=sign)
+  learner = Learner(0, islands_lib.make_islands(2)[0], fake_step, fragments.unflatten(flat), {},
+                    (("a",),), alpha=0.0, up=SIGN4, down=FP32, error_feedback=True,
+                    tokens_per_step=8, **kw)
+  return learner, make_syncer(flat, (("a",),), optax.sgd(1.0), num_learners=1, up=SIGN4)
+
+
+@pytest.mark.parametrize("restart", ["offset", "global"])
+def test_error_feedback_restart_points(restart):
+  learner, sync = sign_feedback_learner(feedback_restart=restart)
+  sign = SIGN4
   progress = [np.array([1.0, 0.1, -0.2, 0.5], np.float32),
               np.array([0.3, -0.4, 0.2, 0.1], np.float32)]
   sent = np.zeros(4)
@@ -249,17 +256,8 @@ def test_error_feedback_restart_points(restart):
 
 
 def test_error_feedback_decay_carries_a_share_of_the_residual():
-  island = islands_lib.make_islands(2)[0]
-  flat = {"a": np.zeros(4, np.float32)}
-  sign = codecs.make_codec("sign", block_size=4)
-
-  def fake_step(params, opt_state, batch):  # "Training" subtracts the batch.
-    return jax.tree.map(lambda p: p - batch, params), opt_state, jnp.float32(0.0)
-
-  learner = Learner(0, island, fake_step, fragments.unflatten(flat), {}, (("a",),), alpha=0.0,
-                    up=sign, down=FP32, error_feedback=True, tokens_per_step=8,
-                    feedback_decay=0.5)
-  sync = make_syncer(flat, (("a",),), optax.sgd(1.0), num_learners=1, up=sign)
+  learner, sync = sign_feedback_learner(feedback_decay=0.5)
+  sign = SIGN4
   carried = np.zeros(4, np.float32)
   for v in ([1.0, 0.1, -0.2, 0.5], [0.3, -0.4, 0.2, 0.1]):
     learner.inner_step(jnp.asarray(v, jnp.float32))
@@ -274,8 +272,7 @@ def test_error_feedback_decay_carries_a_share_of_the_residual():
     restarted = np.asarray(fragments.flatten(learner.params)["a"])
     np.testing.assert_allclose(restarted, np.asarray(sync.theta[0][0]) - carried, atol=1e-6)
   with pytest.raises(ValueError, match="feedback_decay"):
-    Learner(0, island, fake_step, fragments.unflatten(flat), {}, (("a",),), alpha=0.0,
-            up=sign, down=FP32, error_feedback=True, tokens_per_step=8, feedback_decay=1.5)
+    sign_feedback_learner(feedback_decay=1.5)
 
 
 def test_syncer_admits_stale_contributions_unless_bounded():
