@@ -12,7 +12,7 @@ from decoupled_diloco import train
 from decoupled_diloco.algorithm import fragments
 from decoupled_diloco.algorithm.syncer import grace_window
 from decoupled_diloco.data import corpus as corpus_lib
-from decoupled_diloco.runtime import chaos, simulated
+from decoupled_diloco.runtime import chaos, goodput, simulated
 from decoupled_diloco.runtime.decoupled import Decoupled
 from decoupled_diloco.runtime.lockstep import LockStep
 from tests.helpers import assert_trees_equal, tiny_config
@@ -22,7 +22,7 @@ def simulation(seconds, *, quorum, grace_gamma=0.0, grace_max_s=100.0, overlap=0
                num_fragments=1, sync_every=1, timelines=None, latency_s=0.0, lockstep=False,
                max_staleness=-1, log_path=None):
   m = len(seconds)
-  backend = simulated.AnalyticBackend(m, [100] * num_fragments, [100] * num_fragments,
+  backend = goodput.AnalyticBackend(m, [100] * num_fragments, [100] * num_fragments,
                                       max_staleness)
   protocol = simulated.Protocol(
       offsets=tuple(p * sync_every // num_fragments for p in range(num_fragments)),
@@ -223,7 +223,7 @@ def test_paper_chaos_config_never_stops_and_beats_non_elastic_data_parallel():
   seconds = decoupled.step_seconds(cfg)
   horizon = decoupled.chaos_horizon(cfg, seconds)
   offsets = fragments.sync_offsets(10, 10)
-  backend = simulated.AnalyticBackend(4, [1000] * 10, [1000] * 10)
+  backend = goodput.AnalyticBackend(4, [1000] * 10, [1000] * 10)
   sim = simulated.Simulation(backend, decoupled.protocol(cfg, offsets),
                              decoupled.machines(cfg, seconds, horizon), 10)
   merge_times = []

@@ -10,7 +10,7 @@ import pytest
 
 from decoupled_diloco import checkpointing, config as config_lib, train
 from decoupled_diloco.algorithm import fragments
-from decoupled_diloco.runtime import decoupled, simulated
+from decoupled_diloco.runtime import decoupled, goodput, simulated, snapshots
 from decoupled_diloco.runtime.decoupled import Decoupled
 from tests.helpers import assert_trees_equal, final_checkpoint, preempt, tiny_config
 from tests.test_decoupled import chaos_overrides
@@ -28,8 +28,8 @@ def test_snapshot_keeps_numpy_floats_apart_from_python_floats():
   # event log rounds times: a resumed run must log what the original would.
   x = 14.3851361025
   assert round(x, 9) != round(np.float64(x), 9)
-  json_text = json.dumps(simulated._to_json({"a": [x, (np.float64(x), None)]}))
-  back = simulated._from_json(json.loads(json_text))
+  json_text = json.dumps(snapshots.to_json({"a": [x, (np.float64(x), None)]}))
+  back = snapshots.from_json(json.loads(json_text))
   assert back == {"a": [x, [x, None]]}
   assert type(back["a"][0]) is float and type(back["a"][1][0]) is np.float64
 
@@ -46,13 +46,13 @@ def test_simulation_resumes_exactly_from_a_snapshot(tmp_path, lockstep):
 
   def simulation(log):
     return simulated.Simulation(
-        simulated.AnalyticBackend(4, [100] * 3, [100] * 3),
+        goodput.AnalyticBackend(4, [100] * 3, [100] * 3),
         decoupled.protocol(cfg, fragments.sync_offsets(3, 6)),
         decoupled.machines(cfg, seconds, horizon), 3, str(log))
 
   straight = simulation(tmp_path / "straight.jsonl")
   straight.run(600)
-  messages = simulated.MessageTable()
+  messages = snapshots.MessageTable()
   snapshot = json.loads(json.dumps(straight.snapshot(messages)))  # As orbax's JsonSave.
   assert messages.payloads  # In flight or in inboxes.
   backend = copy.deepcopy(straight.backend)
@@ -61,11 +61,11 @@ def test_simulation_resumes_exactly_from_a_snapshot(tmp_path, lockstep):
   straight.close()
 
   with pytest.raises(ValueError, match="lost.jsonl is shorter than the"):
-    simulation(tmp_path / "lost.jsonl").restore(snapshot, simulated.MessageTable())
+    simulation(tmp_path / "lost.jsonl").restore(snapshot, snapshots.MessageTable())
 
   (tmp_path / "resumed.jsonl").write_text(log + log[:1000])  # Lines past the snapshot.
   resumed = simulation(tmp_path / "resumed.jsonl")
-  resumed.restore(snapshot, simulated.MessageTable(messages.payloads))
+  resumed.restore(snapshot, snapshots.MessageTable(messages.payloads))
   resumed.backend = backend
   resumed.run(2000)
   resumed.close()

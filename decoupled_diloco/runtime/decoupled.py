@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from decoupled_diloco.config import Config
-from decoupled_diloco.runtime import baselines, chaos, simulated
+from decoupled_diloco.runtime import baselines, chaos, simulated, snapshots
 from decoupled_diloco.runtime.lockstep import Team
 
 
@@ -189,7 +189,7 @@ class Decoupled:
 
   def extra_state(self) -> tuple[list, dict]:
     """(payloads, JSON) of the messages in flight or pending and the simulator."""
-    messages = simulated.MessageTable()
+    messages = snapshots.MessageTable()
     meta = {"simulation": self.sim.snapshot(messages),
             "pending": [[messages.ref(c) for c, _ in pending.values()]
                         for pending in self.team.syncer.pending],
@@ -197,7 +197,7 @@ class Decoupled:
     return messages.payloads, meta
 
   def load_extra_state(self, payloads: list, meta: dict) -> None:
-    messages = simulated.MessageTable(payloads)
+    messages = snapshots.MessageTable(payloads)
     self.sim.restore(meta["simulation"], messages)
     for refs in meta["pending"]:
       for ref in refs:

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from decoupled_diloco.algorithm.messages import Contribution, Publication
 from decoupled_diloco.runtime import chaos, simulated
 
 
@@ -39,10 +40,58 @@ def simulate_decoupled(model: chaos.FailureModel, *, num_chips: int, num_learner
       step_seconds=np.full(num_learners, step_seconds), noise=0.0, latency_s=0.0,
       bytes_per_s=math.inf, syncer_seconds=0.0, slices_per_learner=slices,
       chips_per_slice=model.chips_per_slice, timelines=timelines, outages=None, seed=seed)
-  backend = simulated.AnalyticBackend(num_learners, [fragment_bytes] * num_fragments,
+  backend = AnalyticBackend(num_learners, [fragment_bytes] * num_fragments,
                                       [fragment_bytes] * num_fragments)
   sim = simulated.Simulation(backend, protocol, machines, num_fragments)
   sim.run(steps_per_learner * num_learners)
   report = sim.report()
   report["failures"] = int(np.sum(outages.start < sim.now))
   return report
+
+
+class AnalyticBackend:
+  """Compute-free backend: message sizes and versions only, no arrays."""
+
+  def __init__(self, num_learners: int, bytes_up, bytes_down, max_staleness: int = -1):
+    self.bytes_up, self.bytes_down = list(bytes_up), list(bytes_down)
+    num = len(self.bytes_up)
+    self.version = [0] * num
+    self.base_version = [[0] * num for _ in range(num_learners)]
+    self.pending = [set() for _ in range(num)]
+    self.max_staleness = max_staleness
+    self.sent = 0
+
+  def inner_step(self, m):
+    return None
+
+  def snapshot(self, m, p) -> Contribution:
+    self.sent += self.bytes_up[p]
+    return Contribution(m, p, self.base_version[m][p], 0, 0, (), self.bytes_up[p])
+
+  def receive(self, c) -> bool:
+    if 0 <= self.max_staleness < self.version[c.fragment] - c.base_version:
+      return False
+    self.pending[c.fragment].add(c.learner)
+    return True
+
+  def contributors(self, p) -> int:
+    return len(self.pending[p])
+
+  def merge(self, p):
+    if not self.pending[p]:
+      return None
+    self.pending[p].clear()
+    self.version[p] += 1
+    return Publication(p, self.version[p], (), self.bytes_down[p])
+
+  def publication(self, p):
+    return Publication(p, self.version[p], (), self.bytes_down[p])
+
+  def align(self, m, pub) -> None:
+    self.base_version[m][pub.fragment] = pub.version
+    self.sent += pub.nbytes
+
+  def rejoin(self, m) -> None:
+    for p, v in enumerate(self.version):
+      self.base_version[m][p] = v
+      self.sent += self.bytes_down[p]

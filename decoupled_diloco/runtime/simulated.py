@@ -7,8 +7,8 @@ once `quorum` distinct live learners have contributed, after an adaptive grace
 window, or at once when every live learner has reported (Decoupled DiLoCo,
 https://arxiv.org/abs/2604.21428). What a step, a snapshot or a merge *does*
 is the backend's business: `JaxBackend` (runtime/decoupled.py) trains a real
-model, `AnalyticBackend` only counts, so the same protocol runs compute-free
-for millions of simulated chips.
+model, `AnalyticBackend` (runtime/goodput.py) only counts, so the same
+protocol runs compute-free for millions of simulated chips.
 
 Events at the same virtual time are processed in a fixed order (arrivals,
 merges, step ends, step starts; then by insertion), so a run is deterministic.
@@ -26,6 +26,7 @@ import numpy as np
 
 from decoupled_diloco.algorithm.messages import Contribution, Publication
 from decoupled_diloco.algorithm.syncer import grace_window
+from decoupled_diloco.runtime import snapshots
 
 # Event kinds double as priorities at equal times.
 ARRIVE_SYNCER, ARRIVE_LEARNER, MERGE, DONE, LOST, START, NOTE = range(7)
@@ -372,7 +373,7 @@ class Simulation:
 
   # --- checkpoints -----------------------------------------------------------------
 
-  def snapshot(self, messages: "MessageTable") -> dict:
+  def snapshot(self, messages: snapshots.MessageTable) -> dict:
     """The state between two `run`s as JSON; messages go into `messages`.
 
     Failure timelines and step-time noise are recomputed from the seeds, so
@@ -386,13 +387,13 @@ class Simulation:
                  "awaiting": list(lr.awaiting.items()), "last_send": lr.last_send.tolist()}
                 for lr in self.learners]
     rounds = [{**vars(rnd), "reported": sorted(rnd.reported)} for rnd in self.rounds]
-    return _to_json({"heap": heap, "learners": learners, "rounds": rounds,
+    return snapshots.to_json({"heap": heap, "learners": learners, "rounds": rounds,
                      "fields": {name: getattr(self, name) for name in _FIELDS},
                      "merges": self.merges.tolist()})
 
-  def restore(self, snapshot: dict, messages: "MessageTable") -> None:
+  def restore(self, snapshot: dict, messages: snapshots.MessageTable) -> None:
     """Takes up the state `snapshot` returned, on a simulation of the same config."""
-    s = _from_json(snapshot)
+    s = snapshots.from_json(snapshot)
     log_bytes = s["fields"]["_log_bytes"]
     if self._log is not None and os.fstat(self._log.fileno()).st_size < log_bytes:
       raise ValueError(f"{self._log.name} is shorter than the {log_bytes} bytes it had at"
@@ -427,106 +428,3 @@ class Simulation:
                       "down_s": lr.down_s, "stopped_s": lr.stopped_s, "lost_s": lr.lost_s}
                      for lr in self.learners],
     }
-
-
-class MessageTable:
-  """The messages of a checkpoint: JSON references into a list of payloads.
-
-  A message referred to from several places (a publication in every inbox) is
-  stored once and comes back as one object.
-  """
-
-  def __init__(self, payloads=()):
-    self.payloads = list(payloads)
-    self._saved: dict[int, int] = {}  # id(message) -> payload index.
-    self._restored: dict[int, Contribution | Publication] = {}  # payload index -> message.
-
-  def ref(self, message: Contribution | Publication) -> dict:
-    """The message's fields, with the index of its payload in `payloads`."""
-    if id(message) not in self._saved:
-      self._saved[id(message)] = len(self.payloads)
-      self.payloads.append(message.payload)
-    return {"type": type(message).__name__, **message._asdict(),
-            "payload": self._saved[id(message)]}
-
-  def message(self, ref: dict) -> Contribution | Publication:
-    """The message that `ref` refers to."""
-    i = ref["payload"]
-    if i not in self._restored:
-      kind = {"Contribution": Contribution, "Publication": Publication}[ref["type"]]
-      fields = {k: v for k, v in ref.items() if k != "type"}
-      self._restored[i] = kind(**{**fields, "payload": tuple(self.payloads[i])})
-    return self._restored[i]
-
-
-def _to_json(x):
-  """`x` as JSON, with numpy floats tagged so that `_from_json` gives them back.
-
-  Python's `round` and numpy's differ in the last digit now and then, and
-  the event log rounds times: a resumed run must keep every number's type.
-  """
-  if isinstance(x, np.float64):
-    return {"float64": float(x)}
-  if isinstance(x, (list, tuple)):
-    return [_to_json(v) for v in x]
-  if isinstance(x, dict):
-    return {k: _to_json(v) for k, v in x.items()}
-  return x
-
-
-def _from_json(x):
-  if isinstance(x, list):
-    return [_from_json(v) for v in x]
-  if isinstance(x, dict):
-    if x.keys() == {"float64"}:
-      return np.float64(x["float64"])
-    return {k: _from_json(v) for k, v in x.items()}
-  return x
-
-
-class AnalyticBackend:
-  """Compute-free backend: message sizes and versions only, no arrays."""
-
-  def __init__(self, num_learners: int, bytes_up, bytes_down, max_staleness: int = -1):
-    self.bytes_up, self.bytes_down = list(bytes_up), list(bytes_down)
-    num = len(self.bytes_up)
-    self.version = [0] * num
-    self.base_version = [[0] * num for _ in range(num_learners)]
-    self.pending = [set() for _ in range(num)]
-    self.max_staleness = max_staleness
-    self.sent = 0
-
-  def inner_step(self, m):
-    return None
-
-  def snapshot(self, m, p) -> Contribution:
-    self.sent += self.bytes_up[p]
-    return Contribution(m, p, self.base_version[m][p], 0, 0, (), self.bytes_up[p])
-
-  def receive(self, c) -> bool:
-    if 0 <= self.max_staleness < self.version[c.fragment] - c.base_version:
-      return False
-    self.pending[c.fragment].add(c.learner)
-    return True
-
-  def contributors(self, p) -> int:
-    return len(self.pending[p])
-
-  def merge(self, p):
-    if not self.pending[p]:
-      return None
-    self.pending[p].clear()
-    self.version[p] += 1
-    return Publication(p, self.version[p], (), self.bytes_down[p])
-
-  def publication(self, p):
-    return Publication(p, self.version[p], (), self.bytes_down[p])
-
-  def align(self, m, pub) -> None:
-    self.base_version[m][pub.fragment] = pub.version
-    self.sent += pub.nbytes
-
-  def rejoin(self, m) -> None:
-    for p, v in enumerate(self.version):
-      self.base_version[m][p] = v
-      self.sent += self.bytes_down[p]
