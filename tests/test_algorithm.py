@@ -158,7 +158,7 @@ def test_syncer_rejects_malformed_compressed_payloads(name):
       {**good, "extra": jnp.zeros(2)},  # A key the codec does not send.
       {k: v for k, v in good.items() if k != "values"},  # A key missing.
       {**good, "values": jnp.concatenate([good["values"]] * 2)},  # Too long.
-      {**good, "values": good["values"].astype(jnp.float32)},  # Wrong dtype (int4/sign/topk int8).
+      {**good, "values": good["values"].astype(jnp.float32)},  # Wrong dtype (topk: below).
       {**good, key: good[key][:1]},  # One scale (or index row) broadcast to every block.
       [good],  # Not a dict.
   ]

@@ -23,7 +23,7 @@ def simulation(seconds, *, quorum, grace_gamma=0.0, grace_max_s=100.0, overlap=0
                max_staleness=-1, log_path=None):
   m = len(seconds)
   backend = goodput.AnalyticBackend(m, [100] * num_fragments, [100] * num_fragments,
-                                      max_staleness)
+                                    max_staleness)
   protocol = simulated.Protocol(
       offsets=tuple(p * sync_every // num_fragments for p in range(num_fragments)),
       sync_every=sync_every, overlap=overlap, quorum=quorum, grace_gamma=grace_gamma,

@@ -41,7 +41,7 @@ def simulate_decoupled(model: chaos.FailureModel, *, num_chips: int, num_learner
       bytes_per_s=math.inf, syncer_seconds=0.0, slices_per_learner=slices,
       chips_per_slice=model.chips_per_slice, timelines=timelines, outages=None, seed=seed)
   backend = AnalyticBackend(num_learners, [fragment_bytes] * num_fragments,
-                                      [fragment_bytes] * num_fragments)
+                            [fragment_bytes] * num_fragments)
   sim = simulated.Simulation(backend, protocol, machines, num_fragments)
   sim.run(steps_per_learner * num_learners)
   report = sim.report()

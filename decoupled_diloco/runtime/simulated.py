@@ -388,8 +388,8 @@ class Simulation:
                 for lr in self.learners]
     rounds = [{**vars(rnd), "reported": sorted(rnd.reported)} for rnd in self.rounds]
     return snapshots.to_json({"heap": heap, "learners": learners, "rounds": rounds,
-                     "fields": {name: getattr(self, name) for name in _FIELDS},
-                     "merges": self.merges.tolist()})
+                              "fields": {name: getattr(self, name) for name in _FIELDS},
+                              "merges": self.merges.tolist()})
 
   def restore(self, snapshot: dict, messages: snapshots.MessageTable) -> None:
     """Takes up the state `snapshot` returned, on a simulation of the same config."""

@@ -41,7 +41,7 @@ class MessageTable:
 
 
 def to_json(x):
-  """`x` as JSON, with numpy floats tagged so that `_from_json` gives them back.
+  """`x` as JSON, with numpy floats tagged so that `from_json` gives them back.
 
   Python's `round` and numpy's differ in the last digit now and then, and
   the event log rounds times: a resumed run must keep every number's type.
@@ -56,6 +56,7 @@ def to_json(x):
 
 
 def from_json(x):
+  """The inverse of `to_json`."""
   if isinstance(x, list):
     return [from_json(v) for v in x]
   if isinstance(x, dict):
