@@ -272,3 +272,85 @@ def test_invalid_sampling_argument_raises_naming_it(kwargs, name):
 def test_spares_leaving_no_job_raise():
   with pytest.raises(ValueError, match="spare_fraction="):
     baselines.non_elastic(EMPTY, chaos.FailureModel(spare_fraction=0.9), 1, 10.0)
+
+
+# --- Lost chip-time by cause ----------------------------------------------------
+
+
+def _assert_accounts_for_everything(report):
+  assert set(report.lost_chip_s) == set(baselines.LOSS_CAUSES)
+  assert all(v >= 0 for v in report.lost_chip_s.values())
+  total = report.useful_chip_s + sum(report.lost_chip_s.values())
+  assert total == pytest.approx(report.allocated_chip_s, rel=1e-12)
+  assert report.goodput == pytest.approx(
+      report.useful_chip_s / report.allocated_chip_s, rel=1e-12)
+
+
+def test_non_elastic_losses_by_hand():
+  model = chaos.FailureModel(chips_per_slice=2, restart_s=50.0, spare_fraction=0.1)
+  # Job on slices 0-8, spare 9; slice 3 down over [100, 400), restart [100, 150).
+  r = baselines.non_elastic(_outages((3, 100.0, 400.0)), model, 10, 1000.0)
+  _assert_accounts_for_everything(r)
+  assert r.lost_chip_s["slices_down"] == pytest.approx(2 * 300)
+  # Slice 9 swapped in: 9 healthy job slices idle through the restart.
+  assert r.lost_chip_s["reconfiguration"] == pytest.approx(2 * 9 * 50)
+  # The spare idles until 100; slice 3 is the idle spare after its repair.
+  assert r.lost_chip_s["idle_spares"] == pytest.approx(2 * (100 + 600))
+  assert r.lost_chip_s["waiting"] == 0.0
+  # Without spares: 9 healthy slices wait [100, 400), then restart [400, 450).
+  dry = chaos.FailureModel(chips_per_slice=2, restart_s=50.0, spare_fraction=0.0)
+  r = baselines.non_elastic(_outages((3, 100.0, 400.0)), dry, 10, 1000.0)
+  _assert_accounts_for_everything(r)
+  assert r.lost_chip_s["waiting"] == pytest.approx(2 * 9 * 300)
+  assert r.lost_chip_s["reconfiguration"] == pytest.approx(2 * 10 * 50)
+  assert r.lost_chip_s["idle_spares"] == 0.0
+
+
+def test_elastic_losses_by_hand():
+  model = chaos.FailureModel(chips_per_slice=2, reconfiguration_s=10.0)
+  # Stops [100, 110) on 9 slices and [400, 410) on 10; slice 3 down 300 s.
+  r = baselines.elastic(_outages((3, 100.0, 400.0)), model, 10, 1000.0)
+  _assert_accounts_for_everything(r)
+  assert r.lost_chip_s["slices_down"] == pytest.approx(2 * 300)
+  assert r.lost_chip_s["reconfiguration"] == pytest.approx(2 * (9 * 10 + 10 * 10))
+  assert sum(r.lost_chip_s.values()) == pytest.approx(
+      r.lost_chip_s["slices_down"] + r.lost_chip_s["reconfiguration"])
+
+
+@pytest.mark.parametrize("chips,seed", [(150_000, 0), (1_200_000, 1)])
+def test_baselines_account_for_all_allocated_chip_time(chips, seed):
+  model = chaos.FailureModel()
+  n = model.num_slices(chips)
+  o = chaos.sample_outages(model, n, 2e5, seed)
+  for report in (baselines.non_elastic(o, model, n, 2e5),
+                 baselines.elastic(o, model, n, 2e5)):
+    _assert_accounts_for_everything(report)
+    # Every system loses the chips of down slices alike (same draws).
+    assert report.lost_chip_s["slices_down"] > 0
+  ne, el = (baselines.non_elastic(o, model, n, 2e5), baselines.elastic(o, model, n, 2e5))
+  assert ne.lost_chip_s["slices_down"] == pytest.approx(el.lost_chip_s["slices_down"])
+
+
+def test_non_elastic_that_runs_dry_waits():
+  model = chaos.FailureModel(mtbi_chip_hours=0.5, chips_per_slice=1, repair_median_s=900.0,
+                             repair_sigma=1.0, restart_s=60.0, spare_fraction=0.1)
+  o = chaos.sample_outages(model, 10, 20_000.0, seed=3)
+  r = baselines.non_elastic(o, model, 10, 20_000.0)
+  _assert_accounts_for_everything(r)
+  assert r.lost_chip_s["waiting"] > 0 and r.lost_chip_s["idle_spares"] > 0
+
+
+def test_elastic_on_a_block_is_the_elastic_job_of_that_size():
+  model = chaos.FailureModel(mtbi_chip_hours=0.5, chips_per_slice=1, repair_median_s=900.0,
+                             repair_sigma=1.0, reconfiguration_s=20.0, restart_s=60.0)
+  o = chaos.sample_outages(model, 12, 20_000.0, seed=5)
+  block = chaos.slices_of_learner(1, 4)
+  mine = chaos.outages_of(o, block)
+  shifted = chaos.Outages(mine.slice - block.start, mine.start, mine.end)
+  a = baselines.elastic(o, model, 4, 20_000.0, slices=block)
+  b = baselines.elastic(shifted, model, 4, 20_000.0)
+  assert a.useful_chip_s == pytest.approx(b.useful_chip_s)
+  assert a.lost_chip_s == pytest.approx(b.lost_chip_s)
+  assert a.num_failures == b.num_failures == np.sum(mine.start < 20_000.0)
+  with pytest.raises(ValueError, match="slices="):
+    baselines.elastic(o, model, 3, 20_000.0, slices=block)

@@ -18,6 +18,29 @@ time it runs times its (fixed) size.
 Elastic: one elastic group holding every slice (`chaos.elastic_timeline`): it
 trains on all up slices, and stops for `reconfiguration_s` each time a slice
 fails or comes back. Useful chip-time is the running time times the slices up.
+It holds no spares: an elastic job trains on every healthy slice it has, so
+a healthy slice held back idle would only lose chip-time (a repaired slice
+re-joins through the same reconfiguration a swapped-in spare would need).
+
+Lost chip-time, by cause (`LOSS_CAUSES`, the names the simulator's report
+uses for learners; useful + the sum of the causes = allocated, exactly):
+
+  slices_down      chips of slices that are down (failed, not yet repaired).
+  reconfiguration  healthy chips of the job idle while it stops: elastic
+                   reconfigurations (and restarts from zero slices), or the
+                   non-elastic job's restarts, the one after a wait included.
+  lost_steps       work in flight when a failure interrupts a step. The
+                   baselines have no step model: the fitted `restart_s` and
+                   `reconfiguration_s` are the whole cost of an event,
+                   redoing the interrupted step (and, non-elastic, the steps
+                   since the last in-memory checkpoint) included, so it is 0
+                   here and that work is counted in `reconfiguration`.
+  unsent_work      0: a data-parallel job has no unsent local progress (the
+                   learners' cost of losing every slice before sending).
+  waiting          non-elastic: healthy chips of the job idle while it waits
+                   for repairs because the spares ran dry.
+  idle_spares      non-elastic: healthy hot spares, allocated and idle.
+  in_progress      0: steps running when the run stops (learners only).
 """
 
 import heapq
@@ -28,6 +51,10 @@ import numpy as np
 
 from decoupled_diloco.runtime import chaos
 
+LOSS_CAUSES = ("slices_down", "reconfiguration", "lost_steps", "unsent_work",
+               "waiting", "idle_spares", "in_progress")
+"""Causes of lost chip-time, shared with the simulator's report."""
+
 
 class BaselineReport(NamedTuple):
   """What a baseline achieved over the horizon."""
@@ -36,6 +63,9 @@ class BaselineReport(NamedTuple):
   num_failures: int  # slice failures starting in [0, horizon)
   num_stops: int  # restarts (non-elastic) or reconfigurations (elastic)
   stopped_s: float  # seconds in which every chip of the job idles
+  allocated_chip_s: float  # num_slices * chips_per_slice * horizon_s
+  useful_chip_s: float
+  lost_chip_s: dict  # cause (LOSS_CAUSES) -> chip-seconds; sums to allocated - useful
 
 
 def non_elastic(outages: chaos.Outages, model: chaos.FailureModel,
@@ -65,8 +95,34 @@ def non_elastic(outages: chaos.Outages, model: chaos.FailureModel,
   healthy = [True] * num_slices
   spares = list(range(job_size, num_slices))  # A heap; stale entries skipped.
   missing = 0  # Job slots whose slice failed and that no spare has filled.
-  running, run_start, resume_at = True, 0.0, math.inf
-  uptime, num_stops = 0.0, 0
+  num_down = 0
+  # State: running; restarting until resume_at; or waiting (resume_at = inf).
+  running, resume_at = True, math.inf
+  num_stops = 0
+  # Slice-seconds by state of the slice (multiplied by chips at the end).
+  slice_s = dict.fromkeys(("useful", "restart", "wait", "down", "spare"), 0.0)
+  last = 0.0
+
+  def advance(t: float) -> None:
+    """Integrates the slice states from `last` to t (resuming on the way)."""
+    nonlocal running, resume_at
+    if not running and resume_at <= t:  # The restart ends before t.
+      _integrate(resume_at)
+      running, resume_at = True, math.inf
+    _integrate(t)
+
+  def _integrate(t: float) -> None:
+    nonlocal last
+    dt = t - last
+    if dt <= 0:
+      return
+    members = job_size - missing  # Healthy by construction.
+    state = ("useful" if running else "restart" if resume_at < math.inf
+             else "wait")
+    slice_s[state] += members * dt
+    slice_s["down"] += num_down * dt
+    slice_s["spare"] += (num_slices - members - num_down) * dt
+    last = t
 
   def fill() -> int:
     nonlocal missing
@@ -78,63 +134,87 @@ def non_elastic(outages: chaos.Outages, model: chaos.FailureModel,
     return missing
 
   for t, s, repaired in zip(times.tolist(), slices.tolist(), is_repair.tolist()):
-    if not running and resume_at <= t:
-      running, run_start, resume_at = True, resume_at, math.inf
+    advance(t)
     if repaired:
       healthy[s] = True
+      num_down -= 1
       heapq.heappush(spares, s)
       if missing and not fill():  # The job was waiting for this repair.
         resume_at = t + model.restart_s
       continue
     healthy[s] = False
+    num_down += 1
     if not member[s]:
       continue  # A spare failed.
     member[s] = False
     missing += 1
     if running:
-      uptime += t - run_start
       running = False
       num_stops += 1
     if fill():
       resume_at = math.inf  # Wait for repairs.
     elif resume_at == math.inf:
       resume_at = t + model.restart_s
-  if running:
-    uptime += horizon_s - run_start
-  elif resume_at < horizon_s:
-    uptime += horizon_s - resume_at
+  advance(horizon_s)
+  chips = model.chips_per_slice
+  lost = dict.fromkeys(LOSS_CAUSES, 0.0)
+  lost["slices_down"] = chips * slice_s["down"]
+  lost["reconfiguration"] = chips * slice_s["restart"]
+  lost["waiting"] = chips * slice_s["wait"]
+  lost["idle_spares"] = chips * slice_s["spare"]
+  allocated = chips * num_slices * horizon_s
+  useful = chips * slice_s["useful"]
+  uptime = slice_s["useful"] / job_size
   return BaselineReport(
-      goodput=job_size * uptime / (num_slices * horizon_s),
+      goodput=useful / allocated,
       uptime=uptime / horizon_s,
       num_failures=int(np.sum(outages.start < horizon_s)),
       num_stops=num_stops,
-      stopped_s=horizon_s - uptime)
+      stopped_s=horizon_s - uptime,
+      allocated_chip_s=allocated, useful_chip_s=useful, lost_chip_s=lost)
 
 
 def elastic(outages: chaos.Outages, model: chaos.FailureModel,
-            num_slices: int, horizon_s: float) -> BaselineReport:
+            num_slices: int, horizon_s: float,
+            slices: range | None = None) -> BaselineReport:
   """Goodput of elastic data-parallel over every slice.
 
   Args:
-    outages: sampled outages of the `num_slices` slices.
+    outages: sampled outages (of the whole system: only those of `slices`
+      count).
     model: supplies `reconfiguration_s` (and `restart_s` should every slice
       be down at once).
     num_slices: slices allocated, all used while up.
     horizon_s: length of the run, in seconds.
+    slices: the job's slices, `range(num_slices)` by default; a learner's
+      block (`chaos.slices_of_learner`) gives the elastic job of that
+      learner's size on the same draws.
 
   Returns:
     The report; `num_stops` counts reconfigurations.
   """
-  line = chaos.elastic_timeline(outages, range(num_slices), horizon_s, model)
+  if slices is None:
+    slices = range(num_slices)
+  if len(slices) != num_slices:
+    raise ValueError(f"slices={slices!r} does not hold num_slices={num_slices} slices.")
+  line = chaos.elastic_timeline(outages, slices, horizon_s, model)
   seconds = line.end - line.start
   advancing = line.running & (line.slices_up > 0)
+  chips = model.chips_per_slice
+  lost = dict.fromkeys(LOSS_CAUSES, 0.0)
+  lost["slices_down"] = chips * float(np.sum(seconds * (num_slices - line.slices_up)))
+  lost["reconfiguration"] = chips * float(np.sum(seconds * line.slices_up * ~line.running))
+  useful = chips * float(np.sum(seconds * line.slices_up * line.running))
+  allocated = chips * num_slices * horizon_s
   return BaselineReport(
-      goodput=float(np.sum(seconds * line.slices_up * line.running)
-                    / (num_slices * horizon_s)),
+      goodput=useful / allocated,
       uptime=float(np.sum(seconds * advancing) / horizon_s),
-      num_failures=int(np.sum(outages.start < horizon_s)),
+      num_failures=int(np.sum((outages.start < horizon_s)
+                              & (outages.slice >= slices.start)
+                              & (outages.slice < slices.stop))),
       num_stops=line.num_reconfigurations,
-      stopped_s=float(np.sum(seconds * ~line.running)))
+      stopped_s=float(np.sum(seconds * ~line.running)),
+      allocated_chip_s=allocated, useful_chip_s=useful, lost_chip_s=lost)
 
 
 def _events(outages: chaos.Outages, horizon_s: float):
