@@ -354,3 +354,18 @@ def test_elastic_on_a_block_is_the_elastic_job_of_that_size():
   assert a.num_failures == b.num_failures == np.sum(mine.start < 20_000.0)
   with pytest.raises(ValueError, match="slices="):
     baselines.elastic(o, model, 3, 20_000.0, slices=block)
+
+
+def test_stationary_start_has_the_long_run_share_of_slices_down():
+  model = chaos.FailureModel()
+  o = chaos.sample_outages(model, 20_000, 3600.0, seed=4, stationary=True)
+  at_zero = np.sum(o.start == 0.0)
+  # Binomial(20000, d): standard error ~ 0.0016.
+  assert abs(at_zero / 20_000 - model.down_fraction) < 0.006
+  # Down at 0 and at the horizon alike (in the long run: no warm-up).
+  for t in (0.0, 3599.0):
+    down = np.sum((o.start <= t) & (o.end > t)) / 20_000
+    assert abs(down - model.down_fraction) < 0.006, t
+  assert np.all(o.start >= 0) and np.all(np.diff(o.start) >= 0)
+  # Without it, every slice starts up.
+  assert np.sum(chaos.sample_outages(model, 20_000, 3600.0, seed=4).start == 0.0) == 0

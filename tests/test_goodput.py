@@ -36,3 +36,51 @@ def test_more_learners_contain_failures_better():
                                           steps_per_learner=1000, step_seconds=10.0)
                for m in (2, 8))
   assert many["goodput"] > few["goodput"]
+
+
+# --- Every lost point accounted for -----------------------------------------------
+
+_PROTOCOL_CAUSES = ("lost_steps", "unsent_work", "waiting", "in_progress")
+
+
+def _accounts_for_everything(useful, lost, allocated):
+  assert set(lost) == set(baselines.LOSS_CAUSES)
+  assert all(v >= -1e-9 * allocated for v in lost.values()), lost
+  assert useful + sum(lost.values()) == pytest.approx(allocated, rel=1e-9)
+
+
+_FLAKY = chaos.FailureModel(mtbi_chip_hours=64 * 1000 / 3600, chips_per_slice=64,
+                            repair_median_s=200.0)
+"""Two-slice learners whose slices fail every 1000 s: both are down now and then."""
+
+
+@pytest.mark.parametrize("model,num_chips,num_learners,steps", [
+    (chaos.FailureModel(), 150_000, 4, 400),
+    (_FLAKY, 4 * 64, 2, 1000),
+])
+def test_a_learner_loses_no_more_than_an_elastic_job_of_its_size(
+    model, num_chips, num_learners, steps):
+  r = goodput.simulate_decoupled(model, num_chips=num_chips, num_learners=num_learners,
+                                 steps_per_learner=steps, step_seconds=10.0)
+  _accounts_for_everything(r["useful_chip_s"], r["lost_chip_s"], r["allocated_chip_s"])
+  base = r["baselines"]
+  for name in ("non_elastic", "elastic"):
+    b = base[name]
+    _accounts_for_everything(b["useful_chip_s"], b["lost_chip_s"], b["allocated_chip_s"])
+  assert r["failures"] > 0
+  for learner, own in zip(r["learners"], base["elastic_per_learner"]):
+    lost, own_lost = learner["lost_chip_s"], own["lost_chip_s"]
+    assert own["allocated_chip_s"] == pytest.approx(r["allocated_chip_s"] / num_learners)
+    _accounts_for_everything(learner["useful_chip_s"], lost, own["allocated_chip_s"])
+    # Same slices, same draws, same elastic timeline: the same chip-time lost to
+    # slices down and to reconfigurations; no spares on either side.
+    for cause in ("slices_down", "reconfiguration"):
+      assert lost[cause] == pytest.approx(own_lost[cause], rel=1e-9, abs=1e-6)
+    assert lost["idle_spares"] == own_lost["idle_spares"] == 0.0
+    # Beyond that, a learner loses only what the protocol adds.
+    protocol = sum(lost[c] for c in _PROTOCOL_CAUSES)
+    assert sum(lost.values()) - protocol <= sum(own_lost.values()) * (1 + 1e-9) + 1e-6
+    assert learner["useful_chip_s"] + protocol == pytest.approx(own["useful_chip_s"],
+                                                               rel=1e-9)
+  if model is _FLAKY:  # Learners lost every slice, and their unsent work.
+    assert r["lost_chip_s"]["unsent_work"] > 0

@@ -8,7 +8,8 @@ time (median `repair_median_s`, log-space spread `repair_sigma`), then fails
 again at the same rate. A slice that is down cannot fail again: each slice
 alternates exponential up-times and repair times (by memorylessness, the same
 as a Poisson process whose arrivals during a repair are dropped), so the
-outages of one slice never overlap. Every slice is up at time 0.
+outages of one slice never overlap. Every slice is up at time 0, or, with
+`stationary=True`, in the long-run state (`sample_outages`).
 
 A learner (island) is a group of slices; the elastic data-parallel baseline is
 one group holding every slice. A group loses a slice when it fails and gets it
@@ -163,7 +164,7 @@ class Outages(NamedTuple):
 
 
 def sample_outages(model: FailureModel, num_slices: int, horizon_s: float,
-                   seed: int) -> Outages:
+                   seed: int, stationary: bool = False) -> Outages:
   """Samples every outage that starts in [0, horizon_s), deterministic in seed.
 
   Vectorized over slices: draws up-times and repair times for a batch of
@@ -175,6 +176,13 @@ def sample_outages(model: FailureModel, num_slices: int, horizon_s: float,
     num_slices: slices in the system, numbered 0..num_slices-1.
     horizon_s: length of the simulated interval, in seconds.
     seed: seed of the numpy generator.
+    stationary: start in the long-run state instead of with every slice up:
+      each slice is down at time 0 with probability `down_fraction`, for the
+      rest of a repair drawn length-biased (the repair in progress at a
+      random instant is a long one: lognormal with log-mean + sigma^2),
+      uniformly far into it; such an outage starts at 0. Without it, a run
+      much shorter than the repair tail (hours, when repairs average 2 h)
+      sees fewer slices down than the model implies.
 
   Returns:
     The outages, sorted by start time.
@@ -190,6 +198,12 @@ def sample_outages(model: FailureModel, num_slices: int, horizon_s: float,
   active = np.arange(num_slices)
   clock = np.zeros(num_slices)
   pieces = []
+  if stationary:
+    down = rng.random(num_slices) < model.down_fraction
+    biased = model.repair_median_s * np.exp(
+        model.repair_sigma**2 + model.repair_sigma * rng.standard_normal(num_slices))
+    clock = np.where(down, rng.random(num_slices) * biased, 0.0)
+    pieces.append((active[down], np.zeros(int(down.sum())), clock[down]))
   while active.size:
     shape = (active.size, batch)
     up = rng.exponential(mean_up, shape)

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from decoupled_diloco.algorithm.messages import Contribution, Publication
-from decoupled_diloco.runtime import chaos, simulated
+from decoupled_diloco.runtime import baselines, chaos, simulated
 
 
 def simulate_decoupled(model: chaos.FailureModel, *, num_chips: int, num_learners: int,
@@ -22,14 +22,33 @@ def simulate_decoupled(model: chaos.FailureModel, *, num_chips: int, num_learner
   """Runs the protocol compute-free and returns the simulator's report.
 
   The system's slices are split evenly between learners (a remainder of fewer
-  than `num_learners` slices is left out). Failures are drawn over twice the
-  failure-free run time; past that horizon every slice is up.
+  than `num_learners` slices is left out). Failures are drawn for every slice
+  of the system, so the draws do not depend on `num_learners`, from the
+  long-run state (`stationary=True`: a run of hours is shorter than the
+  repair tail, and starting with every slice up would flatter it), over
+  twice the failure-free run time; past that horizon every slice is up.
+
+  Learners hold no hot spares: each is an elastic group of slices, like the
+  elastic data-parallel baseline, which trains on every healthy slice it has
+  (a spare would idle where a member trains, and swapping one in costs the
+  same reconfiguration as a repaired slice coming back).
+
+  Besides the simulator's report, `report["baselines"]` holds, on the same
+  draws and over the same virtual time (`baselines.BaselineReport._asdict()`):
+  `non_elastic` and `elastic`, the data-parallel baselines on every slice of
+  the system, and `elastic_per_learner`, for each learner the elastic
+  data-parallel job of its own size (its own block of slices). A learner
+  runs on its block exactly as that job does (`chaos.elastic_timeline`), so
+  it loses the same chip-time to slices down and reconfigurations; what it
+  loses beyond is what the protocol adds (lost in-flight steps, unsent work,
+  waiting, steps in progress at the end).
   """
   slices = model.num_slices(num_chips) // num_learners
   if slices < 1:
     raise ValueError(f"num_chips={num_chips} gives fewer slices than num_learners={num_learners}.")
   horizon = 2.0 * steps_per_learner * step_seconds + 10 * model.restart_s
-  outages = chaos.sample_outages(model, slices * num_learners, horizon, seed)
+  outages = chaos.sample_outages(model, model.num_slices(num_chips), horizon, seed,
+                                 stationary=True)
   timelines = [chaos.elastic_timeline(outages, chaos.slices_of_learner(m, slices), horizon,
                                       model) for m in range(num_learners)]
   protocol = simulated.Protocol(
@@ -45,7 +64,18 @@ def simulate_decoupled(model: chaos.FailureModel, *, num_chips: int, num_learner
   sim = simulated.Simulation(backend, protocol, machines, num_fragments)
   sim.run(steps_per_learner * num_learners)
   report = sim.report()
-  report["failures"] = int(np.sum(outages.start < sim.now))
+  report["failures"] = int(np.sum((outages.start < sim.now)
+                                  & (outages.slice < slices * num_learners)))
+  now = max(sim.now, 1e-12)
+  total = model.num_slices(num_chips)
+  report["baselines"] = {
+      "non_elastic": baselines.non_elastic(outages, model, total, now)._asdict(),
+      "elastic": baselines.elastic(outages, model, total, now)._asdict(),
+      "elastic_per_learner": [
+          baselines.elastic(outages, model, slices, now,
+                            slices=chaos.slices_of_learner(m, slices))._asdict()
+          for m in range(num_learners)],
+  }
   return report
 
 
