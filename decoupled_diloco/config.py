@@ -7,11 +7,14 @@ uses. Nothing below `train.py` ever sees a ConfigDict.
 """
 
 import dataclasses
+import math
 import typing
 
 import ml_collections
 
 from decoupled_diloco.algorithm import codecs
+from decoupled_diloco.algorithm import fragments as fragments_lib
+from decoupled_diloco.algorithm import merge as merge_lib
 from decoupled_diloco.algorithm import learner as learner_lib
 from decoupled_diloco.models.transformer import ModelConfig, PRESETS
 
@@ -31,6 +34,7 @@ class TrainConfig:
   eval_batches: int = 16  # Held-out batches per eval (fixed windows, same every time).
   checkpoint_every: int = 100  # Steps between checkpoints (0: only at the end).
   keep_checkpoints: int = 2  # Most recent checkpoints kept.
+  spike_factor: float = 3.0  # Stop when the loss exceeds this multiple of its running mean (0: off; divergence.py).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +201,88 @@ def _positive(section, obj, *names):
       raise ValueError(f"{section}.{name}={getattr(obj, name)} must be positive.")
 
 
+# The range of every numeric field, as an interval; floats must also be finite.
+# tests/test_reliability.py checks that every int and float field is listed.
+_AT_LEAST_0, _AT_LEAST_1, _POSITIVE = "[0, inf)", "[1, inf)", "(0, inf)"
+RANGES = {
+    "seed": _AT_LEAST_0,
+    **{f"model.{name}": _AT_LEAST_1 for name in ("vocab_size", "seq_len", "num_layers",
+                                                 "d_model", "num_heads", "mlp_dim")},
+    "data.eval_percent": "(0, 100)", "data.batch_size": _AT_LEAST_1,
+    "train.steps": _AT_LEAST_1, "train.log_every": _AT_LEAST_1,
+    "train.eval_every": _AT_LEAST_0, "train.eval_batches": _AT_LEAST_1,
+    "train.checkpoint_every": _AT_LEAST_0, "train.keep_checkpoints": _AT_LEAST_1,
+    "train.spike_factor": _AT_LEAST_0,  # And not in (0, 1]: see _validate_ranges.
+    "inner.lr": _POSITIVE, "inner.warmup_steps": _AT_LEAST_0,
+    "inner.final_lr_fraction": "[0, 1]", "inner.b1": "[0, 1)", "inner.b2": "[0, 1)",
+    "inner.weight_decay": _AT_LEAST_0, "inner.clip_norm": _AT_LEAST_0,
+    "outer.lr": _POSITIVE, "outer.momentum": "[0, 1)",
+    "diloco.num_learners": _AT_LEAST_1, "diloco.num_fragments": _AT_LEAST_1,
+    "diloco.sync_every": _AT_LEAST_1, "diloco.overlap": _AT_LEAST_0, "diloco.alpha": "[0, 1)",
+    "diloco.max_abs_delta": _POSITIVE, "diloco.quorum": _AT_LEAST_0,
+    "diloco.grace_gamma": _AT_LEAST_0, "diloco.grace_max_s": _AT_LEAST_0,
+    "diloco.max_staleness": "[-1, inf)",
+    "codec.feedback_decay": "[0, 1]", "codec.block_size": _AT_LEAST_1,
+    "codec.topk_fraction": "(0, 1]",
+    "sim.step_seconds": _AT_LEAST_0, "sim.slow_learners": _AT_LEAST_0,
+    "sim.slow_factor": _POSITIVE, "sim.noise": _AT_LEAST_0, "sim.latency_s": _AT_LEAST_0,
+    "sim.bandwidth_gbps": _AT_LEAST_0, "sim.syncer_seconds": _AT_LEAST_0,
+    "chaos.slices_per_learner": _AT_LEAST_1, "chaos.chips_per_slice": _AT_LEAST_1,
+    "chaos.mtbi_chip_hours": _POSITIVE, "chaos.repair_median_s": _POSITIVE,
+    "chaos.repair_sigma": _AT_LEAST_0, "chaos.reconfiguration_s": _AT_LEAST_0,
+    "chaos.restart_s": _AT_LEAST_0, "chaos.seed": _AT_LEAST_0,
+}
+
+
+def numeric_fields(cls=None, prefix: str = "") -> dict[str, type]:
+  """Every int and float field of `cls` (default `Config`), by dotted name."""
+  out = {}
+  for name, hint in typing.get_type_hints(cls or Config).items():
+    if dataclasses.is_dataclass(hint):
+      out.update(numeric_fields(hint, f"{prefix}{name}."))
+    elif hint in (int, float):
+      out[f"{prefix}{name}"] = hint
+  return out
+
+
+def _in_interval(value, interval: str) -> bool:
+  lo, hi = (float(x) for x in interval[1:-1].split(","))
+  return ((lo <= value if interval[0] == "[" else lo < value)
+          and (value <= hi if interval[-1] == "]" else value < hi))
+
+
+def _validate_ranges(cfg: Config) -> None:
+  """Every numeric field against `RANGES`: finite, a number, in its interval."""
+  for name, kind in numeric_fields().items():
+    value = cfg
+    for part in name.split("."):
+      value = getattr(value, part)
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or (kind is int and not isinstance(value, int)):
+      raise ValueError(f"{name}={value!r} must be {'an integer' if kind is int else 'a number'}.")
+    if not math.isfinite(value):
+      raise ValueError(f"{name}={value} must be a finite number.")
+    if name in RANGES and not _in_interval(value, RANGES[name]):
+      raise ValueError(f"{name}={value} must be in {RANGES[name]}.")
+  if 0 < cfg.train.spike_factor <= 1:
+    raise ValueError(f"train.spike_factor={cfg.train.spike_factor} must be 0 (off) or above 1"
+                     " (a multiple of the running mean loss).")
+
+
+def _validate_names(cfg: Config) -> None:
+  from decoupled_diloco import optim  # pylint: disable=g-import-not-at-top  (optim imports config)
+  d = cfg.diloco
+  for name, value, choices in (("outer.name", cfg.outer.name, optim.OUTER_OPTIMIZERS),
+                               ("diloco.fragmentation", d.fragmentation, fragments_lib.STRATEGIES),
+                               ("diloco.merge", d.merge, merge_lib.MERGE_RULES),
+                               ("diloco.weighting", d.weighting, merge_lib.WEIGHTINGS)):
+    if value not in choices:
+      raise ValueError(f"{name}={value!r} is unknown; choose from {choices}.")
+
+
 def _validate(cfg: Config) -> None:
+  _validate_ranges(cfg)
+  _validate_names(cfg)
   if cfg.runtime not in RUNTIMES:
     raise ValueError(f"runtime={cfg.runtime!r} is unknown; choose from {RUNTIMES}.")
   _positive("data", cfg.data, "batch_size")
