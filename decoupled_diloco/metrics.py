@@ -2,6 +2,10 @@
 
 Files in the workdir: `metrics.jsonl` (one object per record, appended across
 resumes), `tb/` (TensorBoard event files) and `summary.json` at the end.
+Records are flushed to disk before each checkpoint is committed, and a resumed
+run first trims the records past its checkpoint (`trim`), so `metrics.jsonl`
+holds exactly what one uninterrupted run writes. TensorBoard files are not
+trimmed, so there the steps a resumed run repeated appear twice.
 """
 
 import json
@@ -26,7 +30,9 @@ class MetricWriter:
       self._tb.add_scalar(name, value, step)
 
   def flush(self) -> None:
+    """Puts every record so far on disk (called before a checkpoint is committed)."""
     self._jsonl.flush()
+    os.fsync(self._jsonl.fileno())
     self._tb.flush()
 
   def close(self) -> None:
@@ -73,8 +79,52 @@ def _clock(seconds: float) -> str:
   return f"{h}:{m:02d}:{s:02d}"
 
 
+def trim(workdir: str, last_step: int) -> int:
+  """Drops the records of `metrics.jsonl` past `last_step`; returns how many went.
+
+  A resumed run calls this with its checkpoint's step: the records after it
+  are written again as the run repeats those steps. A line cut short by a
+  crash goes too.
+  """
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.read().splitlines(keepends=True)
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if line.endswith("\n") and record.get("step", 0) <= last_step:
+      kept.append(line)
+  if len(kept) < len(lines):
+    _replace(path, "".join(kept))
+  return len(lines) - len(kept)
+
+
+def _replace(path: str, text: str) -> None:
+  """Writes `path` atomically: a crash leaves the old file or the new one."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
 def write_summary(workdir: str, summary: dict) -> str:
   path = os.path.join(workdir, "summary.json")
-  with open(path, "w") as f:
-    json.dump(summary, f, indent=2, sort_keys=True)
+  _replace(path, json.dumps(summary, indent=2, sort_keys=True))
   return path
+
+
+def read_summary(workdir: str) -> dict | None:
+  """The summary a finished run wrote, or None."""
+  path = os.path.join(workdir, "summary.json")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
