@@ -13,7 +13,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from decoupled_diloco import checkpointing, config as config_lib, metrics, steps
+from decoupled_diloco import checkpointing, config as config_lib, divergence, memory, metrics
+from decoupled_diloco import steps, workdir as workdir_lib
 from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.data import loader
 from decoupled_diloco.runtime.data_parallel import DataParallel
@@ -31,13 +32,64 @@ def make_runtime(cfg: config_lib.Config, corpus: corpus_lib.Corpus, workdir: str
   return Decoupled(cfg, corpus.train, workdir)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(divergence.DivergenceError):
+  pass
+
+
+class LossSpikeError(divergence.DivergenceError):
   pass
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) in `workdir`; returns the summary also written there."""
+  """Trains (or resumes) in `workdir`; returns the summary also written there.
+
+  Before any data or device work: the config is validated, the workdir checked
+  writable and locked (a second run there stops), a finished run is reported
+  as such (its summary returned, nothing written), a config whose state shape
+  differs from the checkpoints' is refused, and so is a model that cannot fit.
+  """
   cfg = config_lib.parse(config)
+  workdir_lib.check_writable(workdir)
+  with workdir_lib.Lock(workdir):
+    return _train(config, cfg, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, cfg: config_lib.Config, workdir: str) -> dict:
+  ckpt = checkpointing.Checkpointer(workdir, cfg.train.keep_checkpoints, cfg.runtime,
+                                    fingerprint=checkpointing.fingerprint(cfg))
+  try:
+    ckpt.check_config()
+    latest = ckpt.latest_step()
+    done = metrics.read_summary(workdir)
+    if latest == cfg.train.steps and done is not None and done.get("steps") == latest:
+      logging.info("the run in %s is finished (%d steps); its summary.json is left as it"
+                   " is. Raise train.steps to train on.", workdir, latest)
+      return done
+    if latest is not None and latest > cfg.train.steps:
+      raise ValueError(f"train.steps={cfg.train.steps} is below the step of the latest"
+                       f" checkpoint in {workdir} ({latest}); raise it or use another --workdir.")
+    memory.check_fits(cfg)
+    return _train_with(config, cfg, workdir, ckpt)
+  finally:
+    ckpt.close()
+
+
+def _train_with(config, cfg: config_lib.Config, workdir: str,
+                ckpt: checkpointing.Checkpointer) -> dict:
+  """The loop.
+
+  Checkpoints vouched for by a loss: the loss of step t is measured on the
+  parameters before update t, so the parameters of a checkpoint at step t
+  (after update t) are vouched for by step t+1's loss. At a checkpoint
+  boundary the loop takes a host copy of the state (`ckpt.snapshot`; a save
+  copies to host anyway) and writes it only once step t+1's loss has passed
+  the divergence check; if that loss fails, the copy is dropped, and every
+  checkpoint on disk holds parameters whose own loss passed. The last
+  checkpoint (at the final step, which no training loss follows) is vouched
+  for by the final eval loss instead. Metrics are flushed before each
+  checkpoint is written, and a resumed run trims the records past its
+  checkpoint, so `metrics.jsonl` is what one uninterrupted run writes.
+  """
   corpus = corpus_lib.load(cfg.data.path, cfg.data.eval_percent)
   if corpus.vocab_size > cfg.model.vocab_size:
     raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the"
@@ -50,13 +102,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      seq_len=cfg.model.seq_len,
                                      num_batches=cfg.train.eval_batches)
 
-  ckpt = checkpointing.Checkpointer(workdir, cfg.train.keep_checkpoints, cfg.runtime)
-  if (latest := ckpt.latest_step()) is not None:
-    ckpt.restore(latest, rt)
+  detector = divergence.SpikeDetector(cfg.train.spike_factor)
+  if (meta := ckpt.restore_latest(rt)) is not None:
+    if (loop := meta.get("loop")) is not None:
+      detector.load_state(divergence.SpikeState(**loop["spike"]))
     logging.info("resumed from %s at step %d", workdir, rt.step)
+  metrics.trim(workdir, rt.step)
   writer = metrics.MetricWriter(workdir)
   progress = metrics.Progress(rt.step, cfg.train.steps, rt.tokens_per_step)
   start_step, t0 = rt.step, time.perf_counter()
+  held = None  # A checkpoint's snapshot, written once the next step's loss passes.
+
+  def loop_state() -> dict:
+    return {"spike": detector.state()._asdict()}
+
+  def stop(error, why: str, step: int):
+    good = ckpt.latest_step()
+    where = (f"The last good checkpoint (step {good}) in {workdir} holds parameters whose"
+             " own loss passed" if good is not None else f"No checkpoint was written in {workdir}")
+    return error(f"{why} at step {step}; stopping. {where}: lower inner.lr or raise"
+                 " inner.warmup_steps, then resume.")
 
   def run_eval() -> dict:
     loss = steps.evaluate(eval_loss, eval_island, rt.eval_params(), eval_batches)
@@ -67,14 +132,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return scalars
 
   def record(step: int, out: dict) -> None:
-    """Reads step `step`'s metrics (called after the next step is dispatched)."""
+    """Reads and checks step `step`'s metrics (called after the next step is dispatched)."""
+    nonlocal held
     losses = np.atleast_1d(np.asarray(jax.device_get(out["loss"]), np.float64))
     finite = np.isfinite(losses)
     if not finite.any():
-      raise NonFiniteLossError(
-          f"training loss is {losses.tolist()} at step {step}; stopping. The last"
-          f" good checkpoint (step {ckpt.latest_step()}) in {workdir} is intact:"
-          " lower inner.lr or raise inner.warmup_steps, then resume.")
+      raise stop(NonFiniteLossError, f"training loss is {losses.tolist()}", step)
+    # Decoupled learners recover one by one (their runtime's detectors); the run
+    # stops when the median spikes. Elsewhere any learner's spike stops it.
+    typical = np.median if cfg.runtime == "decoupled" else np.max
+    if (why := detector.check(float(typical(losses[finite])))) is not None:
+      raise stop(LossSpikeError, f"loss spike: {why}", step)
     scalars = {k: float(v) for k, v in out.items() if k != "loss"}
     scalars["loss"] = float(losses[finite].mean())
     if not finite.all():  # One learner diverged: the syncer rejects its deltas.
@@ -86,6 +154,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       progress.restart_clock(step)
     if step % cfg.train.log_every == 0 or step == cfg.train.steps:
       progress.log(step, scalars["loss"], progress.tokens_per_second(step))
+    if held is not None and step > held.step:  # This loss vouches for the held state.
+      writer.flush()
+      ckpt.write(held)
+      held = None
 
   pending = None  # (step, metrics) of the last dispatched step, not read yet.
   eval_scalars = {}
@@ -97,24 +169,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       pending = (rt.step, out)
       boundary = lambda every: every and rt.step % every == 0
       if boundary(cfg.train.eval_every) or boundary(cfg.train.checkpoint_every):
-        record(*pending)  # A checkpoint is only written after its loss is checked.
+        record(*pending)
         pending = None
         if boundary(cfg.train.eval_every):
           eval_scalars = run_eval()
-        if boundary(cfg.train.checkpoint_every):
-          ckpt.save(rt.step, rt)
+        if boundary(cfg.train.checkpoint_every) and rt.step < cfg.train.steps:
+          held = ckpt.snapshot(rt.step, rt, loop_state())
         writer.flush()
     if pending is not None:
       record(*pending)
     tokens_per_second = progress.mean_tokens_per_second(rt.step)
-    if ckpt.latest_step() != rt.step:
-      ckpt.save(rt.step, rt)
     if not eval_scalars or cfg.train.eval_every == 0 or rt.step % cfg.train.eval_every:
       eval_scalars = run_eval()
+    if (why := detector.reason(eval_scalars["eval_loss"])) is not None:
+      raise stop(LossSpikeError, f"final eval: {why}", rt.step)
+    writer.flush()
   finally:
     writer.close()
-    ckpt.close()
 
+  wall = time.perf_counter() - t0
+  # The last state is copied before `rt.summary()`, which ends the runtime's logs.
+  final = ckpt.snapshot(rt.step, rt, loop_state()) if ckpt.latest_step() != rt.step else None
   wall = time.perf_counter() - t0
   summary = {
       "final_eval_loss": eval_scalars["eval_loss"],
@@ -128,7 +203,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       **rt.summary(),
       "config": config.to_dict(),
   }
+  # The summary goes first: a run whose final checkpoint is on disk is finished.
   path = metrics.write_summary(workdir, summary)
+  if final is not None:
+    ckpt.write(final)
   logging.info("final eval loss %.4f nats/byte (%.3f bits/byte) after %d tokens",
                summary["final_eval_loss"], summary["final_eval_bits_per_byte"],
                summary["tokens"])

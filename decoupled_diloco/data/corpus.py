@@ -77,7 +77,10 @@ def load(path: str, eval_percent: float = 5.0) -> Corpus:
   if path.endswith(".npy"):
     if not os.path.isfile(path):
       raise ValueError(f"data.path={path!r}: no such file.")
-    tokens = np.load(path, mmap_mode="r")
+    try:
+      tokens = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:  # Not an .npy file, or a damaged one.
+      raise ValueError(f"data.path={path!r}: not a readable .npy token file ({e}).") from None
     if tokens.ndim != 1 or tokens.dtype not in (np.uint8, np.uint16):
       raise ValueError(
           f"data.path={path!r}: a pre-tokenized file must be a flat uint8 or"
