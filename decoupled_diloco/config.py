@@ -70,6 +70,8 @@ class DilocoConfig:
   grace_gamma: float = 0.0  # gamma: grace-window safety factor (0: merge as soon as the quorum is met).
   grace_max_s: float = 60.0  # Upper bound of the grace window, virtual seconds.
   max_staleness: int = -1  # Reject contributions whose base is more versions old than this (-1: admit all).
+  late: str = "next"  # A contribution for a round already closed: `next` (joins the open round), `drop` or `reject`.
+  staleness_weighting: str = "none"  # `inverse`: weight / (1 + versions stale) (Zhang et al. 2016, arXiv 1511.05950).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +101,7 @@ class SimConfig:
   latency_s: float = 0.0  # One-way message latency, virtual seconds.
   bandwidth_gbps: float = 0.0  # Per-learner link bandwidth, gigabits/s (0: unlimited).
   syncer_seconds: float = 0.0  # Virtual time of one merge + outer step.
-  lockstep: bool = False  # Learners wait for fragment p at send step + tau (lock-step semantics).
+  learners_wait: bool = False  # Learners wait for fragment p at send step + tau (synchronous semantics).
   event_log: bool = True  # Write every event to `events.jsonl` in the workdir.
 
 
@@ -114,6 +116,12 @@ class ChaosConfig:
   reconfiguration_s: float = 9.4  # Pause when a learner loses or regains a slice.
   restart_s: float = 71.1  # Pause when a learner restarts from zero slices.
   seed: int = 0  # Seeds the failure draws (independent of `seed`).
+  # A learner back from losing every slice has lost its memory: `fresh` inner optimizer
+  # state (schedule at the global step), or `kept` (optimistic; for the ablation only).
+  rejoin_optimizer: str = "fresh"
+  # A learner on fewer slices: `shrink` its batch in proportion and keep its step time
+  # (what an elastic job does), or `keep` the batch and step proportionally slower.
+  elastic_batch: str = "shrink"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,6 +327,7 @@ def _validate(cfg: Config) -> None:
                      " must be >= 0.")
   if d.max_staleness < -1:
     raise ValueError(f"diloco.max_staleness={d.max_staleness} must be >= 0, or -1 for no bound.")
+  _validate_protocol(cfg)
   sim = cfg.sim
   for name in ("step_seconds", "noise", "latency_s", "bandwidth_gbps", "syncer_seconds"):
     if getattr(sim, name) < 0:
@@ -334,3 +343,22 @@ def _validate(cfg: Config) -> None:
   if cfg.runtime != "data_parallel" and cfg.data.batch_size % d.num_learners:
     raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by"
                      f" diloco.num_learners={d.num_learners} (the global batch is split).")
+
+
+REJOIN_OPTIMIZERS = ("fresh", "kept")
+ELASTIC_BATCHES = ("shrink", "keep")
+
+
+def _choice(name: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"{name}={value!r} is unknown; choose from {choices}.")
+
+
+def _validate_protocol(cfg: Config) -> None:
+  """Round rules and recovery (algorithm/rounds.py, runtime/team.py)."""
+  from decoupled_diloco.algorithm import rounds, syncer  # pylint: disable=g-import-not-at-top
+  _choice("diloco.late", cfg.diloco.late, rounds.LATE_POLICIES)
+  _choice("diloco.staleness_weighting", cfg.diloco.staleness_weighting,
+          syncer.STALENESS_WEIGHTINGS)
+  _choice("chaos.rejoin_optimizer", cfg.chaos.rejoin_optimizer, REJOIN_OPTIMIZERS)
+  _choice("chaos.elastic_batch", cfg.chaos.elastic_batch, ELASTIC_BATCHES)

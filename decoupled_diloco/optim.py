@@ -5,6 +5,7 @@ Outer: applied by the syncer to the merged pseudo-gradient, treated as a
 gradient (DiLoCo, arXiv 2311.08105: SGD with Nesterov momentum, lr 0.7, 0.9).
 """
 
+import jax.numpy as jnp
 import optax
 
 from decoupled_diloco.config import InnerOptConfig, OuterOptConfig
@@ -36,3 +37,23 @@ def outer_optimizer(c: OuterOptConfig) -> optax.GradientTransformation:
   if c.name == "adam":
     return optax.adam(c.lr, b1=c.momentum)
   raise ValueError(f"outer.name={c.name!r} is unknown; choose from {OUTER_OPTIMIZERS}.")
+
+
+def restart_state(tx: optax.GradientTransformation, params, schedule_step: int):
+  """A fresh inner optimizer state whose learning-rate schedule is at `schedule_step`.
+
+  For a learner that restarts without its memory: Adam's moments and bias
+  correction start anew; the schedule does not (it goes on from the global
+  step, so the learner does not warm up again).
+  """
+  return _set_schedule_count(tx.init(params), schedule_step)
+
+
+def _set_schedule_count(state, step: int):
+  """Sets the `count` of every `ScaleByScheduleState` in `state` to `step`."""
+  if isinstance(state, optax.ScaleByScheduleState):
+    return optax.ScaleByScheduleState(count=jnp.asarray(step, state.count.dtype))
+  if isinstance(state, tuple):
+    children = [_set_schedule_count(s, step) for s in state]
+    return type(state)(*children) if hasattr(state, "_fields") else tuple(children)
+  return state

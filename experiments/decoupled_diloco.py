@@ -46,7 +46,7 @@ def get_config(arg: str | None = None):
     c.sim.update(slow_learners=2, slow_factor=1.18, noise=0.1)
     if arg in ("hetero_km", "hetero_lockstep"):
       c.diloco.update(quorum=0, grace_gamma=0.0)
-      c.sim.lockstep = arg == "hetero_lockstep"
+      c.sim.learners_wait = arg == "hetero_lockstep"
     elif arg == "hetero_k1":
       c.diloco.update(quorum=1, grace_gamma=0.0)
     elif arg != "hetero_k1_grace":

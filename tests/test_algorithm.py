@@ -102,7 +102,7 @@ def test_rda_rule_keeps_embeddings_on_mean():
 
 def contribution(learner, fragment, deltas, *, version=0, steps=1, tokens=1):
   payload = codecs.encode_tree(FP32, [jnp.asarray(d, jnp.float32) for d in deltas])
-  return Contribution(learner, fragment, version, steps, tokens, tuple(payload),
+  return Contribution(learner, fragment, 0, version, steps, tokens, tuple(payload),
                       codecs.payload_nbytes(payload))
 
 
@@ -116,16 +116,16 @@ def test_outer_nesterov_matches_hand_computation():
   flat = {"a": np.array([1.0, 2.0], np.float32), "b": np.array(4.0, np.float32)}
   s = make_syncer(flat, (("a", "b"),), optax.sgd(0.5, momentum=0.5, nesterov=True))
   # Round 1: learners send (1, 2 | 2) and (3, 2 | 0): mean delta (2, 2 | 1).
-  s.receive(contribution(0, 0, [[1.0, 2.0], 2.0]))
-  s.receive(contribution(1, 0, [[3.0, 2.0], 0.0]))
-  pub = s.merge(0)
+  s.receive(contribution(0, 0, [[1.0, 2.0], 2.0]), 0)
+  s.receive(contribution(1, 0, [[3.0, 2.0], 0.0]), 0)
+  pub = s.merge(0, 0)
   # Nesterov: trace = d; update = -lr (d + mu trace) = -0.5 * 1.5 d.
   np.testing.assert_allclose(s.theta[0][0], [1.0 - 1.5, 2.0 - 1.5])
   np.testing.assert_allclose(s.theta[0][1], 4.0 - 0.75)
   assert pub.version == 1 and s.version[0] == 1
   # Round 2: mean delta (0, 2 | -1); trace = d2 + mu d1 = (1, 3 | -0.5).
-  s.receive(contribution(0, 0, [[0.0, 2.0], -1.0], version=1))
-  s.merge(0)
+  s.receive(contribution(0, 0, [[0.0, 2.0], -1.0], version=1), 0)
+  s.merge(0, 0)
   # update = -0.5 (d2 + 0.5 trace) = -0.5 * ((0.5, 3.5 | -1.25)).
   np.testing.assert_allclose(s.theta[0][0], [-0.5 - 0.25, 0.5 - 1.75])
   np.testing.assert_allclose(s.theta[0][1], 3.25 + 0.625)
@@ -134,17 +134,17 @@ def test_outer_nesterov_matches_hand_computation():
 def test_syncer_rejects_bad_contributions_and_counts_them():
   flat = {"a": np.zeros(3, np.float32)}
   s = make_syncer(flat, (("a",),), optax.sgd(1.0), max_abs_delta=100.0)
-  assert not s.receive(contribution(0, 0, [[1.0, np.nan, 0.0]]))
-  assert not s.receive(contribution(1, 0, [[1.0, np.inf, 0.0]]))
-  assert not s.receive(contribution(0, 0, [[1e6, 0.0, 0.0]]))
-  assert not s.receive(contribution(5, 0, [[1.0, 0.0, 0.0]]))
-  assert not s.receive(contribution(0, 3, [[1.0, 0.0, 0.0]]))
-  assert not s.receive(contribution(0, 0, [[1.0, 0.0, 0.0]], version=7))
-  assert not s.receive(contribution(0, 0, [[1.0, 0.0]]))  # Wrong shape.
-  assert s.contributors(0) == 0 and s.merge(0) is None
+  assert not s.receive(contribution(0, 0, [[1.0, np.nan, 0.0]]), 0)
+  assert not s.receive(contribution(1, 0, [[1.0, np.inf, 0.0]]), 0)
+  assert not s.receive(contribution(0, 0, [[1e6, 0.0, 0.0]]), 0)
+  assert not s.receive(contribution(5, 0, [[1.0, 0.0, 0.0]]), 0)
+  assert not s.receive(contribution(0, 3, [[1.0, 0.0, 0.0]]), 0)
+  assert not s.receive(contribution(0, 0, [[1.0, 0.0, 0.0]], version=7), 0)
+  assert not s.receive(contribution(0, 0, [[1.0, 0.0]]), 0)  # Wrong shape.
+  assert s.contributors(0, 0) == 0 and s.merge(0, 0) is None
   assert sum(s.rejected.values()) == 7 and s.rejected["non-finite"] == 2
-  assert s.receive(contribution(1, 0, [[1.0, 2.0, 3.0]]))
-  s.merge(0)
+  assert s.receive(contribution(1, 0, [[1.0, 2.0, 3.0]]), 0)
+  s.merge(0, 0)
   np.testing.assert_allclose(s.theta[0][0], [-1.0, -2.0, -3.0])
 
 
@@ -165,20 +165,20 @@ def test_syncer_rejects_malformed_compressed_payloads(name):
   if name == "topk":
     malformed[3] = {**good, "values": good["values"].astype(jnp.bfloat16)}
   for payload in malformed:
-    c = Contribution(0, 0, 0, 1, 1, (payload,), 0)
-    assert not s.receive(c)
+    c = Contribution(0, 0, 0, 0, 1, 1, (payload,), 0)
+    assert not s.receive(c, 0)
   assert s.rejected["malformed payload"] == len(malformed)
   if name == "topk":  # Well-formed, but an index past its 64-value block.
     outside = {**good, "indices": good["indices"].at[1, 0].set(64)}
-    assert not s.receive(Contribution(0, 0, 0, 1, 1, (outside,), 0))
+    assert not s.receive(Contribution(0, 0, 0, 0, 1, 1, (outside,), 0), 0)
     assert s.rejected["non-finite"] == 1
-  assert s.contributors(0) == 0
-  assert s.receive(Contribution(1, 0, 0, 1, 1, (good,), 0))
-  s.merge(0)
+  assert s.contributors(0, 0) == 0
+  assert s.receive(Contribution(1, 0, 0, 0, 1, 1, (good,), 0), 0)
+  s.merge(0, 0)
   np.testing.assert_array_equal(s.theta[0][0], -up.decode(good, (100,), jnp.float32))
 
 
-def test_learner_snapshot_and_align():
+def test_learner_pseudo_gradient_and_align():
   island = islands_lib.make_islands(2)[1]
   flat = {"a": np.array([1.0, 2.0], np.float32), "b": np.array([5.0], np.float32)}
   params = fragments.unflatten(flat)
@@ -190,13 +190,13 @@ def test_learner_snapshot_and_align():
                     up=FP32, down=FP32, error_feedback=False, tokens_per_step=8)
   learner.inner_step(jnp.float32(1.0))
   learner.inner_step(jnp.float32(0.5))
-  c = learner.snapshot(0)
+  c = learner.pseudo_gradient(0, 0)
   assert (c.fragment, c.steps, c.tokens, c.base_version, c.nbytes) == (0, 2, 16, 0, 8)
   np.testing.assert_allclose(codecs.decode_tree(FP32, list(c.payload), [flat["a"]])[0],
                              [1.5, 1.5])
   sync = make_syncer(flat, (("a",), ("b",)), optax.sgd(1.0), num_learners=1)
-  sync.receive(c)
-  pub = sync.merge(0)  # Global a = (1, 2) - (1.5, 1.5) = (-0.5, 0.5).
+  sync.receive(c, 0)
+  pub = sync.merge(0, 0)  # Global a = (1, 2) - (1.5, 1.5) = (-0.5, 0.5).
   learner.align(pub)
   a = fragments.flatten(learner.params)["a"]
   # 0.25 * local (-0.5, 0.5) + 0.75 * global (-0.5, 0.5).
@@ -235,14 +235,14 @@ def test_error_feedback_restart_points(restart):
   for r, v in enumerate(progress):
     learner.inner_step(jnp.asarray(v))
     local = np.asarray(fragments.flatten(learner.params)["a"])
-    c = learner.snapshot(0)
+    c = learner.pseudo_gradient(0, 0)
     decoded = np.asarray(sign.decode(c.payload[0], (4,), jnp.float32))
     # Either way the send is x = residual before + this round's progress.
     x = decoded + np.asarray(learner.residual[0][0])
     np.testing.assert_allclose(x, sum(progress[:r + 1]) - sent, atol=1e-6)
     sent += decoded
-    assert sync.receive(c)
-    learner.align(sync.merge(0))
+    assert sync.receive(c, 0)
+    learner.align(sync.merge(0, 0))
     glob = np.asarray(sync.theta[0][0])
     np.testing.assert_allclose(glob, -sent, atol=1e-6)
     restarted = np.asarray(fragments.flatten(learner.params)["a"])
@@ -261,14 +261,14 @@ def test_error_feedback_decay_carries_a_share_of_the_residual():
   carried = np.zeros(4, np.float32)
   for v in ([1.0, 0.1, -0.2, 0.5], [0.3, -0.4, 0.2, 0.1]):
     learner.inner_step(jnp.asarray(v, jnp.float32))
-    c = learner.snapshot(0)
+    c = learner.pseudo_gradient(0, 0)
     x = carried + np.asarray(v, np.float32)  # Restarted at Theta - carried: the delta holds it.
     decoded = np.asarray(sign.decode(c.payload[0], (4,), jnp.float32))
     np.testing.assert_allclose(decoded, np.mean(np.abs(x)) * np.sign(x), rtol=1e-6)
     carried = 0.5 * (x - decoded)  # Half of what the codec dropped.
     np.testing.assert_allclose(np.asarray(learner.residual[0][0]), carried, atol=1e-6)
-    assert sync.receive(c)
-    learner.align(sync.merge(0))
+    assert sync.receive(c, 0)
+    learner.align(sync.merge(0, 0))
     restarted = np.asarray(fragments.flatten(learner.params)["a"])
     np.testing.assert_allclose(restarted, np.asarray(sync.theta[0][0]) - carried, atol=1e-6)
   with pytest.raises(ValueError, match="feedback_decay"):
@@ -280,7 +280,7 @@ def test_syncer_admits_stale_contributions_unless_bounded():
   for bound, admitted in ((None, True), (2, True), (1, False)):
     s = make_syncer(flat, (("a",),), optax.sgd(1.0), max_staleness=bound)
     for _ in range(2):  # Two merges: the global fragment is at version 2.
-      s.receive(contribution(0, 0, [[1.0, 1.0]], version=int(s.version[0])))
-      s.merge(0)
-    assert s.receive(contribution(1, 0, [[1.0, 1.0]], version=0)) is admitted
+      s.receive(contribution(0, 0, [[1.0, 1.0]], version=int(s.version[0])), 0)
+      s.merge(0, 0)
+    assert s.receive(contribution(1, 0, [[1.0, 1.0]], version=0), 0) is admitted
     assert s.rejected["stale"] == (0 if admitted else 1)

@@ -94,10 +94,10 @@ def test_nan_learner_is_rejected_and_never_merged():
   shadow = Syncer(syncer.global_flat(), rt.team.fragments, outer_tx=syncer.tx,
                   merge_rule="mean", weighting="uniform", up=syncer.up, down=syncer.down,
                   num_learners=2, max_abs_delta=1e4)
-  receive, merge = syncer.receive, syncer.merge
-  syncer.receive = lambda c, checked=None: (c.learner == 0 and shadow.receive(c),
-                                            receive(c, checked))[1]
-  syncer.merge = lambda p: (shadow.merge(p), merge(p))[1]
+  admit, merge = syncer.admit, syncer.merge
+  syncer.admit = lambda c, deltas, rnd: (c.learner == 0 and shadow.receive(c, rnd),
+                                         admit(c, deltas, rnd))[1]
+  syncer.merge = lambda p, rnd: (shadow.merge(p, rnd), merge(p, rnd))[1]
   sick = rt.team.learners[1]
   for step in range(6):
     if step == 1:  # Poison one value of learner 1 between steps 1 and 2.

@@ -10,7 +10,7 @@ import pytest
 
 from decoupled_diloco import checkpointing, config as config_lib, train
 from decoupled_diloco.algorithm import fragments
-from decoupled_diloco.runtime import decoupled, goodput, simulated, snapshots
+from decoupled_diloco.runtime import goodput, scenario, serialization, simulated
 from decoupled_diloco.runtime.decoupled import Decoupled
 from tests.helpers import assert_trees_equal, final_checkpoint, preempt, tiny_config
 from tests.test_decoupled import chaos_overrides
@@ -28,32 +28,32 @@ def test_snapshot_keeps_numpy_floats_apart_from_python_floats():
   # event log rounds times: a resumed run must log what the original would.
   x = 14.3851361025
   assert round(x, 9) != round(np.float64(x), 9)
-  json_text = json.dumps(snapshots.to_json({"a": [x, (np.float64(x), None)]}))
-  back = snapshots.from_json(json.loads(json_text))
+  json_text = json.dumps(serialization.to_json({"a": [x, (np.float64(x), None)]}))
+  back = serialization.from_json(json.loads(json_text))
   assert back == {"a": [x, [x, None]]}
   assert type(back["a"][0]) is float and type(back["a"][1][0]) is np.float64
 
 
-@pytest.mark.parametrize("lockstep", [False, True])
-def test_simulation_resumes_exactly_from_a_snapshot(tmp_path, lockstep):
+@pytest.mark.parametrize("wait", [False, True])
+def test_simulation_resumes_exactly_from_a_snapshot(tmp_path, wait):
   """Compute-free, over many events: snapshot after 600 steps in all, go on to 2000."""
   cfg = config_lib.parse(tiny_config("decoupled", steps=500, **{
       **chaos_overrides(), "diloco.num_learners": 4, "diloco.num_fragments": 3,
       "diloco.sync_every": 6, "sim.latency_s": 0.4, "sim.syncer_seconds": 0.3,
-      "sim.lockstep": lockstep}))
-  seconds = decoupled.step_seconds(cfg)
-  horizon = decoupled.chaos_horizon(cfg, seconds)
+      "sim.learners_wait": wait}))
+  seconds = scenario.step_seconds(cfg)
+  horizon = scenario.chaos_horizon(cfg, seconds)
 
   def simulation(log):
     return simulated.Simulation(
         goodput.AnalyticBackend(4, [100] * 3, [100] * 3),
-        decoupled.protocol(cfg, fragments.sync_offsets(3, 6)),
-        decoupled.machines(cfg, seconds, horizon), 3, str(log))
+        scenario.protocol(cfg, fragments.sync_offsets(3, 6)),
+        scenario.world(cfg, seconds, horizon), 3, str(log))
 
   straight = simulation(tmp_path / "straight.jsonl")
   straight.run(600)
-  messages = snapshots.MessageTable()
-  snapshot = json.loads(json.dumps(straight.snapshot(messages)))  # As orbax's JsonSave.
+  messages = serialization.MessageTable()
+  snapshot = json.loads(json.dumps(straight.state(messages)))  # As orbax's JsonSave.
   assert messages.payloads  # In flight or in inboxes.
   backend = copy.deepcopy(straight.backend)
   log = (tmp_path / "straight.jsonl").read_text()
@@ -61,11 +61,11 @@ def test_simulation_resumes_exactly_from_a_snapshot(tmp_path, lockstep):
   straight.close()
 
   with pytest.raises(ValueError, match="lost.jsonl is shorter than the"):
-    simulation(tmp_path / "lost.jsonl").restore(snapshot, snapshots.MessageTable())
+    simulation(tmp_path / "lost.jsonl").load_state(snapshot, serialization.MessageTable())
 
   (tmp_path / "resumed.jsonl").write_text(log + log[:1000])  # Lines past the snapshot.
   resumed = simulation(tmp_path / "resumed.jsonl")
-  resumed.restore(snapshot, snapshots.MessageTable(messages.payloads))
+  resumed.load_state(snapshot, serialization.MessageTable(messages.payloads))
   resumed.backend = backend
   resumed.run(2000)
   resumed.close()
@@ -81,7 +81,8 @@ def test_interrupted_run_resumes_exactly_with_messages_in_flight(tmp_path, monke
   c = tiny_config("decoupled", steps=12, **{
       **chaos_overrides(), "chaos.mtbi_chip_hours": 0.002, "diloco.num_learners": 2,
       "diloco.num_fragments": 3, "diloco.sync_every": 3, "sim.latency_s": 0.4,
-      "sim.syncer_seconds": 0.3, "codec.up": "int2", "codec.error_feedback": True})
+      "sim.syncer_seconds": 0.3, "codec.up": "int2", "codec.error_feedback": True,
+      "chaos.seed": 2})
   straight = train.train_and_evaluate(c, str(tmp_path / "straight"))  # Saves only at the end.
   c.train.checkpoint_every = 4
 

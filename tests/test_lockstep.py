@@ -44,8 +44,8 @@ def test_identical_data_merged_update_equals_one_learners():
   team.data = [ShardIterator(corpus.train, shard=0, num_shards=2, batch_size=8, seq_len=32,
                              seed=0) for _ in range(2)]
   sent = []
-  receive = team.syncer.receive
-  team.syncer.receive = lambda c, checked=None: (sent.append(c), receive(c, checked))[1]
+  admit = team.syncer.admit
+  team.syncer.admit = lambda c, *args: (sent.append(c), admit(c, *args))[1]
   for _ in range(6):  # Two outer steps with Nesterov momentum.
     rt.train_step()
   assert team.syncer.merges.tolist() == [2] and len(sent) == 4

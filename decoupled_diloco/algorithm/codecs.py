@@ -372,3 +372,6 @@ def make_codec(name: str, *, block_size: int = 256,
       "sign": (1, _mean_abs, _sign_to_codes, _SIGN_LEVELS),
   }[name]
   return _make_block(name, block_size, bits, scale_fn, to_codes, levels)
+
+
+EXACT = make_codec("fp32")  # How full copies of fragments travel (lossless).

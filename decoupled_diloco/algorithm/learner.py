@@ -5,7 +5,7 @@ base's version), counters of steps and tokens since then, and, with error
 feedback, the residual e_p its codec has not yet sent (Decoupled DiLoCo,
 https://arxiv.org/abs/2604.21428; Streaming DiLoCo, https://arxiv.org/abs/2501.18512).
 It knows nothing of time or transport: a runtime calls `inner_step`,
-`snapshot` and `align` in whatever order its clock dictates.
+`pseudo_gradient` and `align` in whatever order its clock dictates.
 
 Error feedback keeps e_p <- beta * (x - decode(encode(x))) for the x it sends
 (beta = `feedback_decay`), in one of two ways (`feedback_restart`):
@@ -37,7 +37,7 @@ import numpy as np
 
 from decoupled_diloco.algorithm import codecs
 from decoupled_diloco.algorithm.fragments import flatten, unflatten
-from decoupled_diloco.algorithm.messages import Contribution, Publication
+from decoupled_diloco.algorithm.messages import FULL, Contribution, Publication
 
 FEEDBACK_RESTARTS = ("offset", "global")
 
@@ -59,12 +59,16 @@ def _encode_delta(codec, feedback, decay, base, theta, residual):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _align(codec, theta, payload, alpha, residual):
+def _align(codec, theta, payload, alpha, residual, base):
   """Returns (theta', base'): theta' = alpha*theta + (1-alpha)*(Theta - residual); base' = Theta.
 
-  `residual` is None where the learner restarts at Theta itself.
+  Theta is the decoded payload, plus `base` when the payload is an update
+  (`base` is None for a full copy). `residual` is None where the learner
+  restarts at Theta itself.
   """
   glob = codecs.decode_tree(codec, list(payload), theta)
+  if base is not None:
+    glob = [b + g for b, g in zip(base, glob)]
   start = glob if residual is None else [g - r for g, r in zip(glob, residual)]
   new_theta = [(alpha * t + (1 - alpha) * g).astype(t.dtype) if alpha
                else g.astype(t.dtype) + jnp.zeros_like(t) for t, g in zip(theta, start)]
@@ -103,63 +107,82 @@ class Learner:
                       for f in fragments] if error_feedback else None)
     self.step = 0
 
-  def inner_step(self, batch):
-    """One local optimizer step on `batch` (already on the island); returns the loss."""
+  def inner_step(self, batch, tokens: int | None = None):
+    """One local optimizer step on `batch` (already on the island); returns the loss.
+
+    `tokens`: tokens in `batch` (default: the full batch, `tokens_per_step`).
+    """
     self.params, self.opt_state, loss = self._inner_step(self.params, self.opt_state, batch)
     self.step += 1
     self.c_steps += 1
-    self.c_tokens += self.tokens_per_step
+    self.c_tokens += self.tokens_per_step if tokens is None else tokens
     return loss
 
   def fragment_tensors(self, p: int) -> list:
     flat = flatten(self.params)
     return [flat[k] for k in self.fragments[p]]
 
-  def snapshot(self, p: int) -> Contribution:
-    """The encoded pseudo-gradient `base_p - theta_p` with its metadata."""
+  def pseudo_gradient(self, p: int, rnd: int) -> Contribution:
+    """The encoded pseudo-gradient `base_p - theta_p` for round `rnd`, with its metadata."""
     carried = self.residual[p] if self.feedback == "global" else None
     payload, residual = _encode_delta(self.up, self.feedback, self.feedback_decay, self.base[p],
                                       self.fragment_tensors(p), carried)
     if self.residual is not None:
       self.residual[p] = residual
-    return Contribution(self.index, p, int(self.base_version[p]), int(self.c_steps[p]),
+    return Contribution(self.index, p, rnd, int(self.base_version[p]), int(self.c_steps[p]),
                         int(self.c_tokens[p]), tuple(payload), codecs.payload_nbytes(payload))
 
-  def align(self, pub: Publication) -> None:
+  def align(self, pub: Publication) -> str:
     """theta_p <- alpha*theta_p + (1-alpha)*Theta_p; rebase; reset p's counters.
 
-    With "offset" error feedback, Theta_p - e_p stands in for Theta_p.
+    With "offset" error feedback, Theta_p - e_p stands in for Theta_p. The
+    inner optimizer state is kept (DiLoCo keeps it across outer steps).
 
-    The inner optimizer state is kept (DiLoCo keeps it across outer steps).
+    Returns "applied"; "stale" (a version the learner already holds or has
+    passed: ignored); or "gap" (an update made against a version the learner
+    does not hold: not applied, the caller fetches a full copy instead).
     """
+    p = pub.fragment
+    if pub.version <= self.base_version[p]:
+      return "stale"
+    update = pub.base_version != FULL
+    if update and pub.base_version != self.base_version[p]:
+      return "gap"
     payload = jax.device_put(pub.payload, self.island.replicated)
-    unsent = self.residual[pub.fragment] if self.feedback == "offset" else None
-    theta, base = _align(self.down, self.fragment_tensors(pub.fragment), payload, self.alpha,
-                         unsent)
+    unsent = self.residual[p] if self.feedback == "offset" else None
+    theta, base = _align(self.down if update else codecs.EXACT, self.fragment_tensors(p), payload,
+                         self.alpha, unsent, self.base[p] if update else None)
     theta = jax.device_put(theta, [self.island.param_sharding(t) for t in theta])
     flat = flatten(self.params)
-    flat.update(zip(self.fragments[pub.fragment], theta))
+    flat.update(zip(self.fragments[p], theta))
     self.params = unflatten(flat)
-    self.base[pub.fragment] = base
-    self.base_version[pub.fragment] = pub.version
-    self.c_steps[pub.fragment] = 0
-    self.c_tokens[pub.fragment] = 0
+    self.base[p] = base
+    self.base_version[p] = pub.version
+    self.c_steps[p] = 0
+    self.c_tokens[p] = 0
+    return "applied"
 
-  def recover(self, publications) -> None:
-    """Restarts the learner from the global model (after divergence or a full outage).
+  def recover(self, publications, opt_state=None) -> None:
+    """Restarts the learner from full copies of the global fragments.
 
-    Its unsent residuals are dropped (zeros), its parameters become the
-    published fragments, and non-finite entries of its inner optimizer state
-    (Adam's moments, once a NaN got in) become zeros, so the next step and send
-    are finite again; step counts and the schedule are kept.
+    After a full outage (its memory is gone) or a divergence. Its unsent
+    residuals are dropped, its parameters become the published fragments, and
+    its inner optimizer state becomes `opt_state` (a fresh one, built by the
+    caller) or, if None, is kept with its non-finite entries zeroed (the
+    optimistic ablation: a learner that lost its slices has no moments left).
     """
     if self.residual is not None:
       self.residual = jax.tree.map(jnp.zeros_like, self.residual)
+    self.base_version[:] = -1  # Whatever it held is gone: every copy applies.
     for pub in publications:
+      assert pub.base_version == FULL, "a learner recovers from full copies only"
       self.align(pub)
-    clean = lambda x: (jnp.where(jnp.isfinite(x), x, 0)
-                       if jnp.issubdtype(x.dtype, jnp.floating) else x)
-    self.opt_state = jax.tree.map(clean, self.opt_state)
+    if opt_state is not None:
+      self.opt_state = self.island.put(opt_state)
+    else:
+      clean = lambda x: (jnp.where(jnp.isfinite(x), x, 0)
+                         if jnp.issubdtype(x.dtype, jnp.floating) else x)
+      self.opt_state = jax.tree.map(clean, self.opt_state)
 
   def state(self) -> dict:
     s = {"params": self.params, "opt_state": self.opt_state, "base": self.base,

@@ -6,21 +6,33 @@ path order): exactly what a transport would serialize. `nbytes` counts them.
 
 from typing import Any, NamedTuple
 
+FULL = -1  # `Publication.base_version` of a full copy (not an update).
+
 
 class Contribution(NamedTuple):
   """Learner -> syncer: a fragment's pseudo-gradient `base - theta`, encoded."""
   learner: int
   fragment: int
+  round: int  # The scheduled sync of the fragment it belongs to (algorithm/rounds.py).
   base_version: int  # Version of the global fragment the delta is measured from.
   steps: int  # Inner steps since that alignment.
   tokens: int  # Tokens processed since that alignment.
   payload: tuple[dict[str, Any], ...]
   nbytes: int
+  sent_at: float = 0.0  # Sender's clock (runtime seconds) when it was sent.
+  step_seconds: float = 0.0  # Sender's recent inner-step time (0: unknown).
 
 
 class Publication(NamedTuple):
-  """Syncer -> learners: the new global fragment, encoded."""
+  """Syncer -> learners: a fragment's new global version, encoded.
+
+  A full copy (`base_version == FULL`) holds the fragment itself; an update
+  holds `Theta_version - Theta_hat_base` against what learners hold at
+  `base_version`, and applies only there.
+  """
   fragment: int
   version: int
   payload: tuple[dict[str, Any], ...]
   nbytes: int
+  base_version: int = FULL
+  round: int = -1  # The round whose merge made it (-1: a copy, not a merge).

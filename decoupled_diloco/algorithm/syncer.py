@@ -1,14 +1,29 @@
-"""The syncer: validates contributions, merges them per fragment, takes outer steps.
+"""The syncer: validates contributions, merges them per round, takes outer steps.
 
 Per fragment p it holds the global tensors Theta_p, their version, an outer
 optimizer state (any optax transformation: the merged pseudo-gradient is
 treated as a gradient, as in DiLoCo, https://arxiv.org/abs/2311.08105) and
-the contributions of the current round. When to close a round is the
-runtime's decision (lock-step: all learners; decoupled: quorum + grace).
+the contributions admitted to each of its rounds. Which round a contribution
+joins, and when a round closes, is `algorithm/rounds.py`'s decision; the
+syncer does what it says.
+
+Downloads. With a lossless down codec every publication is the fragment
+itself. With a lossy one, publishing the fragment would quantize the
+parameters themselves at every sync; instead the syncer keeps what the
+learners hold, Theta_hat_p, and publishes the update against it:
+
+  payload = encode(Theta_p - Theta_hat_p);  Theta_hat_p += decode(payload)
+
+so the rounding error stays on the syncer and is sent with later updates
+(error feedback on the download), and the learners' copy never drifts more
+than one update's rounding from Theta_p. An update applies only to the
+version it was made against; a learner that holds anything else (it rejoined,
+or missed a publication) gets a full-precision copy of Theta_p instead.
 """
 
 import collections
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,25 +32,48 @@ import optax
 from absl import logging
 
 from decoupled_diloco.algorithm import codecs, merge
-from decoupled_diloco.algorithm.messages import Contribution, Publication
+from decoupled_diloco.algorithm.messages import FULL, Contribution, Publication
+
+STALENESS_WEIGHTINGS = ("none", "inverse")
+
+
+class Checked(NamedTuple):
+  """A contribution decoded on the syncer's device (not yet read back)."""
+  deltas: list
+  finite: jax.Array  # All values finite.
+  max_abs: jax.Array  # Largest |value|.
+
+
+class Entry(NamedTuple):
+  """A contribution admitted to a round, with its decoded deltas."""
+  contribution: Contribution
+  deltas: list
+  staleness: int  # Versions between its base and the fragment when it was admitted.
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _check(codec, payload, like):
-  """Decodes a contribution and returns (deltas, all finite, max |delta|)."""
+def _check(codec, payload, like) -> Checked:
   deltas = codecs.decode_tree(codec, list(payload), like)
   finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(d)) for d in deltas]))
   max_abs = jnp.max(jnp.stack([jnp.max(jnp.abs(d)) for d in deltas]))
-  return deltas, finite, max_abs
+  return Checked(deltas, finite, max_abs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _outer_step(tx, rules, down, theta, opt_state, deltas, w_N):
-  """Merges deltas [contributor][tensor], takes the outer step, encodes Theta."""
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _outer_step(tx, rules, theta, opt_state, deltas, w_N):
+  """Merges deltas [contributor][tensor] and takes the outer step."""
   merged = [rule(jnp.stack(d), w_N) for rule, d in zip(rules, zip(*deltas))]
   updates, opt_state = tx.update(merged, opt_state, theta)
-  theta = optax.apply_updates(theta, updates)
-  return theta, opt_state, codecs.encode_tree(down, theta)
+  return optax.apply_updates(theta, updates), opt_state
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _encode_update(codec, theta, held):
+  """(payload of theta - held, held + what the payload delivers)."""
+  update = [t - h for t, h in zip(theta, held)]
+  payload = codecs.encode_tree(codec, update)
+  delivered = codecs.decode_tree(codec, payload, update)
+  return payload, [h + d for h, d in zip(held, delivered)]
 
 
 def _conforms(payload, spec) -> bool:
@@ -50,16 +88,8 @@ def _conforms(payload, spec) -> bool:
       for a, w in zip(leaves, want))
 
 
-def grace_window(*, overlap: int, step_s: float, quorum_s: float, sync_s: float,
-                 gamma: float, grace_max_s: float) -> float:
-  """Seconds to wait for more learners once the quorum is reached.
-
-  grace = clip(gamma * (tau * xi_step - (xi_quorum + xi_sync)), 0, grace_max):
-  only wait inside the slack that the tau-step overlap already hides
-  (Decoupled DiLoCo, https://arxiv.org/abs/2604.21428).
-  """
-  slack = gamma * (overlap * step_s - (quorum_s + sync_s))
-  return min(max(slack, 0.0), grace_max_s)
+def _lossless(codec: codecs.Codec) -> bool:
+  return codec.name == "fp32"
 
 
 class Syncer:
@@ -68,7 +98,7 @@ class Syncer:
   def __init__(self, flat_params: dict, fragments, *, outer_tx: optax.GradientTransformation,
                merge_rule: str, weighting: str, up: codecs.Codec, down: codecs.Codec,
                num_learners: int, max_abs_delta: float, max_staleness: int | None = None,
-               device=None):
+               staleness_weighting: str = "none", device=None):
     self.fragments = fragments
     self.device = device or jax.devices()[0]
     # Copied through the host: the syncer's fragments never alias a learner's.
@@ -79,13 +109,21 @@ class Syncer:
     self.opt_state = [outer_tx.init(t) for t in self.theta]
     self.rules = [tuple(merge.rule_for(k, merge_rule) for k in f) for f in fragments]
     merge.weights([1], [1], weighting)  # Validates the name now, not at the first merge.
-    self.weighting, self.up, self.down = weighting, up, down
+    if staleness_weighting not in STALENESS_WEIGHTINGS:
+      raise ValueError(f"diloco.staleness_weighting={staleness_weighting!r} is unknown;"
+                       f" choose from {STALENESS_WEIGHTINGS}.")
+    self.weighting, self.staleness_weighting = weighting, staleness_weighting
+    self.up, self.down = up, down
     self.num_learners, self.max_abs_delta = num_learners, max_abs_delta
     self.max_staleness = max_staleness
-    self.pending: list[dict[int, tuple]] = [{} for _ in fragments]  # learner -> (c, deltas)
+    # Per fragment: round -> admitted entries.
+    self.pending: list[dict[int, list[Entry]]] = [{} for _ in fragments]
+    # What learners hold, per fragment (lossy downloads only; see module docstring).
+    self.held = None if _lossless(down) else [list(t) for t in self.theta]
     self.rejected = collections.Counter()
     self.last_rejection: str | None = None  # Reason of the latest rejection.
     self._encode_down = jax.jit(functools.partial(codecs.encode_tree, down))
+    self._encode_exact = jax.jit(functools.partial(codecs.encode_tree, codecs.EXACT))
     # What a well-formed contribution's payload is, per fragment: the up codec's
     # output for each tensor (learners encode float32 deltas).
     self._payload_specs = [
@@ -94,18 +132,19 @@ class Syncer:
         for theta in self.theta]
     self.merges = np.zeros(len(fragments), np.int64)
 
-  def _reject(self, c: Contribution, reason: str) -> bool:
+  def reject(self, c: Contribution, reason: str) -> None:
+    """Counts and logs a contribution that will not be merged."""
     self.last_rejection = reason
     self.rejected[reason] += 1
-    logging.warning("syncer: rejected learner %s fragment %s (%s)", c.learner, c.fragment, reason)
-    return False
+    logging.warning("syncer: rejected learner %s fragment %s round %s (%s)", c.learner,
+                    c.fragment, c.round, reason)
 
-  def check(self, c: Contribution):
-    """Starts decoding and validating `c` on the syncer's device, without waiting.
+  def check(self, c: Contribution) -> Checked | None:
+    """Starts decoding `c` on the syncer's device, without waiting.
 
-    Returns what `receive(c, checked)` needs, or None if the payload is malformed:
-    not exactly the arrays (keys, shapes, dtypes) the up codec makes for the
-    fragment. A runtime that checks at send time and receives later never blocks.
+    None if the payload is malformed: not exactly the arrays (keys, shapes,
+    dtypes) the up codec makes for the fragment. A runtime that checks at send
+    time and validates later never blocks.
     """
     if not 0 <= c.fragment < len(self.fragments):
       return None
@@ -116,55 +155,87 @@ class Syncer:
     except (TypeError, ValueError, KeyError, IndexError):
       return None
 
-  def receive(self, c: Contribution, checked=None) -> bool:
-    """Admits a contribution to its fragment's round; returns False if rejected."""
+  def validate(self, c: Contribution, checked: Checked | None = None) -> list | None:
+    """The contribution's decoded deltas, or None (counted and logged) if it is rejected."""
     if not (0 <= c.fragment < len(self.fragments)) or not 0 <= c.learner < self.num_learners:
-      return self._reject(c, "unknown learner or fragment")
+      self.reject(c, "unknown learner or fragment")
+      return None
     p = c.fragment
-    if c.base_version > self.version[p] or c.steps < 0 or c.tokens < 0:
-      return self._reject(c, "inconsistent metadata")
+    if c.base_version > self.version[p] or c.steps < 0 or c.tokens < 0 or c.round < 0:
+      self.reject(c, "inconsistent metadata")
+      return None
     if self.max_staleness is not None and self.version[p] - c.base_version > self.max_staleness:
-      return self._reject(c, "stale")
+      self.reject(c, "stale")
+      return None
     if (checked := checked or self.check(c)) is None:
-      return self._reject(c, "malformed payload")
-    deltas, finite, max_abs = checked
-    finite, max_abs = jax.device_get((finite, max_abs))  # One host sync, not two.
+      self.reject(c, "malformed payload")
+      return None
+    finite, max_abs = jax.device_get((checked.finite, checked.max_abs))  # One host sync.
     if not finite:
-      return self._reject(c, "non-finite")
+      self.reject(c, "non-finite")
+      return None
     if max_abs > self.max_abs_delta:
-      return self._reject(c, "absurd magnitude")
-    self.pending[p][c.learner] = (c, deltas)  # A newer one from the same learner replaces it.
+      self.reject(c, "absurd magnitude")
+      return None
+    return checked.deltas
+
+  def admit(self, c: Contribution, deltas: list, rnd: int) -> None:
+    """Adds a validated contribution to round `rnd` of its fragment.
+
+    A newer contribution from the same learner measured from the same base
+    holds all of the older one's work, so it replaces it.
+    """
+    entries = self.pending[c.fragment].setdefault(rnd, [])
+    entries[:] = [e for e in entries if (e.contribution.learner, e.contribution.base_version)
+                  != (c.learner, c.base_version)]
+    entries.append(Entry(c, deltas, int(self.version[c.fragment] - c.base_version)))
+
+  def receive(self, c: Contribution, rnd: int, checked: Checked | None = None) -> bool:
+    """`validate` then `admit` to round `rnd`; False if rejected."""
+    deltas = self.validate(c, checked)
+    if deltas is None:
+      return False
+    self.admit(c, deltas, rnd)
     return True
 
-  def readmit(self, c: Contribution) -> None:
-    """Puts back into its round a contribution that `receive` admitted (on resume)."""
-    deltas, _, _ = _check(self.up, jax.device_put(c.payload, self.device),
-                          self.theta[c.fragment])
-    self.pending[c.fragment][c.learner] = (c, deltas)
+  def readmit(self, c: Contribution, rnd: int, staleness: int) -> None:
+    """Puts back a contribution that was admitted before a checkpoint (on resume)."""
+    checked = _check(self.up, jax.device_put(c.payload, self.device), self.theta[c.fragment])
+    self.pending[c.fragment].setdefault(rnd, []).append(Entry(c, checked.deltas, staleness))
 
-  def contributors(self, p: int) -> int:
-    return len(self.pending[p])
+  def contributors(self, p: int, rnd: int) -> int:
+    return len(self.pending[p].get(rnd, ()))
 
-  def merge(self, p: int) -> Publication | None:
-    """Closes fragment p's round: merge, outer step, new version. None if empty."""
-    entries = [self.pending[p][m] for m in sorted(self.pending[p])]
-    self.pending[p] = {}
+  def merge(self, p: int, rnd: int) -> Publication | None:
+    """Closes round `rnd` of fragment p: merge, outer step, new version. None if empty."""
+    entries = sorted(self.pending[p].pop(rnd, []),
+                     key=lambda e: (e.contribution.learner, e.contribution.base_version))
     if not entries:
       return None
-    w_N = merge.weights([c.steps for c, _ in entries], [c.tokens for c, _ in entries],
-                        self.weighting)
+    cs = [e.contribution for e in entries]
+    w_N = merge.weights([c.steps for c in cs], [c.tokens for c in cs], self.weighting)
+    if self.staleness_weighting == "inverse":
+      w_N = (w_N / (1.0 + np.array([e.staleness for e in entries], np.float32))).astype(np.float32)
     if float(w_N.sum()) <= 0:
       return None
-    self.theta[p], self.opt_state[p], payload = _outer_step(
-        self.tx, self.rules[p], self.down, self.theta[p], self.opt_state[p],
-        [list(d) for _, d in entries], w_N)
+    self.theta[p], self.opt_state[p] = _outer_step(
+        self.tx, self.rules[p], self.theta[p], self.opt_state[p],
+        [list(e.deltas) for e in entries], w_N)
     self.version[p] += 1
     self.merges[p] += 1
-    return Publication(p, int(self.version[p]), tuple(payload), codecs.payload_nbytes(payload))
+    version = int(self.version[p])
+    if self.held is None:
+      payload, base = self._encode_down(self.theta[p]), FULL
+    else:
+      payload, self.held[p] = _encode_update(self.down, self.theta[p], self.held[p])
+      base = version - 1
+    return Publication(p, version, tuple(payload), codecs.payload_nbytes(payload),
+                       base_version=base, round=rnd)
 
   def publication(self, p: int) -> Publication:
-    """The current global fragment p (e.g. for a learner that rejoins)."""
-    payload = self._encode_down(self.theta[p])
+    """A full copy of the current global fragment p, exact (e.g. for a rejoining learner)."""
+    encode = self._encode_down if self.held is None else self._encode_exact
+    payload = encode(self.theta[p])
     return Publication(p, int(self.version[p]), tuple(payload), codecs.payload_nbytes(payload))
 
   def global_flat(self) -> dict:
@@ -172,11 +243,16 @@ class Syncer:
     return {k: t for f, ts in zip(self.fragments, self.theta) for k, t in zip(f, ts)}
 
   def state(self) -> dict:
-    return {"theta": self.theta, "opt_state": self.opt_state, "version": self.version,
-            "merges": self.merges}
+    s = {"theta": self.theta, "opt_state": self.opt_state, "version": self.version,
+         "merges": self.merges}
+    if self.held is not None:
+      s["held"] = self.held
+    return s
 
   def load_state(self, s: dict) -> None:
     self.theta = [list(t) for t in s["theta"]]
     self.opt_state = list(s["opt_state"])
     self.version = np.asarray(s["version"]).copy()
     self.merges = np.asarray(s["merges"]).copy()
+    if self.held is not None:
+      self.held = [list(h) for h in s["held"]]

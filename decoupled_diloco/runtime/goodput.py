@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from decoupled_diloco.algorithm.messages import Contribution, Publication
+from decoupled_diloco.algorithm import rounds
 from decoupled_diloco.runtime import baselines, chaos, simulated
 
 
@@ -51,11 +52,12 @@ def simulate_decoupled(model: chaos.FailureModel, *, num_chips: int, num_learner
                                  stationary=True)
   timelines = [chaos.elastic_timeline(outages, chaos.slices_of_learner(m, slices), horizon,
                                       model) for m in range(num_learners)]
+  rules = rounds.RoundRules(quorum=quorum, grace_gamma=grace_gamma, grace_max_s=grace_max_s,
+                            overlap=overlap)
   protocol = simulated.Protocol(
       offsets=tuple(p * sync_every // num_fragments for p in range(num_fragments)),
-      sync_every=sync_every, overlap=overlap, quorum=quorum, grace_gamma=grace_gamma,
-      grace_max_s=grace_max_s, lockstep=False)
-  machines = simulated.Machines(
+      sync_every=sync_every, overlap=overlap, rules=rules)
+  machines = simulated.World(
       step_seconds=np.full(num_learners, step_seconds), noise=0.0, latency_s=0.0,
       bytes_per_s=math.inf, syncer_seconds=0.0, slices_per_learner=slices,
       chips_per_slice=model.chips_per_slice, timelines=timelines, outages=None, seed=seed)
@@ -80,48 +82,68 @@ def simulate_decoupled(model: chaos.FailureModel, *, num_chips: int, num_learner
 
 
 class AnalyticBackend:
-  """Compute-free backend: message sizes and versions only, no arrays."""
+  """Compute-free backend (`simulated.Backend`): message sizes, versions and counters only."""
 
-  def __init__(self, num_learners: int, bytes_up, bytes_down, max_staleness: int = -1):
+  def __init__(self, num_learners: int, bytes_up, bytes_down, max_staleness: int = -1,
+               tokens_per_step: int = 1):
     self.bytes_up, self.bytes_down = list(bytes_up), list(bytes_down)
     num = len(self.bytes_up)
     self.version = [0] * num
     self.base_version = [[0] * num for _ in range(num_learners)]
-    self.pending = [set() for _ in range(num)]
+    self.c_steps = np.zeros((num_learners, num), np.int64)
+    self.c_tokens = np.zeros((num_learners, num), np.int64)
+    self.tokens_per_step = tokens_per_step
+    self.pending: list[dict[int, list[Contribution]]] = [{} for _ in range(num)]
+    self.merged: list[list[Contribution]] = []  # Every merge's contributions, in order.
     self.max_staleness = max_staleness
     self.sent = 0
 
-  def inner_step(self, m):
+  def inner_step(self, m, share):
+    self.c_steps[m] += 1
+    self.c_tokens[m] += int(self.tokens_per_step * share)
     return None
 
-  def snapshot(self, m, p) -> Contribution:
+  def send(self, m, p, rnd) -> Contribution:
     self.sent += self.bytes_up[p]
-    return Contribution(m, p, self.base_version[m][p], 0, 0, (), self.bytes_up[p])
+    return Contribution(m, p, rnd, self.base_version[m][p], int(self.c_steps[m, p]),
+                        int(self.c_tokens[m, p]), (), self.bytes_up[p])
 
-  def receive(self, c) -> bool:
+  def validate(self, c):
     if 0 <= self.max_staleness < self.version[c.fragment] - c.base_version:
-      return False
-    self.pending[c.fragment].add(c.learner)
-    return True
-
-  def contributors(self, p) -> int:
-    return len(self.pending[p])
-
-  def merge(self, p):
-    if not self.pending[p]:
       return None
-    self.pending[p].clear()
+    return c
+
+  def admit(self, c, rnd) -> None:
+    self.pending[c.fragment].setdefault(rnd, []).append(c)
+
+  def discard(self, c, reason) -> None:
+    del c, reason
+
+  def contributors(self, p, rnd) -> int:
+    return len(self.pending[p].get(rnd, ()))
+
+  def merge(self, p, rnd):
+    entries = self.pending[p].pop(rnd, [])
+    if not entries:
+      return None
+    self.merged.append(entries)
     self.version[p] += 1
-    return Publication(p, self.version[p], (), self.bytes_down[p])
+    return Publication(p, self.version[p], (), self.bytes_down[p], round=rnd)
 
   def publication(self, p):
     return Publication(p, self.version[p], (), self.bytes_down[p])
 
-  def align(self, m, pub) -> None:
-    self.base_version[m][pub.fragment] = pub.version
+  def deliver(self, m, pub) -> str:
     self.sent += pub.nbytes
+    if pub.version <= self.base_version[m][pub.fragment]:
+      return "stale"
+    self.base_version[m][pub.fragment] = pub.version
+    self.c_steps[m, pub.fragment] = self.c_tokens[m, pub.fragment] = 0
+    return "applied"
 
-  def rejoin(self, m) -> None:
+  def rejoin(self, m, schedule_step) -> None:
+    del schedule_step
     for p, v in enumerate(self.version):
       self.base_version[m][p] = v
+      self.c_steps[m, p] = self.c_tokens[m, p] = 0
       self.sent += self.bytes_down[p]

@@ -1,18 +1,27 @@
 """A discrete-event simulation of learners and a syncer on a virtual clock.
 
 Each learner has its own clock, a step-time model (speed factor x lognormal
-noise, slower on fewer slices), a failure timeline (`chaos.elastic_timeline`)
-and a link with latency and bandwidth. The syncer closes a fragment's round
-once `quorum` distinct live learners have contributed, after an adaptive grace
-window, or at once when every live learner has reported (Decoupled DiLoCo,
-https://arxiv.org/abs/2604.21428). What a step, a snapshot or a merge *does*
-is the backend's business: `JaxBackend` (runtime/decoupled.py) trains a real
-model, `AnalyticBackend` (runtime/goodput.py) only counts, so the same
-protocol runs compute-free for millions of simulated chips.
+noise), a failure timeline (`chaos.elastic_timeline`) and a link with latency
+and bandwidth. The syncer follows the round rules of `algorithm/rounds.py`
+(numbered rounds, quorum of live learners by identity, grace window, late
+policy; Decoupled DiLoCo, https://arxiv.org/abs/2604.21428). What a step, a
+pseudo-gradient or a merge *does* is the backend's business (`Backend`):
+`JaxBackend` (runtime/decoupled.py) trains a real model, `AnalyticBackend`
+(runtime/goodput.py) only counts, so the same protocol runs compute-free for
+millions of simulated chips.
+
+A learner's place in the fragment schedule is its *position*, its inner step
+plus a phase. A learner that falls so far behind that a round closes before
+it even reached that round's send is re-phased when the publication lands:
+it sends at once the fragments whose sends it skips (late: the late policy
+decides), then takes up the position at which the live learners sent that
+round (never beyond: they are there or further by the time it lands, so
+re-phasing cannot push the schedule ahead of the learners that set it). A learner back from a full outage takes up the furthest live
+learner's position.
 
 Events at the same virtual time are processed in a fixed order (arrivals,
 merges, step ends, step starts; then by insertion), so a run is deterministic.
-Between two `run`s, `snapshot` and `restore` carry the whole state through a
+Between two `run`s, `state` and `load_state` carry the whole state through a
 checkpoint, event log included, so a resumed run goes on exactly.
 """
 
@@ -20,21 +29,24 @@ import heapq
 import json
 import math
 import os
+import typing
 from typing import NamedTuple
 
 import numpy as np
 
+from decoupled_diloco.algorithm import rounds as rounds_lib
 from decoupled_diloco.algorithm.messages import Contribution, Publication
-from decoupled_diloco.algorithm.syncer import grace_window
-from decoupled_diloco.runtime import snapshots
+from decoupled_diloco.runtime import serialization
 
 # Event kinds double as priorities at equal times.
 ARRIVE_SYNCER, ARRIVE_LEARNER, MERGE, DONE, LOST, START, NOTE = range(7)
 _MESSAGE_EVENTS = (ARRIVE_SYNCER, ARRIVE_LEARNER)  # Their data is a message.
 _NOISE_CHUNK = 4096
-# `Simulation` attributes that a snapshot holds as they are.
-_FIELDS = ("now", "total_steps", "_seq", "xi_step", "xi_sync", "contributors_per_merge",
-           "_computing", "_num_live", "_advancing_s", "_last_t", "_log_bytes")
+# `Simulation` attributes that a checkpoint holds as they are.
+_FIELDS = ("now", "total_steps", "_seq", "contributors_per_merge", "_computing",
+           "_advancing_s", "_last_t", "_log_bytes", "counts")
+LOSS_CAUSES = ("slices_down", "reconfiguration", "lost_steps", "unsent_work", "waiting",
+               "idle_spares", "in_progress")
 
 
 class Protocol(NamedTuple):
@@ -42,14 +54,12 @@ class Protocol(NamedTuple):
   offsets: tuple[int, ...]  # Per-fragment sync offsets.
   sync_every: int  # H.
   overlap: int  # tau.
-  quorum: int  # K (already resolved: 1..M).
-  grace_gamma: float
-  grace_max_s: float
-  lockstep: bool  # Learners wait for fragment p at send step + tau.
+  rules: rounds_lib.RoundRules
+  learners_wait: bool = False  # Learners wait for fragment p at send step + tau.
 
 
-class Machines(NamedTuple):
-  """Time, network and failure models."""
+class World(NamedTuple):
+  """Everything outside the algorithm: step times, network, failures."""
   step_seconds: np.ndarray  # [M] step time on all slices, speed factors applied.
   noise: float  # Lognormal sigma of per-step noise.
   latency_s: float
@@ -60,6 +70,41 @@ class Machines(NamedTuple):
   timelines: list | None  # Per learner `chaos.Timeline`, or None without chaos.
   outages: object  # The `chaos.Outages` behind the timelines (for the event log), or None.
   seed: int
+  shrink_batch: bool = True  # On fewer slices: smaller batch, same step time (else slower).
+
+
+class Backend(typing.Protocol):
+  """What the simulator needs of whoever holds the learners' and syncer's state."""
+
+  def inner_step(self, m: int, share: float):
+    """Learner m's next inner step on `share` of its batch; returns its loss (or None)."""
+
+  def send(self, m: int, p: int, rnd: int) -> Contribution:
+    """Learner m's pseudo-gradient of fragment p for round `rnd`."""
+
+  def validate(self, c: Contribution):
+    """A token for `admit`, or None if the syncer rejects `c`."""
+
+  def admit(self, token, rnd: int) -> None:
+    """Adds a validated contribution to round `rnd` of its fragment."""
+
+  def discard(self, c: Contribution, reason: str) -> None:
+    """A valid contribution the late policy turned away (`late_dropped`, `late_rejected`)."""
+
+  def contributors(self, p: int, rnd: int) -> int:
+    """Contributions admitted to round `rnd` of fragment p."""
+
+  def merge(self, p: int, rnd: int) -> Publication | None:
+    """Closes round `rnd` of fragment p; None if nothing to merge."""
+
+  def publication(self, p: int) -> Publication:
+    """A full copy of the current global fragment p."""
+
+  def deliver(self, m: int, pub: Publication) -> str:
+    """Learner m receives `pub` ("applied", "stale" or "full_copy")."""
+
+  def rejoin(self, m: int, schedule_step: int) -> None:
+    """Learner m, back from zero slices, restarts from the global fragments."""
 
 
 class _Learner:
@@ -67,38 +112,35 @@ class _Learner:
 
   def __init__(self, num_fragments: int):
     self.step = 0
-    self.phase = 0  # Added to `step` for the fragment schedule (set on rejoin).
+    self.phase = 0  # Added to `step` for the schedule position.
     self.inbox: list[Publication] = []
-    self.awaiting: dict[int, int] = {}  # fragment -> send step (lock-step waits).
+    self.awaiting: dict[int, int] = {}  # fragment -> send step (when learners wait).
     self.last_send = np.zeros(num_fragments, np.int64)
     self.waiting_since: float | None = None
     self.down = False
     self.segment = 0
+    self.step_ema = 0.0  # Running estimate of its step time, reported with its sends.
     self.busy_s = self.waiting_s = self.down_s = self.stopped_s = self.lost_s = 0.0
     self.useful_chip_s = 0.0
-    self.lost_chip_s = 0.0
-
-
-class _Round:
-  def __init__(self):
-    self.opened: float | None = None  # First arrival of the round: xi_quorum counts from it.
-    self.timer: float | None = None
-    self.id = 0
-    self.reported: set[int] = set()  # Accepted or rejected: they will not send again.
+    self.lost_chip_s = {cause: 0.0 for cause in LOSS_CAUSES}
+    # A down or stopped span already counted to its end: (end, chips idle, kind).
+    self.span: tuple[float, float, str] | None = None
 
 
 class Simulation:
   """Runs the protocol over a backend; see module docstring."""
 
-  def __init__(self, backend, protocol: Protocol, machines: Machines, num_fragments: int,
+  def __init__(self, backend: Backend, protocol: Protocol, world: World, num_fragments: int,
                log_path: str | None = None):
-    self.backend, self.protocol, self.machines = backend, protocol, machines
-    self.num_learners = len(machines.step_seconds)
+    self.backend, self.protocol, self.world = backend, protocol, world
+    self.num_learners = len(world.step_seconds)
     self.learners = [_Learner(num_fragments) for _ in range(self.num_learners)]
-    self._due = [[] for _ in range(protocol.sync_every)]  # step mod H -> fragments due.
+    self._due = [[] for _ in range(protocol.sync_every)]  # position mod H -> fragments due.
     for p, offset in enumerate(protocol.offsets):
       self._due[offset % protocol.sync_every].append(p)
-    self.rounds = [_Round() for _ in range(num_fragments)]
+    self.rounds = rounds_lib.Rounds(num_fragments, self.num_learners, protocol.rules,
+                                    step_s=float(np.mean(world.step_seconds)),
+                                    sync_s=world.syncer_seconds)
     self.now = 0.0
     self.total_steps = 0
     self._heap: list = []
@@ -108,17 +150,16 @@ class Simulation:
     # simulation drops a stale log, a restored one the lines past its checkpoint.
     self._log = open(log_path, "a") if log_path else None
     self._log_bytes = 0
-    self.xi_step = float(np.mean(machines.step_seconds))
-    self.xi_sync = machines.syncer_seconds
     self.losses: list = []
     self.merges = np.zeros(num_fragments, np.int64)
     self.contributors_per_merge: list[int] = []
+    self.counts = {"late_joined": 0, "late_dropped": 0, "late_rejected": 0, "rephases": 0,
+                   "full_copies": 0}
     self._computing = 0
-    self._num_live = self.num_learners
     self._advancing_s = 0.0
     self._last_t = 0.0
-    if machines.outages is not None and self._log is not None:
-      self._schedule_failure_notes(machines.outages)
+    if world.outages is not None and self._log is not None:
+      self._schedule_failure_notes(world.outages)
     for m in range(self.num_learners):
       self._push(0.0, START, m)
 
@@ -139,36 +180,48 @@ class Simulation:
       self._log = None
 
   def _noise(self, m: int, step: int) -> float:
-    if not self.machines.noise:
+    if not self.world.noise:
       return 1.0
     chunk = step // _NOISE_CHUNK
     cached = self._noise_cache.get(m)
     if cached is None or cached[0] != chunk:
-      z = np.random.default_rng((self.machines.seed, m, chunk)).standard_normal(_NOISE_CHUNK)
-      sigma = self.machines.noise
+      z = np.random.default_rng((self.world.seed, m, chunk)).standard_normal(_NOISE_CHUNK)
+      sigma = self.world.noise
       cached = (chunk, np.exp(sigma * z - sigma * sigma / 2))  # Mean 1.
       self._noise_cache[m] = cached
     return float(cached[1][step % _NOISE_CHUNK])
 
   def _transfer_s(self, nbytes: int) -> float:
-    return self.machines.latency_s + nbytes / self.machines.bytes_per_s
+    return self.world.latency_s + nbytes / self.world.bytes_per_s
 
   def _segment(self, m: int):
     """(slices up, running, segment end) of learner m's failure timeline at now."""
-    timelines = self.machines.timelines
+    timelines = self.world.timelines
     if timelines is None:
-      return self.machines.slices_per_learner, True, math.inf
-    line, lr = timelines[m], self.learners[m]
-    while lr.segment < len(line.end) and line.end[lr.segment] <= self.now:
-      lr.segment += 1
-    if lr.segment == len(line.end):  # Past the sampled horizon: all up.
-      return self.machines.slices_per_learner, True, math.inf
-    i = lr.segment
+      return self.world.slices_per_learner, True, math.inf
+    line, ln = timelines[m], self.learners[m]
+    while ln.segment < len(line.end) and line.end[ln.segment] <= self.now:
+      ln.segment += 1
+    if ln.segment == len(line.end):  # Past the sampled horizon: all up.
+      return self.world.slices_per_learner, True, math.inf
+    i = ln.segment
     return int(line.slices_up[i]), bool(line.running[i]), float(line.end[i])
+
+  def _up_chip_seconds(self, m: int, t0: float, t1: float) -> float:
+    """Chip-seconds of learner m's slices that are up over [t0, t1)."""
+    full = self.world.slices_per_learner
+    line = None if self.world.timelines is None else self.world.timelines[m]
+    if line is None or t1 <= t0:
+      return max(t1 - t0, 0.0) * full * self.world.chips_per_slice
+    start = np.clip(line.start, t0, t1)
+    end = np.clip(line.end, t0, t1)
+    covered = float(np.sum((end - start) * line.slices_up))
+    beyond = max(t1 - max(float(line.end[-1]), t0), 0.0) * full  # Past the horizon: all up.
+    return (covered + beyond) * self.world.chips_per_slice
 
   def _schedule_failure_notes(self, outages) -> None:
     """Slice failures and repairs go into the event log at their times."""
-    per = self.machines.slices_per_learner
+    per = self.world.slices_per_learner
     for s, start, end in zip(outages.slice.tolist(), outages.start.tolist(),
                              outages.end.tolist()):
       fields = {"learner": s // per, "slice": s % per}
@@ -191,7 +244,8 @@ class Simulation:
     while self.total_steps < total_steps or (heap and heap[0][0] <= self.now):
       if not heap:
         raise RuntimeError("the simulation has no events left: every learner is waiting"
-                           " and no round can close; check diloco.quorum and sim.lockstep.")
+                           " and no round can close; check diloco.quorum and"
+                           " sim.learners_wait.")
       t, kind, _, data = heapq.heappop(heap)
       if self._computing:
         self._advancing_s += t - self._last_t
@@ -212,149 +266,222 @@ class Simulation:
         self.log(data[0], **data[1])
     return self.losses
 
+  # --- learners ------------------------------------------------------------------
+
   def _start(self, m: int) -> None:
-    lr = self.learners[m]
+    ln = self.learners[m]
+    world = self.world
     up, running, end = self._segment(m)
     if up == 0 or not running:
-      if up == 0 and not lr.down:
+      if up == 0 and not ln.down:
         self._go_down(m)
       span = end - self.now
+      chips = up * world.chips_per_slice
       if up == 0:
-        lr.down_s += span
+        ln.down_s += span
       else:
-        lr.stopped_s += span
+        ln.stopped_s += span
+        ln.lost_chip_s["reconfiguration"] += span * chips
+      ln.span = (end, chips, "down" if up == 0 else "stopped")
       self._push(end, START, m)
       return
-    if lr.down:
-      lr.down = False
-      self._num_live += 1
-      # Restarting from the global fragments, the learner also takes up the
-      # live learners' place in the fragment schedule, so its sends fall in
-      # the same rounds as theirs instead of forming rounds of their own.
-      live = [o.step + o.phase for o in self.learners if not o.down and o is not lr]
-      if live:
-        lr.phase = max(live) - lr.step
-      self.log("rejoin", learner=m, step=lr.step, phase=lr.phase)
-      self.backend.rejoin(m)
-      lr.awaiting.clear()
-    if lr.inbox:
-      align = self.backend.align
-      for pub in lr.inbox:
-        align(m, pub)
-        if lr.awaiting:
-          lr.awaiting.pop(pub.fragment, None)
-        if self._log:
-          self.log("align", learner=m, fragment=pub.fragment, version=pub.version)
-      lr.inbox.clear()
-    if self.protocol.lockstep and any(s <= lr.step - self.protocol.overlap
-                                      for s in lr.awaiting.values()):
-      lr.waiting_since = self.now
+    ln.span = None
+    if ln.down:
+      self._rejoin(m)
+    if ln.inbox:
+      self._align_inbox(m)
+    if self.protocol.learners_wait and any(s <= ln.step - self.protocol.overlap
+                                           for s in ln.awaiting.values()):
+      ln.waiting_since = self.now
       return
-    full = self.machines.slices_per_learner
-    duration = self.machines.step_seconds[m] * self._noise(m, lr.step) * full / up
-    chips = up * self.machines.chips_per_slice
+    full = world.slices_per_learner
+    duration = world.step_seconds[m] * self._noise(m, ln.step)
+    if not world.shrink_batch:
+      duration = duration * full / up
+    chips = up * world.chips_per_slice
     if self.now + duration > end:  # A failure will interrupt this step.
       self._push(end, LOST, (m, end - self.now, chips))
     else:
       self._computing += 1
-      self._push(self.now + duration, DONE, (m, duration, chips))
+      share = up / full if world.shrink_batch else 1.0
+      self._push(self.now + duration, DONE, (m, duration, chips, share))
 
-  def _done(self, m: int, duration: float, chips: int) -> None:
-    lr = self.learners[m]
+  def _done(self, m: int, duration: float, chips: int, share: float) -> None:
+    ln = self.learners[m]
     self._computing -= 1
-    lr.step += 1
+    ln.step += 1
     self.total_steps += 1
-    lr.busy_s += duration
-    lr.useful_chip_s += duration * chips
-    self.xi_step += 0.1 * (duration - self.xi_step)
-    self.losses.append(self.backend.inner_step(m))
+    ln.busy_s += duration
+    ln.useful_chip_s += duration * chips
+    ln.step_ema = float(duration) if ln.step == 1 else ln.step_ema + 0.1 * (duration - ln.step_ema)
+    self.losses.append(self.backend.inner_step(m, share))
     if self._log:
-      self.log("step", learner=m, step=lr.step, seconds=round(duration, 9))
-    for p in self._due[(lr.step + lr.phase) % self.protocol.sync_every]:
-      c = self.backend.snapshot(m, p)
-      lr.last_send[p] = lr.step
-      if self.protocol.lockstep:
-        lr.awaiting[p] = lr.step
-      if self._log:
-        self.log("send", learner=m, fragment=p, base_version=c.base_version, bytes=c.nbytes)
-      self._push(self.now + self._transfer_s(c.nbytes), ARRIVE_SYNCER, c)
+      self.log("step", learner=m, step=ln.step, seconds=round(duration, 9))
+    position = ln.step + ln.phase
+    for p in self._due[position % self.protocol.sync_every]:
+      self._send(m, p, rounds_lib.round_of(position, self.protocol.offsets[p],
+                                           self.protocol.sync_every))
     self._push(self.now, START, m)
 
+  def _send(self, m: int, p: int, rnd: int) -> None:
+    ln = self.learners[m]
+    c = self.backend.send(m, p, rnd)._replace(sent_at=self.now, step_seconds=ln.step_ema)
+    ln.last_send[p] = ln.step
+    if self.protocol.learners_wait:
+      ln.awaiting[p] = ln.step
+    if self._log:
+      self.log("send", learner=m, fragment=p, round=rnd, base_version=c.base_version,
+               bytes=c.nbytes)
+    self._push(self.now + self._transfer_s(c.nbytes), ARRIVE_SYNCER, c)
+
   def _lost(self, m: int, seconds: float, chips: int) -> None:
-    lr = self.learners[m]
-    lr.lost_s += seconds
-    lr.lost_chip_s += seconds * chips
-    self.log("lost_step", learner=m, step=lr.step + 1, seconds=round(seconds, 9))
+    ln = self.learners[m]
+    ln.lost_s += seconds
+    ln.lost_chip_s["lost_steps"] += seconds * chips
+    self.log("lost_step", learner=m, step=ln.step + 1, seconds=round(seconds, 9))
     self._start(m)
 
   def _go_down(self, m: int) -> None:
     """All slices lost: the learner's parameters and unsent progress are gone."""
-    lr = self.learners[m]
-    lr.down = True
-    self._num_live -= 1
-    lr.inbox.clear()
-    if lr.step:
-      unsent_steps = float(np.mean(lr.step - lr.last_send))
-      per_step = lr.useful_chip_s / lr.step
-      lr.lost_chip_s += unsent_steps * per_step
-      lr.useful_chip_s -= unsent_steps * per_step
-    self.log("down", learner=m, step=lr.step)
+    ln = self.learners[m]
+    ln.down = True
+    ln.inbox.clear()
+    if ln.step:
+      unsent_steps = float(np.mean(ln.step - ln.last_send))
+      unsent = unsent_steps * ln.useful_chip_s / ln.step
+      ln.lost_chip_s["unsent_work"] += unsent
+      ln.useful_chip_s -= unsent
+    self.log("down", learner=m, step=ln.step)
+    self.rounds.set_live(m, False)
+    for p in range(len(self.merges)):  # A round may have waited for it only.
+      self._decide(p)
+
+  def _rejoin(self, m: int) -> None:
+    """Back from zero slices: restart from the global fragments at the live position."""
+    ln = self.learners[m]
+    ln.down = False
+    live = [o for o in self.learners if not o.down and o is not ln]
+    # Never behind its own position: it would send rounds it has sent already.
+    ln.phase = max([o.step + o.phase for o in live] + [ln.step + ln.phase]) - ln.step
+    schedule_step = max([o.step for o in live] + [ln.step])
+    self.log("rejoin", learner=m, step=ln.step, phase=ln.phase)
+    self.backend.rejoin(m, schedule_step)
+    ln.awaiting.clear()
+    position, proto = ln.step + ln.phase, self.protocol
+    self.rounds.rejoin(m, [rounds_lib.round_of(position, o, proto.sync_every)
+                           for o in proto.offsets])
+    for p in range(len(self.merges)):  # Rounds it skipped no longer wait for it.
+      self._decide(p)
+
+  def _align_inbox(self, m: int) -> None:
+    ln = self.learners[m]
+    for pub in ln.inbox:
+      if not self.protocol.learners_wait and pub.round >= 0:
+        self._rephase_if_behind(m, pub)
+      outcome = self.backend.deliver(m, pub)
+      if outcome == "full_copy":
+        self.counts["full_copies"] += 1
+      if ln.awaiting:
+        ln.awaiting.pop(pub.fragment, None)
+      if self._log:
+        self.log("align", learner=m, fragment=pub.fragment, version=pub.version,
+                 outcome=outcome)
+    ln.inbox.clear()
+
+  def _rephase_if_behind(self, m: int, pub: Publication) -> None:
+    """If round `pub.round` closed before learner m reached its send: re-phase it."""
+    ln, proto = self.learners[m], self.protocol
+    position = ln.step + ln.phase
+    send_at = pub.round * proto.sync_every + proto.offsets[pub.fragment]
+    if position >= send_at:
+      return
+    target = send_at
+    skipped = {}
+    for s in range(max(position + 1, target - proto.sync_every + 1), target + 1):
+      for q in self._due[s % proto.sync_every]:
+        skipped[q] = rounds_lib.round_of(s, proto.offsets[q], proto.sync_every)
+    for q in sorted(skipped):  # Their work since the last alignment is not lost.
+      self._send(m, q, skipped[q])
+    ln.phase += target - position
+    self.counts["rephases"] += 1
+    self.log("rephase", learner=m, fragment=pub.fragment, round=pub.round,
+             position=position, to=target, sent=sorted(skipped))
+
+  # --- the syncer --------------------------------------------------------------------
 
   def _arrive_syncer(self, c: Contribution) -> None:
     p = c.fragment
-    rnd = self.rounds[p]
-    rnd.reported.add(c.learner)
-    if rnd.opened is None:
-      rnd.opened = self.now
-    live = max(self._num_live, 1)
-    if not self.backend.receive(c):
-      self.log("reject", learner=c.learner, fragment=p)
-      if len(rnd.reported) >= live:
-        self._merge(p)  # Nobody else will report this round: close it.
+    token = self.backend.validate(c)
+    if token is None:
+      self.rounds.mark_reported(c.learner, p, c.round)  # It will not send this round again.
+      self.log("reject", learner=c.learner, fragment=p, round=c.round)
+      self._decide(p)
       return
-    n = self.backend.contributors(p)
-    if self._log:
-      self.log("arrive", learner=c.learner, fragment=p, contributors=n)
-    if rnd.timer is None and n >= min(self.protocol.quorum, live):
-      grace = 0.0
-      if self.protocol.grace_gamma > 0 and len(rnd.reported) < live:
-        grace = grace_window(overlap=self.protocol.overlap, step_s=self.xi_step,
-                             quorum_s=self.now - rnd.opened, sync_s=self.xi_sync,
-                             gamma=self.protocol.grace_gamma,
-                             grace_max_s=self.protocol.grace_max_s)
-      if grace <= 0:
-        self._merge(p)
-      else:
-        rnd.timer = self.now + grace
-        if self._log:
-          self.log("grace", fragment=p, seconds=round(grace, 9))
-        self._push(rnd.timer, MERGE, (p, rnd.id))
-    elif len(rnd.reported) >= live:
-      self._merge(p)  # Everyone live has reported: close the round (grace ends early).
+    verdict = self.rounds.arrive(c.learner, p, c.round, sent_at=c.sent_at,
+                                 step_s=c.step_seconds)
+    if verdict.status == "late" and self.protocol.learners_wait:
+      self._release(c.learner, p)  # No publication answers a round already closed.
+    if verdict.round < 0:
+      self.counts["late_dropped" if verdict.status == "dropped" else "late_rejected"] += 1
+      self.backend.discard(c, verdict.status)
+      self.log("late", learner=c.learner, fragment=p, round=c.round, outcome=verdict.status)
+    else:
+      self.backend.admit(token, verdict.round)
+      if verdict.status == "late":
+        self.counts["late_joined"] += 1
+      if self._log:
+        self.log("arrive", learner=c.learner, fragment=p, round=c.round,
+                 joins=verdict.round, status=verdict.status,
+                 contributors=self.rounds.senders(p))
+    self._decide(p)
 
-  def _merge_timer(self, p: int, round_id: int) -> None:
-    if self.rounds[p].id == round_id and self.rounds[p].timer is not None:
-      self._merge(p)
+  def _release(self, m: int, p: int) -> None:
+    """Learner m stops waiting for fragment p (its send came after its round closed)."""
+    ln = self.learners[m]
+    if ln.down or ln.awaiting.pop(p, None) is None or ln.waiting_since is None:
+      return
+    ln.waiting_s += self.now - ln.waiting_since
+    ln.lost_chip_s["waiting"] += self._up_chip_seconds(m, ln.waiting_since, self.now)
+    ln.waiting_since = None
+    self._start(m)
 
-  def _merge(self, p: int) -> None:
-    rnd = self.rounds[p]
-    n = self.backend.contributors(p)
-    pub = self.backend.merge(p)
-    rnd.id += 1
-    rnd.timer = None
-    rnd.opened = None
-    rnd.reported = set()
+  def _decide(self, p: int) -> None:
+    """Closes fragment p's open round if the rules say so, or sets its timer."""
+    while True:
+      d = self.rounds.decide(p, self.now)
+      if d.grace_s is not None and self._log:
+        r = self.rounds
+        self.log("grace", fragment=p, round=r.open[p], seconds=round(d.grace_s, 9),
+                 xi_step=round(r.xi_step, 9), xi_quorum=round(r.xi_quorum, 9),
+                 xi_sync=round(r.xi_sync, 9))
+      if not d.close:
+        if d.grace_s is not None and d.deadline is not None:
+          self._push(d.deadline, MERGE, (p, self.rounds.open[p]))
+        return
+      self._close(p)
+
+  def _merge_timer(self, p: int, rnd: int) -> None:
+    if self.rounds.open[p] == rnd and self.rounds.deadline[p] is not None:
+      self._decide(p)
+
+  def _close(self, p: int) -> None:
+    rnd = self.rounds.open[p]
+    n = self.backend.contributors(p, rnd)
+    passengers = self.rounds.passengers[p]
+    pub = self.backend.merge(p, rnd)
+    self.rounds.close(p)
     if pub is None:
-      if not self.protocol.lockstep:
+      if not self.protocol.learners_wait:
         return
       pub = self.backend.publication(p)  # Waiting learners must not wait forever.
     else:
       self.merges[p] += 1
       self.contributors_per_merge.append(n)
       if self._log:
-        self.log("merge", fragment=p, version=pub.version, contributors=n, bytes=pub.nbytes)
-    sync_s = self.machines.syncer_seconds + self._transfer_s(pub.nbytes)
-    self.xi_sync += 0.1 * (sync_s - self.xi_sync)
+        self.log("merge", fragment=p, round=rnd, version=pub.version, contributors=n,
+                 late=passengers, bytes=pub.nbytes)
+    sync_s = self.world.syncer_seconds + self._transfer_s(pub.nbytes)
+    self.rounds.observe_sync(sync_s)
     if self._log:
       self.log("publish", fragment=p, version=pub.version,
                arrives=round(self.now + sync_s, 9))
@@ -362,18 +489,19 @@ class Simulation:
 
   def _arrive_learner(self, pub: Publication) -> None:
     """The publication lands at every learner that is up; a down one misses it."""
-    for m, lr in enumerate(self.learners):
-      if lr.down:
+    for m, ln in enumerate(self.learners):
+      if ln.down:
         continue
-      lr.inbox.append(pub)
-      if lr.waiting_since is not None:
-        lr.waiting_s += self.now - lr.waiting_since
-        lr.waiting_since = None
+      ln.inbox.append(pub)
+      if ln.waiting_since is not None:
+        ln.waiting_s += self.now - ln.waiting_since
+        ln.lost_chip_s["waiting"] += self._up_chip_seconds(m, ln.waiting_since, self.now)
+        ln.waiting_since = None
         self._start(m)
 
   # --- checkpoints -----------------------------------------------------------------
 
-  def snapshot(self, messages: snapshots.MessageTable) -> dict:
+  def state(self, messages: serialization.MessageTable) -> dict:
     """The state between two `run`s as JSON; messages go into `messages`.
 
     Failure timelines and step-time noise are recomputed from the seeds, so
@@ -383,17 +511,17 @@ class Simulation:
       self._log.flush()  # The checkpoint vouches for `_log_bytes` on disk.
     heap = [(t, kind, seq, messages.ref(data) if kind in _MESSAGE_EVENTS else data)
             for t, kind, seq, data in self._heap]
-    learners = [{**vars(lr), "inbox": [messages.ref(pub) for pub in lr.inbox],
-                 "awaiting": list(lr.awaiting.items()), "last_send": lr.last_send.tolist()}
-                for lr in self.learners]
-    rounds = [{**vars(rnd), "reported": sorted(rnd.reported)} for rnd in self.rounds]
-    return snapshots.to_json({"heap": heap, "learners": learners, "rounds": rounds,
-                              "fields": {name: getattr(self, name) for name in _FIELDS},
-                              "merges": self.merges.tolist()})
+    learners = [{**vars(ln), "inbox": [messages.ref(pub) for pub in ln.inbox],
+                 "awaiting": list(ln.awaiting.items()), "last_send": ln.last_send.tolist()}
+                for ln in self.learners]
+    return serialization.to_json({"heap": heap, "learners": learners,
+                                  "rounds": self.rounds.state(),
+                                  "fields": {name: getattr(self, name) for name in _FIELDS},
+                                  "merges": self.merges.tolist()})
 
-  def restore(self, snapshot: dict, messages: snapshots.MessageTable) -> None:
-    """Takes up the state `snapshot` returned, on a simulation of the same config."""
-    s = snapshots.from_json(snapshot)
+  def load_state(self, state: dict, messages: serialization.MessageTable) -> None:
+    """Takes up the state `state` returned, on a simulation of the same config."""
+    s = serialization.from_json(state)
     log_bytes = s["fields"]["_log_bytes"]
     if self._log is not None and os.fstat(self._log.fileno()).st_size < log_bytes:
       raise ValueError(f"{self._log.name} is shorter than the {log_bytes} bytes it had at"
@@ -401,30 +529,63 @@ class Simulation:
     self._heap = [(t, kind, seq, messages.message(data) if kind in _MESSAGE_EVENTS
                    else tuple(data) if isinstance(data, list) else data)
                   for t, kind, seq, data in s["heap"]]  # Same list, same heap order.
-    for lr, saved in zip(self.learners, s["learners"]):
-      vars(lr).update(saved, inbox=[messages.message(ref) for ref in saved["inbox"]],
+    for ln, saved in zip(self.learners, s["learners"]):
+      vars(ln).update(saved, inbox=[messages.message(ref) for ref in saved["inbox"]],
                       awaiting=dict(saved["awaiting"]),
-                      last_send=np.array(saved["last_send"], np.int64))
-    for rnd, saved in zip(self.rounds, s["rounds"]):
-      vars(rnd).update(saved, reported=set(saved["reported"]))
+                      last_send=np.array(saved["last_send"], np.int64),
+                      span=None if saved["span"] is None else tuple(saved["span"]))
+    self.rounds.load_state(s["rounds"])
     vars(self).update(s["fields"])
     self.merges = np.array(s["merges"], np.int64)
 
   # --- accounting ----------------------------------------------------------------
 
+  def _lost_chip_s(self, m: int) -> dict:
+    """Learner m's allocated chip-time not spent on useful steps, by cause, up to now."""
+    ln, world = self.learners[m], self.world
+    lost = dict(ln.lost_chip_s)
+    if ln.span is not None and ln.span[0] > self.now and ln.span[2] == "stopped":
+      lost["reconfiguration"] -= (ln.span[0] - self.now) * ln.span[1]  # Not over yet.
+    if ln.waiting_since is not None:
+      lost["waiting"] += self._up_chip_seconds(m, ln.waiting_since, self.now)
+    allocated = world.slices_per_learner * world.chips_per_slice * self.now
+    lost["slices_down"] = allocated - self._up_chip_seconds(m, 0.0, self.now)
+    lost["in_progress"] = allocated - ln.useful_chip_s - sum(
+        v for k, v in lost.items() if k != "in_progress")
+    return lost
+
   def report(self) -> dict:
-    """Goodput (useful / allocated chip-time), uptime and per-learner times."""
+    """Goodput (useful / allocated chip-time) with every lost chip-second's cause.
+
+    useful + sum(lost) == allocated exactly; `in_progress` is the chip-time of
+    steps (or waits) still under way when the run stopped. Learners are
+    elastic groups, like the elastic data-parallel baseline: neither holds
+    hot spares, so `idle_spares` is 0.
+    """
     wall = max(self.now, 1e-12)
-    chips = self.machines.slices_per_learner * self.machines.chips_per_slice
-    useful = sum(lr.useful_chip_s for lr in self.learners)
+    world = self.world
+    allocated = world.slices_per_learner * world.chips_per_slice * self.num_learners * wall
+    useful = sum(ln.useful_chip_s for ln in self.learners)
+    per_learner = [self._lost_chip_s(m) for m in range(self.num_learners)]
     return {
         "virtual_seconds": self.now,
-        "goodput": useful / (chips * self.num_learners * wall),
+        "goodput": useful / allocated,
         "uptime": self._advancing_s / wall,
+        "allocated_chip_s": allocated,
+        "useful_chip_s": useful,
+        "lost_chip_s": {c: sum(l[c] for l in per_learner) for c in LOSS_CAUSES},
         "merges_per_fragment": self.merges.tolist(),
         "mean_contributors_per_merge": (float(np.mean(self.contributors_per_merge))
                                         if self.contributors_per_merge else 0.0),
-        "learners": [{"steps": lr.step, "busy_s": lr.busy_s, "waiting_s": lr.waiting_s,
-                      "down_s": lr.down_s, "stopped_s": lr.stopped_s, "lost_s": lr.lost_s}
-                     for lr in self.learners],
+        "protocol": {**self.counts, "xi_step": self.rounds.xi_step,
+                     "xi_quorum": self.rounds.xi_quorum, "xi_sync": self.rounds.xi_sync},
+        "learners": [{"steps": ln.step, "busy_s": ln.busy_s, "waiting_s": ln.waiting_s,
+                      "down_s": ln.down_s - (max(ln.span[0] - self.now, 0.0)
+                                             if ln.span and ln.span[2] == "down" else 0.0),
+                      "stopped_s": ln.stopped_s - (max(ln.span[0] - self.now, 0.0)
+                                                   if ln.span and ln.span[2] == "stopped"
+                                                   else 0.0),
+                      "lost_s": ln.lost_s, "useful_chip_s": ln.useful_chip_s,
+                      "lost_chip_s": lost}
+                     for ln, lost in zip(self.learners, per_learner)],
     }

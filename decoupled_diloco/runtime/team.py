@@ -1,0 +1,182 @@
+"""What every DiLoCo-family runtime builds: islands, learners, syncer, data.
+
+The `Team` is the one owner of the exact byte counts (every message in
+either direction goes through `send`, `deliver` or `restart`) and of the
+restart policy (a learner whose contribution is non-finite, or that lost all
+its slices, restarts from full copies of the global fragments).
+"""
+
+import time
+
+import jax
+import numpy as np
+
+from decoupled_diloco import islands as islands_lib
+from decoupled_diloco import optim, steps
+from decoupled_diloco.algorithm import fragments as fragments_lib
+from decoupled_diloco.algorithm.learner import Learner
+from decoupled_diloco.algorithm.messages import Contribution, Publication
+from decoupled_diloco.algorithm.syncer import Syncer
+from decoupled_diloco.config import Config, make_codec
+from decoupled_diloco.data.loader import ShardIterator
+from decoupled_diloco.models import transformer
+
+
+class Team:
+  """Learners on their islands, the syncer, each learner's data shard; see module docstring."""
+
+  def __init__(self, cfg: Config, train_tokens: np.ndarray):
+    d = cfg.diloco
+    self.cfg, self.num_learners = cfg, d.num_learners
+    self.islands = islands_lib.make_islands(d.num_learners, fsdp=cfg.islands.fsdp)
+    self.per_learner_batch = per_learner = cfg.data.batch_size // d.num_learners
+    for island in self.islands:
+      islands_lib.check_batch(island, per_learner)
+    self.model = transformer.Transformer(cfg.model)
+    self.inner_tx = optim.inner_optimizer(cfg.inner, cfg.train.steps)
+    params = transformer.init_params(cfg.model, jax.random.key(cfg.seed))
+    flat = fragments_lib.flatten(params)
+    self.fragments = fragments_lib.partition(flat, d.num_fragments, d.fragmentation)
+    self.offsets = fragments_lib.sync_offsets(d.num_fragments, d.sync_every)
+    up, down = make_codec(cfg.codec, "up"), make_codec(cfg.codec, "down")
+    opt_state = self.inner_tx.init(params)
+    self.seq_len = cfg.model.seq_len
+    self.learners, self.inner_steps = [], []
+    for m, island in enumerate(self.islands):
+      inner = steps.make_inner_step(self.model, self.inner_tx, island, params, opt_state)
+      self.inner_steps.append(inner)
+      self.learners.append(Learner(
+          m, island, inner, params, opt_state, self.fragments, alpha=d.alpha, up=up,
+          down=down, error_feedback=cfg.codec.error_feedback,
+          feedback_restart=cfg.codec.feedback_restart, feedback_decay=cfg.codec.feedback_decay,
+          tokens_per_step=per_learner * cfg.model.seq_len))
+    self.syncer = Syncer(flat, self.fragments, outer_tx=optim.outer_optimizer(cfg.outer),
+                         merge_rule=d.merge, weighting=d.weighting, up=up, down=down,
+                         num_learners=d.num_learners, max_abs_delta=d.max_abs_delta,
+                         max_staleness=None if d.max_staleness < 0 else d.max_staleness,
+                         staleness_weighting=d.staleness_weighting)
+    self.eval_island = islands_lib.make_islands(1, devices=[self.syncer.device])[0]
+    self.data = [ShardIterator(train_tokens, shard=m, num_shards=d.num_learners,
+                               batch_size=per_learner, seq_len=cfg.model.seq_len,
+                               seed=cfg.seed) for m in range(d.num_learners)]
+    self.tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
+    self.param_bytes = 4 * transformer.num_params(params)
+    self.bytes_up = np.zeros(len(self.fragments), np.int64)
+    self.bytes_down = np.zeros(len(self.fragments), np.int64)
+    self.tokens = np.zeros(d.num_learners, np.int64)  # Tokens each learner has trained on.
+
+  def batch_rows(self, m: int, share: float = 1.0) -> int:
+    """Sequences in learner m's batch on `share` of its slices (elastic batches).
+
+    The full batch times `share`, rounded down to a multiple of the island's
+    devices, and at least one row per device.
+    """
+    size = self.islands[m].size
+    rows = int(self.per_learner_batch * share) // size * size
+    return max(rows, size)
+
+  def inner_step(self, m: int, share: float = 1.0):
+    """Learner m's next inner step on `share` of its batch; returns its loss."""
+    rows = self.per_learner_batch if share >= 1 else self.batch_rows(m, share)
+    batch = next(self.data[m])[:rows]
+    tokens = rows * self.seq_len
+    self.tokens[m] += tokens
+    learner = self.learners[m]
+    return learner.inner_step(jax.device_put(batch, learner.island.batch), tokens)
+
+  def send(self, m: int, p: int, rnd: int) -> Contribution:
+    """Learner m's pseudo-gradient of fragment p for round `rnd`, counted."""
+    c = self.learners[m].pseudo_gradient(p, rnd)
+    self.bytes_up[p] += c.nbytes
+    return c
+
+  def deliver(self, m: int, pub: Publication) -> str:
+    """Learner m receives `pub`; an update it cannot apply is replaced by a full copy.
+
+    Returns the learner's outcome ("applied", "stale") or "full_copy".
+    """
+    self.bytes_down[pub.fragment] += pub.nbytes
+    outcome = self.learners[m].align(pub)
+    if outcome == "gap":
+      full = self.syncer.publication(pub.fragment)
+      self.bytes_down[pub.fragment] += full.nbytes
+      self.learners[m].align(full)
+      return "full_copy"
+    return outcome
+
+  def validate(self, c: Contribution, checked=None) -> list | None:
+    """The syncer's verdict on `c` (its deltas, or None); a learner that sent NaN/Inf restarts."""
+    deltas = self.syncer.validate(c, checked)
+    if deltas is None and self.syncer.last_rejection == "non-finite":
+      self.restart(c.learner, schedule_step=self.learners[c.learner].step)
+    return deltas
+
+  def measure_step_seconds(self, repeats: int = 4) -> float:
+    """Median wall time of learner 0's inner step, on a throwaway copy of its state."""
+    learner, step = self.learners[0], self.inner_steps[0]
+    params, opt_state = learner.island.put(learner.params), learner.island.put(learner.opt_state)
+    batch = jax.device_put(np.zeros((self.per_learner_batch, self.seq_len + 1), np.int32),
+                           learner.island.batch)
+    times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      params, opt_state, loss = step(params, opt_state, batch)
+      loss.block_until_ready()
+      times.append(time.perf_counter() - t)
+    return float(np.median(times[1:]))
+
+  def eval_params(self):
+    return fragments_lib.unflatten(self.syncer.global_flat())
+
+  def restart(self, m: int, *, fresh_optimizer: bool = True, schedule_step: int = 0) -> None:
+    """Learner m starts again from full copies of the global fragments.
+
+    With `fresh_optimizer`, its inner optimizer state is new (what a learner
+    that lost its memory has), with the learning-rate schedule at
+    `schedule_step`; otherwise it is kept (`Learner.recover`).
+    """
+    pubs = [self.syncer.publication(p) for p in range(len(self.fragments))]
+    learner = self.learners[m]
+    opt_state = None
+    if fresh_optimizer:
+      opt_state = optim.restart_state(self.inner_tx, learner.params, schedule_step)
+    learner.recover(pubs, opt_state)
+    self.bytes_down += np.array([pub.nbytes for pub in pubs])
+
+  def state(self) -> dict:
+    return {"learners": [l.state() for l in self.learners], "syncer": self.syncer.state(),
+            "data_position": np.array([it.position for it in self.data], np.int64),
+            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "tokens": self.tokens}
+
+  def load_state(self, s: dict) -> None:
+    for learner, ls in zip(self.learners, s["learners"]):
+      learner.load_state(ls)
+    self.syncer.load_state(s["syncer"])
+    for it, pos in zip(self.data, np.asarray(s["data_position"])):
+      it.position = int(pos)
+    self.bytes_up = np.asarray(s["bytes_up"]).copy()
+    self.bytes_down = np.asarray(s["bytes_down"]).copy()
+    self.tokens = np.asarray(s["tokens"]).copy()
+
+  def accounting(self, steps_done: int) -> dict:
+    """Exact bytes exchanged, and what data-parallel would all-reduce meanwhile.
+
+    Both sides count every byte over a participant's link, both directions.
+    Data-parallel: a ring all-reduce of fp32 gradients sends 2(N-1)/N and
+    receives as much of the gradient per replica per step, about 4x its bytes;
+    M replicas, same steps. DiLoCo: each learner's encoded uploads + downloads.
+    """
+    return {**self.comm_metrics(steps_done),
+            "bytes_up_per_fragment": self.bytes_up.tolist(),
+            "bytes_down_per_fragment": self.bytes_down.tolist(),
+            "tokens_per_learner": self.tokens.tolist(),
+            "rejected_contributions": dict(self.syncer.rejected)}
+
+  def comm_metrics(self, steps_done: int) -> dict:
+    """The scalar part of `accounting`, for metrics.jsonl and TensorBoard."""
+    dp = 4 * self.param_bytes * self.num_learners * steps_done
+    sent = int(self.bytes_up.sum() + self.bytes_down.sum())
+    return {"bytes_up": int(self.bytes_up.sum()), "bytes_down": int(self.bytes_down.sum()),
+            "dp_allreduce_bytes": dp, "bytes_reduction_vs_dp": dp / max(sent, 1),
+            "outer_steps": int(self.syncer.merges.sum()),
+            "rejected": int(sum(self.syncer.rejected.values()))}
