@@ -289,11 +289,14 @@ def _kill(proc: subprocess.Popen) -> None:
       proc.wait()
 
 
-def execute(runs: list[Run], jobs: int, timeout_s: float, progress: ProgressBar) -> None:
+def execute(runs: list[Run], jobs: int, timeout_s: float, progress: ProgressBar,
+            jax_cache: str | None = None) -> None:
   """Runs every pending run, `jobs` at a time; never raises for a run's failure."""
   queue = [r for r in runs if r.status == "pending"]
   active: dict[int, tuple[Run, subprocess.Popen, float, object]] = {}
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  if jax_cache and "JAX_COMPILATION_CACHE_DIR" not in env:
+    env.update(JAX_COMPILATION_CACHE_DIR=jax_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   try:
     while queue or active:
       while queue and len(active) < jobs:
@@ -370,7 +373,9 @@ def main(argv):
         f" time, {timeout_s:.0f} s limit each; logs in {workdir}/<cell>/seed_<s>/log.txt",
         flush=True)
   try:
-    execute(runs, f.jobs, timeout_s, progress)
+    jax_cache = (None if f.jax_cache == "none" else
+                 os.path.abspath(f.jax_cache or os.path.join(workdir, "jax_cache")))
+    execute(runs, f.jobs, timeout_s, progress, jax_cache)
   finally:
     progress.close()
     write_json(os.path.join(workdir, "runs.json"), [
@@ -400,6 +405,11 @@ def define_flags() -> None:
                             " own overrides, e.g. train.steps=50.")
   flags.DEFINE_list("only", None, "Run only these cells.")
   flags.DEFINE_bool("dry_run", False, "Print the commands and their status; run nothing.")
+  flags.DEFINE_string("jax_cache", "", "JAX's persistent compilation cache, shared by the"
+                      " runs (cells differ in values, rarely in shapes: a tiny run starts"
+                      " in ~25 s instead of ~70 s on 2 CPU cores); default WORKDIR/jax_cache,"
+                      " `none` for off. An environment that sets JAX_COMPILATION_CACHE_DIR"
+                      " wins.")
 
 
 if __name__ == "__main__":

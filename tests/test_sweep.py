@@ -1,0 +1,130 @@
+"""The sweep runner resumes after being killed, and the report shows what the runs wrote.
+
+Runs `experiments/ablations/smoke.py` (2 cells x 2 seeds, a one-layer model,
+24 steps) as a user would: the runner as a process, killed (with its runs)
+once one run has finished and another has a checkpoint, then run again.
+"""
+
+import csv
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEP = "experiments/ablations/smoke.py"
+RUNS = [(cell, seed) for cell in ("fp32", "int4") for seed in (0, 1)]
+
+
+def _summary(workdir, cell, seed):
+  path = os.path.join(workdir, cell, f"seed_{seed}", "summary.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _has_checkpoint(workdir, cell, seed) -> bool:
+  steps = glob.glob(os.path.join(workdir, cell, f"seed_{seed}", "checkpoints", "[0-9]*"))
+  return any(os.path.basename(s).isdigit() for s in steps)
+
+
+def _runner(workdir, log):
+  """The runner in its own process group, so killing the group kills its runs too."""
+  return subprocess.Popen(
+      [sys.executable, "-m", "experiments.sweep", f"--sweep={SWEEP}", f"--workdir={workdir}",
+       "--jobs=2"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_group(proc):
+  if proc.poll() is None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_and_reports(tmp_path):
+  workdir = str(tmp_path / "sweep")
+  with open(tmp_path / "first.log", "w") as log:
+    proc = _runner(workdir, log)
+    try:
+      deadline = time.time() + 240
+      while time.time() < deadline and proc.poll() is None:
+        finished = [r for r in RUNS if _summary(workdir, *r)]
+        interrupted = [r for r in RUNS if r not in finished and _has_checkpoint(workdir, *r)]
+        if finished and interrupted:
+          break
+        time.sleep(0.2)
+      else:
+        pytest.fail(f"no run finished and another checkpointed in time: {_tail(tmp_path)}")
+    finally:
+      _kill_group(proc)
+  before = {r: os.path.getmtime(os.path.join(workdir, r[0], f"seed_{r[1]}", "summary.json"))
+            for r in finished}
+  # The kill may land after a second run finished; the ones still unfinished resume.
+  interrupted = [r for r in interrupted if not _summary(workdir, *r)]
+  assert interrupted
+
+  second = subprocess.run(
+      [sys.executable, "-m", "experiments.sweep", f"--sweep={SWEEP}", f"--workdir={workdir}",
+       "--jobs=2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert second.returncode == 0, second.stdout + second.stderr
+  with open(os.path.join(workdir, "runs.json")) as f:
+    status = {(r["cell"], r["seed"]): r["status"] for r in json.load(f)}
+  summaries = {r: _summary(workdir, *r) for r in RUNS}
+  for r in RUNS:
+    assert summaries[r]["steps"] == 24, r
+    assert status[r] == ("skipped" if r in before else "finished"), (r, status)
+  for r, mtime in before.items():  # Skipped, not rerun.
+    assert os.path.getmtime(os.path.join(workdir, r[0], f"seed_{r[1]}", "summary.json")) == mtime
+  for r in interrupted:
+    assert summaries[r]["resumed_from_step"] > 0, r
+
+  report = subprocess.run([sys.executable, "-m", "experiments.report", workdir], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+  assert report.returncode == 0, report.stdout + report.stderr
+  out = os.path.join(workdir, "report")
+  with open(os.path.join(out, "report.md")) as f:
+    text = f.read()
+  rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+          if line.startswith("| fp32 ") or line.startswith("| int4 ")}
+  for cell in ("fp32", "int4"):
+    losses = [summaries[(cell, s)]["final_eval_loss"] for s in (0, 1)]
+    mean, se = np.mean(losses), np.std(losses, ddof=1) / np.sqrt(2)
+    assert f"| 2 | {mean:.4f} ± {se:.4f} |" in rows[cell], rows[cell]
+    mb = np.mean([(summaries[(cell, s)]["bytes_up"] + summaries[(cell, s)]["bytes_down"]) / 2
+                  for s in (0, 1)]) / 1e6
+    assert f"| {mb:.2f} |" in rows[cell], rows[cell]
+  ref = np.mean([summaries[("fp32", s)]["final_eval_loss"] for s in (0, 1)])
+  int4 = np.mean([summaries[("int4", s)]["final_eval_loss"] for s in (0, 1)])
+  assert f"| {100 * (int4 / ref - 1):+.2f}% |" in rows["int4"]
+
+  with open(os.path.join(out, "cells.csv")) as f:
+    table = list(csv.DictReader(f))
+  assert len(table) == 4
+  for row in table:
+    s = summaries[(row["cell"], int(row["seed"]))]
+    assert float(row["final_eval_loss"]) == s["final_eval_loss"]
+    assert int(row["bytes_up"]) == s["bytes_up"]
+
+  figures = sorted(glob.glob(os.path.join(out, "*.png")))
+  assert [os.path.basename(p) for p in figures] == [
+      "smoke_bytes.png", "smoke_loss_vs_tokens.png", "smoke_timeline.png"]
+  for path in figures:
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", path
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, path
+    assert f"]({os.path.basename(path)})" in text
+
+
+def _tail(tmp_path) -> str:
+  with open(tmp_path / "first.log") as f:
+    return f.read()[-2000:]
