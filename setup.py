@@ -17,6 +17,7 @@ setuptools.setup(
         "absl-py>=2.1.0",
         "numpy>=1.26",
         "tensorboardX>=2.6",
+        "matplotlib>=3.8",  # experiments/report.py figures (Agg, headless).
     ],
     extras_require={
         "test": ["pytest>=8.0"],
