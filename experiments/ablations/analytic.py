@@ -36,6 +36,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from decoupled_diloco.algorithm import rounds
 from decoupled_diloco.runtime import baselines, chaos, goodput, simulated
 
 METHODS = ("decoupled", "diloco", "streaming", "data_parallel", "dp_non_elastic",
@@ -74,17 +75,13 @@ class _CountingBackend(goodput.AnalyticBackend):
     super().__init__(*args, **kwargs)
     self.up = self.down = 0
 
-  def snapshot(self, m, p):
+  def send(self, m, p, rnd):
     self.up += self.bytes_up[p]
-    return super().snapshot(m, p)
+    return super().send(m, p, rnd)
 
-  def align(self, m, pub):
+  def deliver(self, m, pub):
     self.down += pub.nbytes
-    super().align(m, pub)
-
-  def rejoin(self, m):
-    self.down += sum(self.bytes_down)
-    super().rejoin(m)
+    return super().deliver(m, pub)
 
 
 def on_link(c) -> dict:
@@ -100,18 +97,19 @@ def on_link(c) -> dict:
             c.steps * (c.step_seconds + allreduce_s)}
   lockstep = c.method != "decoupled"
   p, overlap = (1, 0) if c.method == "diloco" else (c.num_fragments, c.overlap)
+  rules = rounds.RoundRules(quorum=c.quorum if c.method == "decoupled" else m,
+                            grace_gamma=c.grace_gamma if c.method == "decoupled" else 0.0,
+                            grace_max_s=10 * c.step_seconds, overlap=overlap)
   protocol = simulated.Protocol(
       offsets=tuple(i * c.sync_every // p for i in range(p)), sync_every=c.sync_every,
-      overlap=overlap, quorum=c.quorum if c.method == "decoupled" else m,
-      grace_gamma=c.grace_gamma if c.method == "decoupled" else 0.0,
-      grace_max_s=10 * c.step_seconds, lockstep=lockstep)
-  machines = simulated.Machines(
+      overlap=overlap, rules=rules, learners_wait=lockstep)
+  world = simulated.World(
       step_seconds=np.full(m, c.step_seconds), noise=0.0, latency_s=c.latency_s,
       bytes_per_s=bytes_per_s, syncer_seconds=0.0, slices_per_learner=1, chips_per_slice=1,
       timelines=None, outages=None, seed=c.seed)
   up, down = c.params * c.up_bits / 8 / p, c.params * c.down_bits / 8 / p
   backend = _CountingBackend(m, [int(up)] * p, [int(down)] * p)
-  sim = simulated.Simulation(backend, protocol, machines, p)
+  sim = simulated.Simulation(backend, protocol, world, p)
   sim.run(c.steps * m)
   report = sim.report()
   busy = sum(lr["busy_s"] for lr in report["learners"]) / (m * report["virtual_seconds"])
