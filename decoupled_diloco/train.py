@@ -86,7 +86,7 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
   the divergence check; if that loss fails, the copy is dropped, and every
   checkpoint on disk holds parameters whose own loss passed. The last
   checkpoint (at the final step, which no training loss follows) is vouched
-  for by the final eval loss instead. Metrics are flushed before each
+  for by the final eval loss instead: finite, and no spike over earlier evals. Metrics are flushed before each
   checkpoint is written, and a resumed run trims the records past its
   checkpoint, so `metrics.jsonl` is what one uninterrupted run writes.
   """
@@ -102,10 +102,12 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
                                      seq_len=cfg.model.seq_len,
                                      num_batches=cfg.train.eval_batches)
 
-  detector = divergence.SpikeDetector(cfg.train.spike_factor)
+  detector = divergence.SpikeDetector(cfg.train.spike_factor)  # Training losses.
+  eval_detector = divergence.SpikeDetector(cfg.train.spike_factor)  # Eval losses.
   if (meta := ckpt.restore_latest(rt)) is not None:
     if (loop := meta.get("loop")) is not None:
       detector.load_state(divergence.SpikeState(**loop["spike"]))
+      eval_detector.load_state(divergence.SpikeState(**loop.get("eval_spike", {"mean": None})))
     logging.info("resumed from %s at step %d", workdir, rt.step)
   metrics.trim(workdir, rt.step)
   writer = metrics.MetricWriter(workdir)
@@ -114,7 +116,7 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
   held = None  # A checkpoint's snapshot, written once the next step's loss passes.
 
   def loop_state() -> dict:
-    return {"spike": detector.state()._asdict()}
+    return {"spike": detector.state()._asdict(), "eval_spike": eval_detector.state()._asdict()}
 
   def stop(error, why: str, step: int):
     good = ckpt.latest_step()
@@ -125,6 +127,8 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
 
   def run_eval() -> dict:
     loss = steps.evaluate(eval_loss, eval_island, rt.eval_params(), eval_batches)
+    if rt.step < cfg.train.steps:  # The final eval is checked, not averaged in, below.
+      eval_detector.check(loss)  # A spike here is the training losses' to stop.
     scalars = {"eval_loss": loss, "eval_bits_per_byte": loss * BITS_PER_NAT}
     writer.write(rt.step, {**scalars, **rt.comm_metrics()})
     logging.info("step %d  eval loss %.4f  (%.3f bits/byte)", rt.step, loss,
@@ -181,8 +185,11 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
     tokens_per_second = progress.mean_tokens_per_second(rt.step)
     if not eval_scalars or cfg.train.eval_every == 0 or rt.step % cfg.train.eval_every:
       eval_scalars = run_eval()
-    if (why := detector.reason(eval_scalars["eval_loss"])) is not None:
-      raise stop(LossSpikeError, f"final eval: {why}", rt.step)
+    # The final parameters are vouched for by their eval loss, against earlier
+    # evals' (an eval loss may sit well above the training loss on a small corpus).
+    if (why := eval_detector.reason(eval_scalars["eval_loss"])) is not None:
+      finite = math.isfinite(eval_scalars["eval_loss"])
+      raise stop(LossSpikeError if finite else NonFiniteLossError, f"final eval: {why}", rt.step)
     writer.flush()
   finally:
     writer.close()

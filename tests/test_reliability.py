@@ -94,6 +94,18 @@ def test_last_good_checkpoint_holds_parameters_whose_own_loss_passed(diverged):
   assert losses[spike_step - 1] < 3 * losses[1]  # The loss of the checkpointed parameters.
 
 
+def test_final_checkpoint_is_vouched_for_by_the_final_eval(tmp_path, straight, monkeypatch):
+  workdir = tmp_path / "run"
+  shutil.copytree(straight[0], workdir)
+  summary = (workdir / "summary.json").read_text()
+  monkeypatch.setattr(train.steps, "evaluate", lambda *args: float("nan"))
+  with pytest.raises(train.NonFiniteLossError, match="final eval.* at step 12.*checkpoint"
+                     r" \(step 8\)"):
+    train.train_and_evaluate(_config(steps=12), str(workdir))  # Raised: trains on.
+  assert checkpoint_steps(workdir) == [4, 8]  # Nor the one at 12: its eval failed.
+  assert (workdir / "summary.json").read_text() == summary
+
+
 # Finding 5: a kill -9 right after a checkpoint loses no record.
 
 def _config(steps=8):
