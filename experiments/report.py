@@ -444,7 +444,7 @@ def write_csv(sweeps: list[dict], path: str) -> None:
       for seed, r in sorted(runs.items()):
         row = {"sweep": sweep["name"], "cell": cell, "seed": seed,
                "overrides": json.dumps(overrides[cell], sort_keys=True),
-               "workdir": r["_workdir"]}
+               "run": os.path.relpath(r["_workdir"], sweep["workdir"])}
         row.update({k: v for k, v in r.items()
                     if not k.startswith("_") and isinstance(v, (int, float, str, bool))
                     or v is None and not k.startswith("_")})
