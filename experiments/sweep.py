@@ -172,9 +172,10 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str, seeds, extra: dict,
 
 
 def _diff(a, b, prefix=""):
+  """Dotted fields both configs have with different values (a field only one of them
+  has is no difference: the code gained or renamed it since the run)."""
   if isinstance(a, dict) and isinstance(b, dict):
-    return [d for k in sorted(set(a) | set(b))
-            for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [d for k in sorted(set(a) & set(b)) for d in _diff(a[k], b[k], f"{prefix}{k}.")]
   return [] if a == b else [prefix.rstrip(".")]
 
 
@@ -185,7 +186,7 @@ def classify(run: Run) -> None:
     return
   with open(path) as f:
     summary = json.load(f)
-  differ = _diff(summary.get("config"), run.config)
+  differ = _diff(summary.get("config") or {}, run.config)
   if differ:
     run.status = "stale"
     run.detail = (f"{path} was written by another config (differs in {', '.join(differ[:5])});"

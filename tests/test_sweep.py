@@ -23,6 +23,29 @@ SWEEP = "experiments/ablations/smoke.py"
 RUNS = [(cell, seed) for cell in ("fp32", "int4") for seed in (0, 1)]
 
 
+def test_plan_skips_finished_runs_and_flags_stale_ones(tmp_path):
+  from experiments import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  spec = sweep_lib.load_config(SWEEP)
+  runs = sweep_lib.plan(spec, str(tmp_path), [0, 1], {"train.steps": "8"})
+  assert [(r.cell, r.seed, r.steps) for r in runs] == [(c, s, 8) for c, s in RUNS]
+  assert "--config.codec.up=int4" in runs[2].argv and "--config.seed=1" in runs[3].argv
+  run = runs[0]
+  os.makedirs(run.workdir)
+  summary = {"steps": 8, "resumed_from_step": 0, "config": json.loads(json.dumps(run.config))}
+  with open(os.path.join(run.workdir, "summary.json"), "w") as f:
+    json.dump(summary, f)
+  sweep_lib.classify(run)
+  assert run.status == "skipped"
+  summary["config"]["codec"]["up"] = "bf16"
+  with open(os.path.join(run.workdir, "summary.json"), "w") as f:
+    json.dump(summary, f)
+  run.status = "pending"
+  sweep_lib.classify(run)
+  assert run.status == "stale" and "codec.up" in run.detail
+  with pytest.raises(ValueError, match="no field 'codec.nope'"):
+    sweep_lib.plan(spec, str(tmp_path), [0], {"codec.nope": "1"})
+
+
 def _summary(workdir, cell, seed):
   path = os.path.join(workdir, cell, f"seed_{seed}", "summary.json")
   if not os.path.exists(path):
