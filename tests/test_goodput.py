@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from decoupled_diloco.runtime import baselines, chaos, goodput
@@ -84,3 +85,14 @@ def test_a_learner_loses_no_more_than_an_elastic_job_of_its_size(
                                                                rel=1e-9)
   if model is _FLAKY:  # Learners lost every slice, and their unsent work.
     assert r["lost_chip_s"]["unsent_work"] > 0
+
+
+def test_the_calibration_is_the_slowest_repair_fit_of_the_stored_family():
+  from experiments import goodput_table  # pylint: disable=import-outside-toplevel
+  assert len(goodput_table.FAMILY) >= 2
+  for member in goodput_table.FAMILY:
+    assert goodput_table.largest_error(np.array(member["rows"])) <= goodput_table.FAMILY_MAX_GAP
+    assert set(member["decoupled"]) == set(goodput_table.FAMILY_LEARNERS)
+  # Chosen by published repair times (chaos.py), not by its Decoupled rows.
+  slowest = max(goodput_table.FAMILY, key=lambda member: member["repair_median_s"])
+  assert goodput_table.member_model(slowest) == chaos.FailureModel()
