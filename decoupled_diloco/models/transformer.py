@@ -75,7 +75,9 @@ class Transformer(nn.Module):
 
 
 def init_params(c: ModelConfig, rng: jax.Array):
-  return Transformer(c).init(rng, jnp.zeros((1, c.seq_len), jnp.int32))["params"]
+  """Initial parameters, in one compiled program (not one per initializer)."""
+  init = lambda key: Transformer(c).init(key, jnp.zeros((1, c.seq_len), jnp.int32))["params"]
+  return jax.jit(init)(rng)
 
 
 def loss_fn(params, model: Transformer, batch_BxL1):

@@ -42,8 +42,13 @@ class Team:
     opt_state = self.inner_tx.init(params)
     self.seq_len = cfg.model.seq_len
     self.learners, self.inner_steps = [], []
+    compiled = {}  # One inner step per distinct island layout, shared by its learners.
     for m, island in enumerate(self.islands):
-      inner = steps.make_inner_step(self.model, self.inner_tx, island, params, opt_state)
+      layout = (tuple(d.id for d in island.mesh.devices.flat), island.fsdp)
+      if layout not in compiled:
+        compiled[layout] = steps.make_inner_step(self.model, self.inner_tx, island, params,
+                                                 opt_state)
+      inner = compiled[layout]
       self.inner_steps.append(inner)
       self.learners.append(Learner(
           m, island, inner, params, opt_state, self.fragments, alpha=d.alpha, up=up,
