@@ -1,13 +1,13 @@
 """Orbax checkpoints of a runtime's whole state, for exact resumption.
 
-A runtime exposes `state()` (a pytree of arrays: parameters, optimizer states,
-data-iterator positions, counters) and `load_state(tree)`. The current state
-doubles as the restore target, so every array comes back with its shape, dtype
-and island sharding. A runtime whose state also varies in length (the
-decoupled one: messages in flight) adds `extra_state() -> (payloads, meta)` and
-`load_extra_state(payloads, meta)`: a list of message payloads (pytrees of
-arrays; they come back without a target, and their users `device_put` them)
-and a JSON-able dict that refers to them by index.
+A runtime (`runtime/interface.py`) exposes `state()` (a pytree of arrays:
+parameters, optimizer states, data-iterator positions, counters) and
+`load_state(tree)`. The current state doubles as the restore target, so every
+array comes back with its shape, dtype and island sharding. What varies in
+length (the decoupled runtime's messages in flight) is `extra_state() ->
+(payloads, meta)` and `load_extra_state(payloads, meta)`: a list of message
+payloads (pytrees of arrays; they come back without a target, and their users
+`device_put` them) and a JSON-able dict that refers to them by index.
 
 A checkpoint holds three orbax items:
   default   `state()`; orbax's name for a single item, so that a plain
@@ -99,7 +99,7 @@ class Checkpointer:
 
   def snapshot(self, step: int, rt, loop: dict | None = None) -> Snapshot:
     """A host copy of `rt`'s state now, to `write` later; `loop` goes into the meta."""
-    payloads, extra = rt.extra_state() if hasattr(rt, "extra_state") else ([], None)
+    payloads, extra = rt.extra_state()
     state, payloads = _host_copy(rt.state()), _host_copy(payloads)
     meta = {"runtime": self._runtime, "num_messages": len(payloads),
             "extra": copy.deepcopy(extra), "fingerprint": self._fingerprint,
@@ -161,8 +161,7 @@ class Checkpointer:
           raise BadCheckpointError(f"{len(bad)} array(s) fail their checksum, e.g."
                                    f" {item}{bad[0]}")
     rt.load_state(restored[_STATE])
-    if hasattr(rt, "load_extra_state"):
-      rt.load_extra_state(payloads, meta["extra"])
+    rt.load_extra_state(payloads, meta["extra"])
     return meta
 
   def restore_latest(self, rt) -> dict | None:

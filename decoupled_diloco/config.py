@@ -82,10 +82,10 @@ class CodecConfig:
   # With error feedback, where a learner restarts after a sync: `offset` (the global
   # fragment minus its unsent residual, so its next delta holds the residual) or
   # `global` (the global fragment; the residual is added to the next send, as in
-  # SparseLoCo/MuLoCo). See algorithm/learner.py; `offset` measured better.
+  # SparseLoCo/MuLoCo). See algorithm/learner.py and experiments/results/quality.md.
   feedback_restart: str = "offset"
   # beta: share of its residual a learner carries into the next round (1: all of it).
-  # 0.5 measured best for `sign`; `int2` is 0.1% better at 1 (algorithm/learner.py).
+  # Default measured best over codecs (experiments/results/quality.md).
   feedback_decay: float = 0.5
   block_size: int = 256  # Values per scale for block codecs (int8/int4/e3m0/int2/sign/topk).
   topk_fraction: float = 0.01  # Share of each block that `topk` keeps.

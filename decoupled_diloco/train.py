@@ -17,6 +17,7 @@ from decoupled_diloco import checkpointing, config as config_lib, divergence, me
 from decoupled_diloco import steps, workdir as workdir_lib
 from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.data import loader
+from decoupled_diloco.runtime import interface
 from decoupled_diloco.runtime.data_parallel import DataParallel
 from decoupled_diloco.runtime.decoupled import Decoupled
 from decoupled_diloco.runtime.lockstep import LockStep
@@ -24,7 +25,8 @@ from decoupled_diloco.runtime.lockstep import LockStep
 BITS_PER_NAT = 1 / math.log(2)
 
 
-def make_runtime(cfg: config_lib.Config, corpus: corpus_lib.Corpus, workdir: str):
+def make_runtime(cfg: config_lib.Config, corpus: corpus_lib.Corpus,
+                 workdir: str) -> interface.Runtime:
   if cfg.runtime == "data_parallel":
     return DataParallel(cfg, corpus.train)
   if cfg.runtime == "lockstep":

@@ -1,4 +1,7 @@
-"""Small configs for fast end-to-end tests."""
+"""Small configs, simulations and checks shared by the tests."""
+
+import json
+import math
 
 import jax
 import numpy as np
@@ -6,6 +9,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from decoupled_diloco import config as config_lib
+from decoupled_diloco.algorithm import rounds
+from decoupled_diloco.runtime import goodput, simulated
 
 
 def tiny_config(runtime="data_parallel", steps=20, **overrides):
@@ -56,3 +61,42 @@ def preempt(monkeypatch, runtime_cls, at_step: int, config, workdir) -> None:
     patch.setattr(runtime_cls, "train_step", crash)
     with pytest.raises(KeyboardInterrupt):
       train.train_and_evaluate(config, str(workdir))
+
+
+# --- Decoupled DiLoCo -----------------------------------------------------------
+
+
+def simulation(seconds, *, quorum, grace_gamma=0.0, grace_max_s=100.0, overlap=0,
+               num_fragments=1, sync_every=1, timelines=None, latency_s=0.0, wait=False,
+               max_staleness=-1, late="next", log_path=None, backend=None):
+  m = len(seconds)
+  backend = backend or goodput.AnalyticBackend(m, [100] * num_fragments, [100] * num_fragments,
+                                               max_staleness)
+  rules = rounds.RoundRules(quorum=quorum, grace_gamma=grace_gamma, grace_max_s=grace_max_s,
+                            overlap=overlap, late=late)
+  protocol = simulated.Protocol(
+      offsets=tuple(p * sync_every // num_fragments for p in range(num_fragments)),
+      sync_every=sync_every, overlap=overlap, rules=rules, learners_wait=wait)
+  world = simulated.World(
+      step_seconds=np.asarray(seconds, float), noise=0.0, latency_s=latency_s,
+      bytes_per_s=math.inf, syncer_seconds=0.0, slices_per_learner=2, chips_per_slice=1,
+      timelines=timelines, outages=None, seed=0)
+  return simulated.Simulation(backend, protocol, world, num_fragments, log_path)
+
+
+def events(path, kind):
+  return [e for e in map(json.loads, open(path)) if e["event"] == kind]
+
+
+def decoupled_config(steps=6, **overrides):
+  base = {"diloco.num_learners": 2, "diloco.sync_every": 3,
+          "diloco.num_fragments": 1, "sim.event_log": True}
+  return tiny_config("decoupled", steps=steps, **{**base, **overrides})
+
+
+def chaos_overrides():
+  return {"chaos.enabled": True, "chaos.slices_per_learner": 2, "chaos.chips_per_slice": 1,
+          "chaos.mtbi_chip_hours": 4 / 3600, "chaos.repair_median_s": 3.0,
+          "chaos.reconfiguration_s": 0.5, "chaos.restart_s": 1.0, "sim.noise": 0.1,
+          "diloco.quorum": 1, "diloco.overlap": 1, "diloco.grace_gamma": 1.0,
+          "chaos.seed": 3}  # Both learners lose every slice within the run.

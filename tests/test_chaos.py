@@ -1,7 +1,6 @@
 """Failure model, outage sampling and the data-parallel goodput baselines."""
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -83,12 +82,9 @@ def test_repair_times_have_the_configured_median_and_spread():
   assert abs(log_repair.std() - 1.2) < 5 * 1.2 / math.sqrt(2 * n)
 
 
-def test_sampling_2_4m_chips_is_fast():
+def test_sampling_2_4m_chips():  # Its speed is benchmarked (bench_simulator), not timed here.
   model = chaos.FailureModel()
-  num_slices = model.num_slices(2_400_000)
-  start = time.perf_counter()
-  o = chaos.sample_outages(model, num_slices, 1e6, seed=0)
-  assert time.perf_counter() - start < 1.0
+  o = chaos.sample_outages(model, model.num_slices(2_400_000), 1e6, seed=0)
   assert o.start.size > 50_000
 
 

@@ -10,35 +10,13 @@ import pytest
 from decoupled_diloco import config as config_lib
 from decoupled_diloco import train
 from decoupled_diloco.algorithm import fragments
-from decoupled_diloco.algorithm import rounds
 from decoupled_diloco.algorithm.rounds import grace_window
 from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.runtime import chaos, goodput, scenario, simulated
 from decoupled_diloco.runtime.decoupled import Decoupled
 from decoupled_diloco.runtime.lockstep import LockStep
-from tests.helpers import assert_trees_equal, tiny_config
-
-
-def simulation(seconds, *, quorum, grace_gamma=0.0, grace_max_s=100.0, overlap=0,
-               num_fragments=1, sync_every=1, timelines=None, latency_s=0.0, wait=False,
-               max_staleness=-1, late="next", log_path=None, backend=None):
-  m = len(seconds)
-  backend = backend or goodput.AnalyticBackend(m, [100] * num_fragments, [100] * num_fragments,
-                                               max_staleness)
-  rules = rounds.RoundRules(quorum=quorum, grace_gamma=grace_gamma, grace_max_s=grace_max_s,
-                            overlap=overlap, late=late)
-  protocol = simulated.Protocol(
-      offsets=tuple(p * sync_every // num_fragments for p in range(num_fragments)),
-      sync_every=sync_every, overlap=overlap, rules=rules, learners_wait=wait)
-  world = simulated.World(
-      step_seconds=np.asarray(seconds, float), noise=0.0, latency_s=latency_s,
-      bytes_per_s=math.inf, syncer_seconds=0.0, slices_per_learner=2, chips_per_slice=1,
-      timelines=timelines, outages=None, seed=0)
-  return simulated.Simulation(backend, protocol, world, num_fragments, log_path)
-
-
-def events(path, kind):
-  return [e for e in map(json.loads, open(path)) if e["event"] == kind]
+from tests.helpers import (assert_trees_equal, chaos_overrides, decoupled_config, events,
+                           simulation, tiny_config)
 
 
 def test_grace_window_formula():
@@ -156,12 +134,6 @@ def test_lockstep_waits_for_fragment_at_send_step_plus_tau(tmp_path):
   assert [e["t"] for e in events(log, "merge")] == [4.0, 8.0]
 
 
-def decoupled_config(steps=6, **overrides):
-  base = {"diloco.num_learners": 2, "diloco.sync_every": 3,
-          "diloco.num_fragments": 1, "sim.event_log": True}
-  return tiny_config("decoupled", steps=steps, **{**base, **overrides})
-
-
 def test_k_equals_m_without_grace_or_chaos_reproduces_lockstep():
   corpus = corpus_lib.load("embedded")
   c = decoupled_config(**{"diloco.num_fragments": 3, "diloco.overlap": 0,
@@ -175,14 +147,6 @@ def test_k_equals_m_without_grace_or_chaos_reproduces_lockstep():
   assert_trees_equal(dec.team.syncer.theta, lock.team.syncer.theta)
   assert_trees_equal([l.params for l in dec.team.learners],
                      [l.params for l in lock.team.learners])
-
-
-def chaos_overrides():
-  return {"chaos.enabled": True, "chaos.slices_per_learner": 2, "chaos.chips_per_slice": 1,
-          "chaos.mtbi_chip_hours": 4 / 3600, "chaos.repair_median_s": 3.0,
-          "chaos.reconfiguration_s": 0.5, "chaos.restart_s": 1.0, "sim.noise": 0.1,
-          "diloco.quorum": 1, "diloco.overlap": 1, "diloco.grace_gamma": 1.0,
-          "chaos.seed": 3}  # Both learners lose every slice within the run.
 
 
 def test_same_seed_gives_identical_event_log_and_parameters(tmp_path):

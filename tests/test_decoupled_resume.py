@@ -12,8 +12,8 @@ from decoupled_diloco import checkpointing, config as config_lib, train
 from decoupled_diloco.algorithm import fragments
 from decoupled_diloco.runtime import goodput, scenario, serialization, simulated
 from decoupled_diloco.runtime.decoupled import Decoupled
-from tests.helpers import assert_trees_equal, final_checkpoint, preempt, tiny_config
-from tests.test_decoupled import chaos_overrides
+from tests.helpers import (assert_trees_equal, chaos_overrides, final_checkpoint, preempt,
+                           tiny_config)
 
 
 def checkpoint_meta(workdir, step):

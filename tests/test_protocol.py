@@ -18,8 +18,7 @@ from decoupled_diloco.algorithm.syncer import Syncer
 from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.runtime import chaos, goodput, scenario, simulated
 from decoupled_diloco.runtime.team import Team
-from tests.helpers import tiny_config
-from tests.test_decoupled import simulation
+from tests.helpers import simulation, tiny_config
 
 FP32 = codecs.make_codec("fp32")
 
@@ -303,3 +302,34 @@ def test_every_lost_chip_second_has_a_cause():
   for learner in r["learners"]:
     assert -1e-6 <= learner["lost_chip_s"]["in_progress"] <= 2 * chips * cfg.sim.step_seconds
   assert not math.isnan(r["goodput"])
+
+
+@pytest.mark.parametrize("first_merged", [False, True])
+def test_a_learner_that_sends_twice_before_aligning_is_not_counted_twice(first_merged):
+  flat = {"a": np.array([1.0, 2.0], np.float32)}
+
+  def fake_step(params, opt_state, batch):
+    return jax.tree.map(lambda p: p - batch, params), opt_state, jnp.float32(0.0)
+
+  learner = Learner(0, islands_lib.make_islands(2)[0], fake_step, fragments.unflatten(flat), {},
+                    (("a",),), alpha=0.0, up=FP32, down=FP32, error_feedback=False,
+                    tokens_per_step=1)
+  sync = Syncer(flat, (("a",),), outer_tx=optax.sgd(1.0), merge_rule="mean",
+                weighting="tokens2_per_step", up=FP32, down=FP32, num_learners=1,
+                max_abs_delta=1e4)
+  learner.inner_step(jnp.float32(0.5))
+  sync.receive(learner.pseudo_gradient(0, 1), 1)  # Delta 0.5 over 1 step.
+  if first_merged:
+    sync.merge(0, 1)
+    np.testing.assert_allclose(sync.theta[0][0], [0.5, 1.5])
+  learner.inner_step(jnp.float32(0.25))
+  learner.inner_step(jnp.float32(0.25))
+  second = learner.pseudo_gradient(0, 2)  # Delta 1.0 over 3 steps: holds the first.
+  assert second.steps == 3
+  sync.receive(second, 2)
+  if first_merged:  # Only the new 0.5 is applied, not 1.0 again.
+    sync.merge(0, 2)
+  else:  # The fresher delta takes the first one's place, in round 1.
+    assert sync.contributors(0, 1) == 1 and sync.contributors(0, 2) == 0
+    sync.merge(0, 1)
+  np.testing.assert_allclose(sync.theta[0][0], [0.0, 1.0], atol=1e-6)

@@ -14,19 +14,14 @@ Error feedback keeps e_p <- beta * (x - decode(encode(x))) for the x it sends
     then holds e_p by itself. Its inner steps do not redo the undelivered work.
   "global": it restarts at Theta_p and sends x = e_p + (Theta_p - theta_p), as in
     SparseLoCo and MuLoCo. After H inner steps from Theta_p the fresh delta has
-    largely redone what Theta_p lacks, so adding e_p counts it twice; on `tiny`
-    with 1-bit `sign` this cost 3% eval loss (experiments/results/quality.md).
+    largely redone what Theta_p lacks, so adding e_p counts it twice.
 
-Why beta < 1 (measured on `tiny`, M = 4; experiments/results/quality.md): with
-the whole residual, `sign` with error feedback was 0.61% worse than none over 8
-seeds; with half, 0.15% better. sign sends each block's mean |x|, so half to
-70% of its residual is progress under-sent on the same large coordinates
-round after round: carried whole, it makes later sends mostly old progress,
-which the outer momentum extrapolates again; and as the four learners share only
-36-59% of it, restarting each at Theta_p - e_m moves them apart. `int2`'s
-residual is mostly the correction of values it over-sent (82%), and int2 was
-0.1% better at beta = 1, and better than none either way.
-(`python -m experiments.feedback_residuals` prints these shares.)
+Why beta < 1: a 1-bit codec under-sends the same large coordinates round after
+round, so carried whole its residual makes later sends mostly old progress,
+which the outer momentum extrapolates again, and restarting each learner at
+its own Theta_p - e_m moves the learners apart. Measurements of both forms and
+of beta: experiments/results/quality.md (`python -m experiments.feedback_residuals`
+prints the residuals' make-up).
 """
 
 import functools
@@ -92,7 +87,7 @@ class Learner:
     if feedback_restart not in FEEDBACK_RESTARTS:
       raise ValueError(f"feedback_restart={feedback_restart!r}; choose from {FEEDBACK_RESTARTS}.")
     self.feedback = feedback_restart if error_feedback else None
-    # 1 here is the textbook form; the config's default (0.5) is the measured one.
+    # 1 here is the textbook form; the config's default is the measured one.
     if not 0 <= feedback_decay <= 1:
       raise ValueError(f"feedback_decay={feedback_decay!r} must be in [0, 1].")
     self.feedback_decay = float(feedback_decay)

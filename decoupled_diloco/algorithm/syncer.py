@@ -7,6 +7,12 @@ the contributions admitted to each of its rounds. Which round a contribution
 joins, and when a round closes, is `algorithm/rounds.py`'s decision; the
 syncer does what it says.
 
+A learner that sends a fragment again before it aligns to a publication (a
+fast learner a round ahead, or one re-phased) sends a delta that holds the one
+it sent before. If that one still waits in a round, the new one replaces it
+there; if it was merged already, the syncer merges only the difference (and
+the difference of the counters). Either way no work counts twice.
+
 Downloads. With a lossless down codec every publication is the fragment
 itself. With a lossy one, publishing the fragment would quantize the
 parameters themselves at every sync; instead the syncer keeps what the
@@ -131,6 +137,13 @@ class Syncer:
                        [jax.ShapeDtypeStruct(np.shape(t), jnp.float32) for t in theta])
         for theta in self.theta]
     self.merges = np.zeros(len(fragments), np.int64)
+    # Per fragment and learner, the last merged contribution's base version (-1:
+    # none), counters and deltas (see `merge`).
+    self.last_base = np.full((len(fragments), num_learners), -1, np.int64)
+    self.last_steps = np.zeros((len(fragments), num_learners), np.int64)
+    self.last_tokens = np.zeros((len(fragments), num_learners), np.int64)
+    self.last_deltas = [[[jnp.zeros_like(t) for t in theta] for _ in range(num_learners)]
+                        for theta in self.theta]
 
   def reject(self, c: Contribution, reason: str) -> None:
     """Counts and logs a contribution that will not be merged."""
@@ -183,12 +196,19 @@ class Syncer:
     """Adds a validated contribution to round `rnd` of its fragment.
 
     A newer contribution from the same learner measured from the same base
-    holds all of the older one's work, so it replaces it.
+    holds all of the older one's work: if the older one still waits in a
+    round, the newer one takes its place there (the earliest round gets the
+    freshest work, as a learner ahead of the others would want).
     """
-    entries = self.pending[c.fragment].setdefault(rnd, [])
-    entries[:] = [e for e in entries if (e.contribution.learner, e.contribution.base_version)
-                  != (c.learner, c.base_version)]
-    entries.append(Entry(c, deltas, int(self.version[c.fragment] - c.base_version)))
+    pending, key = self.pending[c.fragment], (c.learner, c.base_version)
+    entry = Entry(c, deltas, int(self.version[c.fragment] - c.base_version))
+    for r in sorted(pending):
+      entries = pending[r]
+      for i, e in enumerate(entries):
+        if (e.contribution.learner, e.contribution.base_version) == key:
+          entries[i] = entry
+          return
+    pending.setdefault(rnd, []).append(entry)
 
   def receive(self, c: Contribution, rnd: int, checked: Checked | None = None) -> bool:
     """`validate` then `admit` to round `rnd`; False if rejected."""
@@ -210,17 +230,32 @@ class Syncer:
     """Closes round `rnd` of fragment p: merge, outer step, new version. None if empty."""
     entries = sorted(self.pending[p].pop(rnd, []),
                      key=lambda e: (e.contribution.learner, e.contribution.base_version))
-    if not entries:
+    deltas, steps, tokens, staleness = [], [], [], []
+    for e in entries:
+      c, d = e.contribution, list(e.deltas)
+      m, st, tk = c.learner, c.steps, c.tokens
+      if self.last_base[p, m] == c.base_version:
+        # The learner sent again before aligning: this delta holds the one
+        # already merged too. Merge only what is new.
+        d = [a - b for a, b in zip(d, self.last_deltas[p][m])]
+        st, tk = st - self.last_steps[p, m], tk - self.last_tokens[p, m]
+      self.last_base[p, m], self.last_steps[p, m], self.last_tokens[p, m] = (
+          c.base_version, c.steps, c.tokens)
+      self.last_deltas[p][m] = list(e.deltas)
+      if st > 0:
+        deltas.append(d)
+        steps.append(st)
+        tokens.append(tk)
+        staleness.append(e.staleness)
+    if not deltas:
       return None
-    cs = [e.contribution for e in entries]
-    w_N = merge.weights([c.steps for c in cs], [c.tokens for c in cs], self.weighting)
+    w_N = merge.weights(steps, tokens, self.weighting)
     if self.staleness_weighting == "inverse":
-      w_N = (w_N / (1.0 + np.array([e.staleness for e in entries], np.float32))).astype(np.float32)
+      w_N = (w_N / (1.0 + np.array(staleness, np.float32))).astype(np.float32)
     if float(w_N.sum()) <= 0:
       return None
     self.theta[p], self.opt_state[p] = _outer_step(
-        self.tx, self.rules[p], self.theta[p], self.opt_state[p],
-        [list(e.deltas) for e in entries], w_N)
+        self.tx, self.rules[p], self.theta[p], self.opt_state[p], deltas, w_N)
     self.version[p] += 1
     self.merges[p] += 1
     version = int(self.version[p])
@@ -244,7 +279,8 @@ class Syncer:
 
   def state(self) -> dict:
     s = {"theta": self.theta, "opt_state": self.opt_state, "version": self.version,
-         "merges": self.merges}
+         "merges": self.merges, "last_base": self.last_base, "last_steps": self.last_steps,
+         "last_tokens": self.last_tokens, "last_deltas": self.last_deltas}
     if self.held is not None:
       s["held"] = self.held
     return s
@@ -254,5 +290,9 @@ class Syncer:
     self.opt_state = list(s["opt_state"])
     self.version = np.asarray(s["version"]).copy()
     self.merges = np.asarray(s["merges"]).copy()
+    self.last_base = np.asarray(s["last_base"]).copy()
+    self.last_steps = np.asarray(s["last_steps"]).copy()
+    self.last_tokens = np.asarray(s["last_tokens"]).copy()
+    self.last_deltas = [[list(d) for d in f] for f in s["last_deltas"]]
     if self.held is not None:
       self.held = [list(h) for h in s["held"]]

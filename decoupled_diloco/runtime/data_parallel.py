@@ -55,6 +55,12 @@ class DataParallel:
     self.step = int(tree["step"])
     self.data.position = int(tree["data_position"])
 
+  def extra_state(self) -> tuple[list, None]:
+    return [], None  # Everything is in `state()`.
+
+  def load_extra_state(self, payloads: list, meta: None) -> None:
+    del payloads, meta
+
   def comm_metrics(self) -> dict:
     """Bytes over each replica's link for a ring all-reduce of fp32 gradients.
 

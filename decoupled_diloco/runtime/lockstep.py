@@ -95,6 +95,12 @@ class LockStep:
                                              base_version=int(slot["base_version"]),
                                              round=int(slot["round"])))
 
+  def extra_state(self) -> tuple[list, None]:
+    return [], None  # Everything is in `state()`.
+
+  def load_extra_state(self, payloads: list, meta: None) -> None:
+    del payloads, meta
+
   def comm_metrics(self) -> dict:
     return self.team.comm_metrics(self.step)
 
