@@ -72,6 +72,11 @@ class DilocoConfig:
   max_staleness: int = -1  # Reject contributions whose base is more versions old than this (-1: admit all).
   late: str = "next"  # A contribution for a round already closed: `next` (joins the open round), `drop` or `reject`.
   staleness_weighting: str = "none"  # `inverse`: weight / (1 + versions stale) (Zhang et al. 2016, arXiv 1511.05950).
+  # Largest share of a round's merge weight one learner may have (at least 1 / contributors).
+  # 0.5: no single learner outweighs all the others together, whatever it claims.
+  max_weight_share: float = 0.5
+  max_norm_ratio: float = 10.0  # A delta's norm may be this many times the running norm of admitted ones (0: off).
+  norm_bound: str = "clip"  # Past `max_norm_ratio`: `clip` the delta to it, or `reject` it.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +234,8 @@ RANGES = {
     "diloco.sync_every": _AT_LEAST_1, "diloco.overlap": _AT_LEAST_0, "diloco.alpha": "[0, 1)",
     "diloco.max_abs_delta": _POSITIVE, "diloco.quorum": _AT_LEAST_0,
     "diloco.grace_gamma": _AT_LEAST_0, "diloco.grace_max_s": _AT_LEAST_0,
-    "diloco.max_staleness": "[-1, inf)",
+    "diloco.max_staleness": "[-1, inf)", "diloco.max_weight_share": "(0, 1]",
+    "diloco.max_norm_ratio": _AT_LEAST_0,
     "codec.feedback_decay": "[0, 1]", "codec.block_size": _AT_LEAST_1,
     "codec.topk_fraction": "(0, 1]",
     "sim.step_seconds": _AT_LEAST_0, "sim.slow_learners": _AT_LEAST_0,
@@ -362,3 +368,7 @@ def _validate_protocol(cfg: Config) -> None:
           syncer.STALENESS_WEIGHTINGS)
   _choice("chaos.rejoin_optimizer", cfg.chaos.rejoin_optimizer, REJOIN_OPTIMIZERS)
   _choice("chaos.elastic_batch", cfg.chaos.elastic_batch, ELASTIC_BATCHES)
+  _choice("diloco.norm_bound", cfg.diloco.norm_bound, syncer.NORM_BOUNDS)
+  if 0 < cfg.diloco.max_norm_ratio <= 1:
+    raise ValueError(f"diloco.max_norm_ratio={cfg.diloco.max_norm_ratio} must be 0 (off) or"
+                     " above 1 (a multiple of the running norm).")

@@ -170,10 +170,10 @@ def test_syncer_rejects_malformed_compressed_payloads(name):
   assert s.rejected["malformed payload"] == len(malformed)
   if name == "topk":  # Well-formed, but an index past its 64-value block.
     outside = {**good, "indices": good["indices"].at[1, 0].set(64)}
-    assert not s.receive(Contribution(0, 0, 0, 0, 1, 1, (outside,), 0), 0)
+    assert not s.receive(Contribution(0, 0, 0, 0, 1, 1, (outside,), codecs.payload_nbytes(outside)), 0)
     assert s.rejected["non-finite"] == 1
   assert s.contributors(0, 0) == 0
-  assert s.receive(Contribution(1, 0, 0, 0, 1, 1, (good,), 0), 0)
+  assert s.receive(Contribution(1, 0, 0, 0, 1, 1, (good,), codecs.payload_nbytes(good)), 0)
   s.merge(0, 0)
   np.testing.assert_array_equal(s.theta[0][0], -up.decode(good, (100,), jnp.float32))
 

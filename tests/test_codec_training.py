@@ -76,8 +76,9 @@ def test_error_feedback_residual_is_checkpointed_and_resumes_bitwise(tmp_path, m
     # int2 has no zero level, so the send after step 6 must leave a residual.
     assert all(np.all(np.isfinite(r)) for r in residual[0])
     assert any(np.any(r != 0) for r in residual[0])
-  # Preempted after the checkpoint at 4, which holds step 3's residual.
-  preempt(monkeypatch, LockStep, 5, c, tmp_path / "resumed")
+  # Preempted after the checkpoint at 4 (written once step 5's loss vouched for it),
+  # which holds step 3's residual.
+  preempt(monkeypatch, LockStep, 6, c, tmp_path / "resumed")
   ckpt4 = final_checkpoint(tmp_path / "resumed")
   assert int(ckpt4["step"]) == 4
   assert any(np.any(r != 0) for learner in ckpt4["learners"] for r in learner["residual"][0])

@@ -119,6 +119,12 @@ class Counter:
   def load_state(self, s):
     self.count = s["count"]
 
+  def extra_state(self):
+    return [], None
+
+  def load_extra_state(self, payloads, meta):
+    del payloads, meta
+
 
 def test_checkpoint_of_another_runtime_is_a_clear_error(tmp_path):
   ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1, runtime="lockstep")

@@ -62,7 +62,7 @@ def test_slow_learners_are_rephased_and_their_late_work_is_merged():
 def test_late_policies():
   rules = RoundRules(quorum=1, grace_gamma=0.0, grace_max_s=0.0, overlap=0)
   for late, status in (("next", "late"), ("drop", "dropped"), ("reject", "rejected")):
-    r = Rounds(1, 2, rules._replace(late=late), step_s=1.0, sync_s=0.0)
+    r = Rounds(1, 2, rules._replace(late=late), step_s=1.0, sync_s=0.0, first_rounds=[3])
     assert r.arrive(0, 0, 3, sent_at=0.0, step_s=1.0).status == "on_time"
     assert r.decide(0, 0.0).close
     assert r.close(0) == 3
@@ -78,7 +78,7 @@ def test_late_policies():
 def test_a_reporter_that_went_down_does_not_fill_the_quorum():
   # M = 3, K = 1 with a grace window: learner 0 reports, then goes down.
   rules = RoundRules(quorum=1, grace_gamma=1.0, grace_max_s=10.0, overlap=2)
-  r = Rounds(1, 3, rules, step_s=2.0, sync_s=0.0)
+  r = Rounds(1, 3, rules, step_s=2.0, sync_s=0.0, first_rounds=[1])
   r.arrive(0, 0, 1, sent_at=0.0, step_s=2.0)
   r.set_live(0, False)
   d = r.decide(0, 0.5)
@@ -92,7 +92,7 @@ def test_a_reporter_that_went_down_does_not_fill_the_quorum():
 
 def test_k_equals_m_with_a_learner_failing_mid_round_waits_for_the_live_ones_only():
   rules = RoundRules(quorum=3, grace_gamma=0.0, grace_max_s=0.0, overlap=0)
-  r = Rounds(1, 3, rules, step_s=1.0, sync_s=0.0)
+  r = Rounds(1, 3, rules, step_s=1.0, sync_s=0.0, first_rounds=[1])
   r.arrive(0, 0, 1, sent_at=0.0, step_s=1.0)
   r.set_live(0, False)
   r.arrive(1, 0, 1, sent_at=0.0, step_s=1.0)
@@ -255,7 +255,7 @@ def test_team_shrinks_the_batch_on_fewer_slices():
 
 def test_grace_window_uses_the_measured_xis():
   rules = RoundRules(quorum=1, grace_gamma=0.5, grace_max_s=100.0, overlap=4)
-  r = Rounds(1, 2, rules, step_s=1.0, sync_s=0.0)
+  r = Rounds(1, 2, rules, step_s=1.0, sync_s=0.0, first_rounds=[1])
   r.observe_sync(2.0)  # xi_sync = 0.1 * 2 = 0.2
   # Learner 0 reports a 3 s step; its round was sent at t = 10 and arrives at 10.5.
   r.arrive(0, 0, 1, sent_at=10.0, step_s=3.0)  # xi_step = 1 + 0.1 * 2 = 1.2
@@ -330,6 +330,6 @@ def test_a_learner_that_sends_twice_before_aligning_is_not_counted_twice(first_m
   if first_merged:  # Only the new 0.5 is applied, not 1.0 again.
     sync.merge(0, 2)
   else:  # The fresher delta takes the first one's place, in round 1.
-    assert sync.contributors(0, 1) == 1 and sync.contributors(0, 2) == 0
+    assert [len(sync.pending[0].get(r, [])) for r in (1, 2)] == [1, 0]
     sync.merge(0, 1)
   np.testing.assert_allclose(sync.theta[0][0], [0.0, 1.0], atol=1e-6)

@@ -36,3 +36,5 @@ class Publication(NamedTuple):
   nbytes: int
   base_version: int = FULL
   round: int = -1  # The round whose merge made it (-1: a copy, not a merge).
+  started_at: float = 0.0  # When that round's first on-time send left (runtime seconds).
+  step_seconds: float = 0.0  # The syncer's running estimate of learners' step time.

@@ -8,11 +8,14 @@ order of arrivals: one outer step per round, never one per straggler
 (Decoupled DiLoCo, https://arxiv.org/abs/2604.21428).
 
 Per fragment the syncer has one open round. A contribution for it is *on time*;
-one for a later round waits for that round (*future*); one for a round already
+one for a later round is *early* (its sender is ahead); one for a round already
 closed is *late*, and `late` decides: `next` joins the open round as a
 passenger (its work is not lost; its staleness is recorded), `drop` discards
 it, `reject` discards it and counts it as a rejection. Passengers never count
 towards the quorum, so a late delta cannot close a round before its schedule.
+A round's merge takes every contribution waiting, early ones included: work
+held back for its own round would only grow staler. A round that every live
+learner is past and nobody sent on time is skipped.
 
 The round closes once at least `min(K, live)` learners that are live *now*
 have sent it on time and a grace window has passed, or at once when every
@@ -81,11 +84,11 @@ class Rounds:
   """The open round of every fragment and the running estimates; see module docstring."""
 
   def __init__(self, num_fragments: int, num_learners: int, rules: RoundRules, *,
-               step_s: float, sync_s: float):
+               step_s: float, sync_s: float, first_rounds: list[int] | None = None):
     if rules.late not in LATE_POLICIES:
       raise ValueError(f"diloco.late={rules.late!r} is unknown; choose from {LATE_POLICIES}.")
     self.rules, self.num_learners = rules, num_learners
-    self.open = [0] * num_fragments
+    self.open = list(first_rounds) if first_rounds is not None else [0] * num_fragments
     # Per fragment: round -> {learner: send time} of on-time contributions.
     self.on_time: list[dict[int, dict[int, float]]] = [{} for _ in range(num_fragments)]
     self.passengers = [0] * num_fragments  # Late contributions riding in the open round.
@@ -127,12 +130,6 @@ class Rounds:
     if rnd > open_ + MAX_ROUNDS_AHEAD:
       return Verdict("rejected", -1, 0)
     self.mark_reported(learner, p, rnd)
-    if rnd > open_ and not self.on_time[p].get(open_):
-      # Nobody has sent the open round on time, and a learner is past it: the
-      # schedule has moved on (start of a run, everyone re-phased); follow it.
-      self.on_time[p].pop(open_, None)
-      self.open[p] = open_ = rnd
-      self.quorum_at[p] = self.deadline[p] = None
     if rnd >= open_:
       self.on_time[p].setdefault(rnd, {})[learner] = sent_at
       return Verdict("on_time" if rnd == open_ else "future", rnd, 0)
@@ -143,7 +140,12 @@ class Rounds:
 
   def decide(self, fragment: int, now: float) -> Decision:
     """Whether fragment `fragment`'s open round closes now, or when to ask again."""
-    p, open_ = fragment, self.open[fragment]
+    p = fragment
+    while (not self.on_time[p].get(self.open[p])
+           and all(self.reported[p, m] > self.open[p] for m in self.live)
+           and any(self.reported[p, m] > self.open[p] for m in self.live)):
+      self.open[p] += 1  # No live learner will send it (all are past it): skip it.
+    open_ = self.open[p]
     senders = self.on_time[p].get(open_, {})
     if not senders:
       return Decision(False, None, None)
@@ -170,10 +172,15 @@ class Rounds:
     return Decision(False, self.deadline[p], None)
 
   def close(self, fragment: int) -> int:
-    """Closes the open round (after its merge); returns its number."""
+    """Closes the open round (after its merge); returns its number.
+
+    Its merge took the early contributions of later rounds too (the syncer
+    merges everything waiting), so those rounds forget them: they close on
+    their own on-time senders, or once every live learner is past them.
+    """
     p = fragment
     closed = self.open[p]
-    self.on_time[p].pop(closed, None)
+    self.on_time[p] = {}
     self.open[p] = closed + 1
     self.passengers[p] = 0
     self.quorum_at[p] = self.deadline[p] = None

@@ -29,6 +29,7 @@ or missed a publication) gets a full-precision copy of Theta_p instead.
 
 import collections
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -48,6 +49,55 @@ class Checked(NamedTuple):
   deltas: list
   finite: jax.Array  # All values finite.
   max_abs: jax.Array  # Largest |value|.
+  valid: jax.Array  # Its codec fields hold values the codec can make (scales >= 0).
+  norm: jax.Array  # L2 norm of the whole delta.
+
+
+NORM_BOUNDS = ("clip", "reject")
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_time(x) -> bool:
+  return (isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+          and math.isfinite(x) and x >= 0)
+
+
+def cap_shares(w_N: np.ndarray, owners, cap: float) -> np.ndarray:
+  """Weights rescaled so that no owner (learner) has more than `cap` of their sum.
+
+  The cap is at least 1 / (number of owners), where every owner has an equal
+  share; the excess of a capped owner goes to the others in proportion to
+  their weights (water-filling).
+  """
+  owners = np.asarray(owners)
+  ids = sorted(set(owners.tolist()))
+  totals = np.array([w_N[owners == o].sum() for o in ids], np.float64)
+  if totals.sum() <= 0 or len(ids) < 2:
+    return w_N
+  cap = max(cap, 1.0 / len(ids))
+  share = totals / totals.sum()
+  if np.all(share <= cap + 1e-12):
+    return w_N  # Unchanged, bit for bit.
+  capped = np.zeros(len(ids), bool)
+  while True:
+    over = (share > cap + 1e-12) & ~capped
+    if not over.any():
+      break
+    capped |= over
+    free = ~capped
+    share[capped] = cap
+    share[free] = totals[free] / totals[free].sum() * (1.0 - cap * capped.sum())
+  scale = dict(zip(ids, np.where(totals > 0, share * totals.sum() / np.maximum(totals, 1e-30), 0)))
+  return (w_N * np.array([scale[o] for o in owners.tolist()])).astype(np.float32)
+
+
+class Accepted(NamedTuple):
+  """A contribution that passed `validate`: its deltas, as they will be merged."""
+  deltas: list
+  scale: float  # < 1 where its norm was clipped (the deltas are already scaled).
 
 
 class Entry(NamedTuple):
@@ -55,14 +105,20 @@ class Entry(NamedTuple):
   contribution: Contribution
   deltas: list
   staleness: int  # Versions between its base and the fragment when it was admitted.
+  scale: float = 1.0  # Norm clipping applied to `deltas`.
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _check(codec, payload, like) -> Checked:
   deltas = codecs.decode_tree(codec, list(payload), like)
   finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(d)) for d in deltas]))
+  # Scales a codec makes are finite and >= 0; others decode to flipped or absurd values.
+  scales = [jnp.all(jnp.isfinite(t["scales"]) & (t["scales"] >= 0))
+            for t in payload if "scales" in t]
+  valid = jnp.all(jnp.stack(scales)) if scales else jnp.bool_(True)
   max_abs = jnp.max(jnp.stack([jnp.max(jnp.abs(d)) for d in deltas]))
-  return Checked(deltas, finite, max_abs)
+  norm = jnp.sqrt(sum(jnp.sum(jnp.square(d.astype(jnp.float32))) for d in deltas))
+  return Checked(deltas, finite, max_abs, valid, norm)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -71,6 +127,11 @@ def _outer_step(tx, rules, theta, opt_state, deltas, w_N):
   merged = [rule(jnp.stack(d), w_N) for rule, d in zip(rules, zip(*deltas))]
   updates, opt_state = tx.update(merged, opt_state, theta)
   return optax.apply_updates(theta, updates), opt_state
+
+
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -104,7 +165,9 @@ class Syncer:
   def __init__(self, flat_params: dict, fragments, *, outer_tx: optax.GradientTransformation,
                merge_rule: str, weighting: str, up: codecs.Codec, down: codecs.Codec,
                num_learners: int, max_abs_delta: float, max_staleness: int | None = None,
-               staleness_weighting: str = "none", device=None):
+               staleness_weighting: str = "none", max_tokens_per_step: int | None = None,
+               max_weight_share: float = 1.0, max_norm_ratio: float = 0.0,
+               norm_bound: str = "clip", device=None):
     self.fragments = fragments
     self.device = device or jax.devices()[0]
     # Copied through the host: the syncer's fragments never alias a learner's.
@@ -122,6 +185,14 @@ class Syncer:
     self.up, self.down = up, down
     self.num_learners, self.max_abs_delta = num_learners, max_abs_delta
     self.max_staleness = max_staleness
+    self.max_tokens_per_step = max_tokens_per_step
+    if norm_bound not in NORM_BOUNDS:
+      raise ValueError(f"diloco.norm_bound={norm_bound!r} is unknown; choose from {NORM_BOUNDS}.")
+    self.max_weight_share, self.max_norm_ratio = max_weight_share, max_norm_ratio
+    self.norm_bound = norm_bound
+    self.norm_estimate = np.zeros(len(fragments))  # Running norm of admitted deltas.
+    self.norms_seen = np.zeros(len(fragments), np.int64)  # Admitted deltas, per fragment.
+    self.clipped = 0
     # Per fragment: round -> admitted entries.
     self.pending: list[dict[int, list[Entry]]] = [{} for _ in fragments]
     # What learners hold, per fragment (lossy downloads only; see module docstring).
@@ -168,13 +239,28 @@ class Syncer:
     except (TypeError, ValueError, KeyError, IndexError):
       return None
 
-  def validate(self, c: Contribution, checked: Checked | None = None) -> list | None:
-    """The contribution's decoded deltas, or None (counted and logged) if it is rejected."""
-    if not (0 <= c.fragment < len(self.fragments)) or not 0 <= c.learner < self.num_learners:
+  def validate(self, c: Contribution, checked: Checked | None = None) -> Accepted | None:
+    """The contribution's deltas to merge, or None (counted and logged) if it is rejected.
+
+    Assumes nothing of the sender: every field is checked for type and range
+    (learner and fragment known, base version not ahead of the fragment, at
+    least one step, no more tokens than its steps can hold, `nbytes` the
+    payload's size), the payload must be exactly what the up codec makes and
+    decode to finite values within `max_abs_delta`, and its norm is bounded
+    by `max_norm_ratio` times the running norm of admitted deltas (clipped to
+    it, or rejected).
+    """
+    if not (_is_int(c.learner) and _is_int(c.fragment) and 0 <= c.fragment < len(self.fragments)
+            and 0 <= c.learner < self.num_learners):
       self.reject(c, "unknown learner or fragment")
       return None
     p = c.fragment
-    if c.base_version > self.version[p] or c.steps < 0 or c.tokens < 0 or c.round < 0:
+    ints = (c.round, c.base_version, c.steps, c.tokens, c.nbytes)
+    if (not all(_is_int(x) for x in ints) or not 0 <= c.base_version <= self.version[p]
+        or c.round < 0 or c.steps < 1 or c.tokens < 0
+        or (self.max_tokens_per_step is not None
+            and c.tokens > c.steps * self.max_tokens_per_step)
+        or not _is_time(c.sent_at) or not _is_time(c.step_seconds)):
       self.reject(c, "inconsistent metadata")
       return None
     if self.max_staleness is not None and self.version[p] - c.base_version > self.max_staleness:
@@ -183,16 +269,42 @@ class Syncer:
     if (checked := checked or self.check(c)) is None:
       self.reject(c, "malformed payload")
       return None
-    finite, max_abs = jax.device_get((checked.finite, checked.max_abs))  # One host sync.
+    if c.nbytes != codecs.payload_nbytes(c.payload):
+      self.reject(c, "wrong byte count")
+      return None
+    finite, max_abs, valid, norm = jax.device_get(
+        (checked.finite, checked.max_abs, checked.valid, checked.norm))  # One host sync.
     if not finite:
       self.reject(c, "non-finite")
+      return None
+    if not valid:
+      self.reject(c, "invalid codec values")
       return None
     if max_abs > self.max_abs_delta:
       self.reject(c, "absurd magnitude")
       return None
-    return checked.deltas
+    deltas, norm, scale = checked.deltas, float(norm), 1.0
+    estimate, seen = self.norm_estimate[p], self.norms_seen[p]
+    warm = seen >= 2 * self.num_learners  # Norms grow fast during warmup: learn them first.
+    if self.max_norm_ratio and warm and norm > self.max_norm_ratio * estimate:
+      if self.norm_bound == "reject":
+        self.reject(c, "norm above bound")
+        return None
+      bound = self.max_norm_ratio * estimate
+      scale = bound / norm
+      deltas = [d * scale for d in deltas]
+      self.clipped += 1
+      logging.warning("syncer: clipped learner %s fragment %s from norm %.3g to %.3g",
+                      c.learner, p, norm, bound)
+      norm = bound
+    # A running mean that rises at most 10% a contribution, so a learner that
+    # keeps sending large deltas cannot talk the bound up quickly.
+    self.norm_estimate[p] = norm if seen == 0 else estimate + 0.1 * (min(norm, 2 * estimate)
+                                                                      - estimate)
+    self.norms_seen[p] += 1
+    return Accepted(deltas, scale)
 
-  def admit(self, c: Contribution, deltas: list, rnd: int) -> None:
+  def admit(self, c: Contribution, accepted: Accepted, rnd: int) -> None:
     """Adds a validated contribution to round `rnd` of its fragment.
 
     A newer contribution from the same learner measured from the same base
@@ -201,7 +313,8 @@ class Syncer:
     freshest work, as a learner ahead of the others would want).
     """
     pending, key = self.pending[c.fragment], (c.learner, c.base_version)
-    entry = Entry(c, deltas, int(self.version[c.fragment] - c.base_version))
+    entry = Entry(c, accepted.deltas, int(self.version[c.fragment] - c.base_version),
+                  accepted.scale)
     for r in sorted(pending):
       entries = pending[r]
       for i, e in enumerate(entries):
@@ -212,25 +325,34 @@ class Syncer:
 
   def receive(self, c: Contribution, rnd: int, checked: Checked | None = None) -> bool:
     """`validate` then `admit` to round `rnd`; False if rejected."""
-    deltas = self.validate(c, checked)
-    if deltas is None:
+    accepted = self.validate(c, checked)
+    if accepted is None:
       return False
-    self.admit(c, deltas, rnd)
+    self.admit(c, accepted, rnd)
     return True
 
-  def readmit(self, c: Contribution, rnd: int, staleness: int) -> None:
+  def readmit(self, c: Contribution, rnd: int, staleness: int, scale: float) -> None:
     """Puts back a contribution that was admitted before a checkpoint (on resume)."""
     checked = _check(self.up, jax.device_put(c.payload, self.device), self.theta[c.fragment])
-    self.pending[c.fragment].setdefault(rnd, []).append(Entry(c, checked.deltas, staleness))
+    deltas = checked.deltas if scale == 1.0 else [d * scale for d in checked.deltas]
+    self.pending[c.fragment].setdefault(rnd, []).append(Entry(c, deltas, staleness, scale))
 
   def contributors(self, p: int, rnd: int) -> int:
-    return len(self.pending[p].get(rnd, ()))
+    """Contributions a merge of round `rnd` would take (every one waiting)."""
+    del rnd
+    return sum(len(entries) for entries in self.pending[p].values())
 
   def merge(self, p: int, rnd: int) -> Publication | None:
-    """Closes round `rnd` of fragment p: merge, outer step, new version. None if empty."""
-    entries = sorted(self.pending[p].pop(rnd, []),
-                     key=lambda e: (e.contribution.learner, e.contribution.base_version))
-    deltas, steps, tokens, staleness = [], [], [], []
+    """Closes round `rnd` of fragment p: merge, outer step, new version. None if empty.
+
+    Merges every contribution waiting for the fragment: the round's own, late
+    ones that joined it, and early ones sent for later rounds by learners
+    ahead of the others (algorithm/rounds.py).
+    """
+    waiting = [e for r in sorted(self.pending[p]) for e in self.pending[p][r]]
+    self.pending[p] = {}
+    entries = sorted(waiting, key=lambda e: (e.contribution.learner, e.contribution.base_version))
+    deltas, steps, tokens, staleness, owners = [], [], [], [], []
     for e in entries:
       c, d = e.contribution, list(e.deltas)
       m, st, tk = c.learner, c.steps, c.tokens
@@ -247,15 +369,22 @@ class Syncer:
         steps.append(st)
         tokens.append(tk)
         staleness.append(e.staleness)
+        owners.append(m)
     if not deltas:
       return None
     w_N = merge.weights(steps, tokens, self.weighting)
     if self.staleness_weighting == "inverse":
       w_N = (w_N / (1.0 + np.array(staleness, np.float32))).astype(np.float32)
-    if float(w_N.sum()) <= 0:
+    w_N = cap_shares(w_N, owners, self.max_weight_share)
+    if not np.all(np.isfinite(w_N)) or float(w_N.sum()) <= 0:
       return None
-    self.theta[p], self.opt_state[p] = _outer_step(
-        self.tx, self.rules[p], self.theta[p], self.opt_state[p], deltas, w_N)
+    theta, opt_state = _outer_step(self.tx, self.rules[p], self.theta[p], self.opt_state[p],
+                                   deltas, w_N)
+    if not bool(_all_finite(theta)):  # Never commit a poisoned fragment.
+      self.rejected["non-finite merge"] += 1
+      logging.warning("syncer: merge of fragment %s round %s is not finite; not committed", p, rnd)
+      return None
+    self.theta[p], self.opt_state[p] = theta, opt_state
     self.version[p] += 1
     self.merges[p] += 1
     version = int(self.version[p])
@@ -280,7 +409,9 @@ class Syncer:
   def state(self) -> dict:
     s = {"theta": self.theta, "opt_state": self.opt_state, "version": self.version,
          "merges": self.merges, "last_base": self.last_base, "last_steps": self.last_steps,
-         "last_tokens": self.last_tokens, "last_deltas": self.last_deltas}
+         "last_tokens": self.last_tokens, "last_deltas": self.last_deltas,
+         "norm_estimate": self.norm_estimate, "norms_seen": self.norms_seen,
+         "clipped": np.int64(self.clipped)}
     if self.held is not None:
       s["held"] = self.held
     return s
@@ -294,5 +425,8 @@ class Syncer:
     self.last_steps = np.asarray(s["last_steps"]).copy()
     self.last_tokens = np.asarray(s["last_tokens"]).copy()
     self.last_deltas = [[list(d) for d in f] for f in s["last_deltas"]]
+    self.norm_estimate = np.asarray(s["norm_estimate"], np.float64).copy()
+    self.norms_seen = np.asarray(s["norms_seen"]).copy()
+    self.clipped = int(s["clipped"])
     if self.held is not None:
       self.held = [list(h) for h in s["held"]]

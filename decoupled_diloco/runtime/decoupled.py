@@ -32,12 +32,12 @@ class JaxBackend:
     return self.team.send(m, p, rnd)
 
   def validate(self, c):
-    deltas = self.team.validate(c)
-    return None if deltas is None else (c, deltas)
+    accepted = self.team.validate(c)
+    return None if accepted is None else (c, accepted)
 
   def admit(self, token, rnd) -> None:
-    c, deltas = token
-    self.team.syncer.admit(c, deltas, rnd)
+    c, accepted = token
+    self.team.syncer.admit(c, accepted, rnd)
 
   def discard(self, c, reason) -> None:
     if reason == "rejected":
@@ -105,7 +105,7 @@ class Decoupled:
   def extra_state(self) -> tuple[list, dict]:
     """(payloads, JSON) of the messages in flight or pending and the simulator."""
     messages = serialization.MessageTable()
-    pending = [[[rnd, [[messages.ref(e.contribution), e.staleness] for e in entries]]
+    pending = [[[rnd, [[messages.ref(e.contribution), e.staleness, e.scale] for e in entries]]
                 for rnd, entries in sorted(rounds.items())]
                for rounds in self.team.syncer.pending]
     meta = {"simulation": self.sim.state(messages), "pending": pending,
@@ -117,8 +117,8 @@ class Decoupled:
     self.sim.load_state(meta["simulation"], messages)
     for p, rounds in enumerate(meta["pending"]):
       for rnd, entries in rounds:
-        for ref, staleness in entries:
-          self.team.syncer.readmit(messages.message(ref), rnd, staleness)
+        for ref, staleness, scale in entries:
+          self.team.syncer.readmit(messages.message(ref), rnd, staleness, scale)
     self.team.syncer.rejected.clear()
     self.team.syncer.rejected.update(meta["rejected"])
 

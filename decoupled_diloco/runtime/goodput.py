@@ -114,16 +114,25 @@ class AnalyticBackend:
     return c
 
   def admit(self, c, rnd) -> None:
-    self.pending[c.fragment].setdefault(rnd, []).append(c)
+    """As `Syncer.admit`: a fresher delta from the same base takes the older one's place."""
+    pending = self.pending[c.fragment]
+    for r in sorted(pending):
+      for i, old in enumerate(pending[r]):
+        if (old.learner, old.base_version) == (c.learner, c.base_version):
+          pending[r][i] = c
+          return
+    pending.setdefault(rnd, []).append(c)
 
   def discard(self, c, reason) -> None:
     del c, reason
 
   def contributors(self, p, rnd) -> int:
-    return len(self.pending[p].get(rnd, ()))
+    del rnd
+    return sum(len(entries) for entries in self.pending[p].values())
 
   def merge(self, p, rnd):
-    entries = self.pending[p].pop(rnd, [])
+    entries = [c for r in sorted(self.pending[p]) for c in self.pending[p][r]]
+    self.pending[p] = {}
     if not entries:
       return None
     self.merged.append(entries)

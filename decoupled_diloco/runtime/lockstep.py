@@ -39,8 +39,8 @@ class LockStep:
     syncer = self.team.syncer
     for sent, p, rnd, contributions, checks in self._unmerged:
       for c, checked in zip(contributions, checks):
-        if (deltas := self.team.validate(c, checked)) is not None:
-          syncer.admit(c, deltas, rnd)
+        if (accepted := self.team.validate(c, checked)) is not None:
+          syncer.admit(c, accepted, rnd)
       if (pub := syncer.merge(p, rnd)) is not None:
         self.in_flight[p] = (sent + self.overlap, pub)
     self._unmerged = []

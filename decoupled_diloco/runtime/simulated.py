@@ -14,9 +14,10 @@ A learner's place in the fragment schedule is its *position*, its inner step
 plus a phase. A learner that falls so far behind that a round closes before
 it even reached that round's send is re-phased when the publication lands:
 it sends at once the fragments whose sends it skips (late: the late policy
-decides), then takes up the position at which the live learners sent that
-round (never beyond: they are there or further by the time it lands, so
-re-phasing cannot push the schedule ahead of the learners that set it). A learner back from a full outage takes up the furthest live
+decides), then takes up the live learners' position: the round's send
+position plus the steps taken since its first send at the syncer's mean step
+time (a publication carries both), which is never past the leader's, so
+re-phasing cannot push the schedule ahead of the learners that set it. A learner back from a full outage takes up the furthest live
 learner's position.
 
 Events at the same virtual time are processed in a fixed order (arrivals,
@@ -138,9 +139,11 @@ class Simulation:
     self._due = [[] for _ in range(protocol.sync_every)]  # position mod H -> fragments due.
     for p, offset in enumerate(protocol.offsets):
       self._due[offset % protocol.sync_every].append(p)
+    every = protocol.sync_every
+    first = [rounds_lib.round_of(o if o > 0 else every, o, every) for o in protocol.offsets]
     self.rounds = rounds_lib.Rounds(num_fragments, self.num_learners, protocol.rules,
                                     step_s=float(np.mean(world.step_seconds)),
-                                    sync_s=world.syncer_seconds)
+                                    sync_s=world.syncer_seconds, first_rounds=first)
     self.now = 0.0
     self.total_steps = 0
     self._heap: list = []
@@ -395,7 +398,11 @@ class Simulation:
     send_at = pub.round * proto.sync_every + proto.offsets[pub.fragment]
     if position >= send_at:
       return
-    target = send_at
+    # Where the live learners are now: the round's send position plus the steps
+    # since its first send, at the syncer's mean step time (no faster than
+    # the leader's, so never past it).
+    since = int((self.now - pub.started_at) / pub.step_seconds) if pub.step_seconds > 0 else 0
+    target = send_at + max(since, 0)
     skipped = {}
     for s in range(max(position + 1, target - proto.sync_every + 1), target + 1):
       for q in self._due[s % proto.sync_every]:
@@ -468,7 +475,10 @@ class Simulation:
     rnd = self.rounds.open[p]
     n = self.backend.contributors(p, rnd)
     passengers = self.rounds.passengers[p]
+    started = min(self.rounds.on_time[p].get(rnd, {}).values(), default=self.now)
     pub = self.backend.merge(p, rnd)
+    if pub is not None:
+      pub = pub._replace(started_at=started, step_seconds=self.rounds.xi_step)
     self.rounds.close(p)
     if pub is None:
       if not self.protocol.learners_wait:

@@ -9,6 +9,7 @@ its slices, restarts from full copies of the global fragments).
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from decoupled_diloco import islands as islands_lib
@@ -20,6 +21,11 @@ from decoupled_diloco.algorithm.syncer import Syncer
 from decoupled_diloco.config import Config, make_codec
 from decoupled_diloco.data.loader import ShardIterator
 from decoupled_diloco.models import transformer
+
+
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 class Team:
@@ -59,7 +65,10 @@ class Team:
                          merge_rule=d.merge, weighting=d.weighting, up=up, down=down,
                          num_learners=d.num_learners, max_abs_delta=d.max_abs_delta,
                          max_staleness=None if d.max_staleness < 0 else d.max_staleness,
-                         staleness_weighting=d.staleness_weighting)
+                         staleness_weighting=d.staleness_weighting,
+                         max_tokens_per_step=per_learner * cfg.model.seq_len,
+                         max_weight_share=d.max_weight_share, max_norm_ratio=d.max_norm_ratio,
+                         norm_bound=d.norm_bound)
     self.eval_island = islands_lib.make_islands(1, devices=[self.syncer.device])[0]
     self.data = [ShardIterator(train_tokens, shard=m, num_shards=d.num_learners,
                                batch_size=per_learner, seq_len=cfg.model.seq_len,
@@ -109,12 +118,22 @@ class Team:
       return "full_copy"
     return outcome
 
-  def validate(self, c: Contribution, checked=None) -> list | None:
-    """The syncer's verdict on `c` (its deltas, or None); a learner that sent NaN/Inf restarts."""
-    deltas = self.syncer.validate(c, checked)
-    if deltas is None and self.syncer.last_rejection == "non-finite":
+  def validate(self, c: Contribution, checked=None):
+    """The syncer's verdict on `c` (`Accepted`, or None).
+
+    A learner whose contribution was non-finite restarts from the global
+    model, but only if its own parameters are not finite: a message that
+    merely claims to be learner m (until messages are authenticated) cannot
+    reset m.
+    """
+    accepted = self.syncer.validate(c, checked)
+    if (accepted is None and self.syncer.last_rejection == "non-finite"
+        and 0 <= c.learner < self.num_learners and not self._finite(c.learner)):
       self.restart(c.learner, schedule_step=self.learners[c.learner].step)
-    return deltas
+    return accepted
+
+  def _finite(self, m: int) -> bool:
+    return bool(_all_finite(self.learners[m].params))
 
   def measure_step_seconds(self, repeats: int = 4) -> float:
     """Median wall time of learner 0's inner step, on a throwaway copy of its state."""
