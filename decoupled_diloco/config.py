@@ -34,7 +34,7 @@ class TrainConfig:
   eval_batches: int = 16  # Held-out batches per eval (fixed windows, same every time).
   checkpoint_every: int = 100  # Steps between checkpoints (0: only at the end).
   keep_checkpoints: int = 2  # Most recent checkpoints kept.
-  spike_factor: float = 3.0  # Stop when the loss exceeds this multiple of its running mean (0: off; divergence.py).
+  spike_factor: float = 3.0  # A loss above this multiple of its running mean is divergence (0: only NaN/Inf): the run stops; a decoupled learner restarts from the global model (divergence.py).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ class DilocoConfig:
   # Largest share of a round's merge weight one learner may have (at least 1 / contributors).
   # 0.5: no single learner outweighs all the others together, whatever it claims.
   max_weight_share: float = 0.5
-  max_norm_ratio: float = 10.0  # A delta's norm may be this many times the running norm of admitted ones (0: off).
+  max_norm_ratio: float = 10.0  # A delta's norm may be this many times the median of the other learners' latest ones (0: off).
   norm_bound: str = "clip"  # Past `max_norm_ratio`: `clip` the delta to it, or `reject` it.
 
 

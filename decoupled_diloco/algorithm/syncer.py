@@ -167,7 +167,8 @@ class Syncer:
                num_learners: int, max_abs_delta: float, max_staleness: int | None = None,
                staleness_weighting: str = "none", max_tokens_per_step: int | None = None,
                max_weight_share: float = 1.0, max_norm_ratio: float = 0.0,
-               norm_bound: str = "clip", device=None):
+               norm_bound: str = "clip", norm_bound_from: int = 0, sync_every: int = 1,
+               device=None):
     self.fragments = fragments
     self.device = device or jax.devices()[0]
     # Copied through the host: the syncer's fragments never alias a learner's.
@@ -189,9 +190,12 @@ class Syncer:
     if norm_bound not in NORM_BOUNDS:
       raise ValueError(f"diloco.norm_bound={norm_bound!r} is unknown; choose from {NORM_BOUNDS}.")
     self.max_weight_share, self.max_norm_ratio = max_weight_share, max_norm_ratio
-    self.norm_bound = norm_bound
-    self.norm_estimate = np.zeros(len(fragments))  # Running norm of admitted deltas.
-    self.norms_seen = np.zeros(len(fragments), np.int64)  # Admitted deltas, per fragment.
+    # Norms grow by orders of magnitude while the inner learning rate warms up:
+    # the bound applies from this round on.
+    self.norm_bound, self.norm_bound_from = norm_bound, norm_bound_from
+    self.sync_every = sync_every
+    # Per fragment and learner, its latest admitted delta's norm per step (0: none yet).
+    self.recent_norm = np.zeros((len(fragments), num_learners))
     self.clipped = 0
     # Per fragment: round -> admitted entries.
     self.pending: list[dict[int, list[Entry]]] = [{} for _ in fragments]
@@ -247,8 +251,9 @@ class Syncer:
     least one step, no more tokens than its steps can hold, `nbytes` the
     payload's size), the payload must be exactly what the up codec makes and
     decode to finite values within `max_abs_delta`, and its norm is bounded
-    by `max_norm_ratio` times the running norm of admitted deltas (clipped to
-    it, or rejected).
+    by `max_norm_ratio` times the median of the other learners' latest norms
+    per step for the fragment, times its steps (at most 2 H; clipped to it,
+    or rejected).
     """
     if not (_is_int(c.learner) and _is_int(c.fragment) and 0 <= c.fragment < len(self.fragments)
             and 0 <= c.learner < self.num_learners):
@@ -284,24 +289,26 @@ class Syncer:
       self.reject(c, "absurd magnitude")
       return None
     deltas, norm, scale = checked.deltas, float(norm), 1.0
-    estimate, seen = self.norm_estimate[p], self.norms_seen[p]
-    warm = seen >= 2 * self.num_learners  # Norms grow fast during warmup: learn them first.
-    if self.max_norm_ratio and warm and norm > self.max_norm_ratio * estimate:
-      if self.norm_bound == "reject":
-        self.reject(c, "norm above bound")
-        return None
-      bound = self.max_norm_ratio * estimate
-      scale = bound / norm
-      deltas = [d * scale for d in deltas]
-      self.clipped += 1
-      logging.warning("syncer: clipped learner %s fragment %s from norm %.3g to %.3g",
-                      c.learner, p, norm, bound)
-      norm = bound
-    # A running mean that rises at most 10% a contribution, so a learner that
-    # keeps sending large deltas cannot talk the bound up quickly.
-    self.norm_estimate[p] = norm if seen == 0 else estimate + 0.1 * (min(norm, 2 * estimate)
-                                                                      - estimate)
-    self.norms_seen[p] += 1
+    others = np.delete(self.recent_norm[p], c.learner)
+    others = others[others > 0]
+    if self.max_norm_ratio and others.size and c.round >= self.norm_bound_from:
+      # Per inner step, against the other learners' latest: learners share a
+      # schedule, so these move together, and one learner cannot move their
+      # median. A delta is credited with at most 2 H steps, whatever it claims.
+      steps = min(c.steps, 2 * self.sync_every)
+      bound = self.max_norm_ratio * float(np.median(others)) * steps
+      if norm > bound:
+        if self.norm_bound == "reject":
+          self.reject(c, "norm above bound")
+          return None
+        scale = bound / norm
+        deltas = [d * scale for d in deltas]
+        self.clipped += 1
+        logging.warning("syncer: clipped learner %s fragment %s from norm %.3g to %.3g",
+                        c.learner, p, norm, bound)
+        norm = bound
+    if norm > 0:  # A zero delta (a first step at learning rate 0) says nothing.
+      self.recent_norm[p, c.learner] = norm / c.steps
     return Accepted(deltas, scale)
 
   def admit(self, c: Contribution, accepted: Accepted, rnd: int) -> None:
@@ -410,8 +417,7 @@ class Syncer:
     s = {"theta": self.theta, "opt_state": self.opt_state, "version": self.version,
          "merges": self.merges, "last_base": self.last_base, "last_steps": self.last_steps,
          "last_tokens": self.last_tokens, "last_deltas": self.last_deltas,
-         "norm_estimate": self.norm_estimate, "norms_seen": self.norms_seen,
-         "clipped": np.int64(self.clipped)}
+         "recent_norm": self.recent_norm, "clipped": np.int64(self.clipped)}
     if self.held is not None:
       s["held"] = self.held
     return s
@@ -425,8 +431,7 @@ class Syncer:
     self.last_steps = np.asarray(s["last_steps"]).copy()
     self.last_tokens = np.asarray(s["last_tokens"]).copy()
     self.last_deltas = [[list(d) for d in f] for f in s["last_deltas"]]
-    self.norm_estimate = np.asarray(s["norm_estimate"], np.float64).copy()
-    self.norms_seen = np.asarray(s["norms_seen"]).copy()
+    self.recent_norm = np.asarray(s["recent_norm"], np.float64).copy()
     self.clipped = int(s["clipped"])
     if self.held is not None:
       self.held = [list(h) for h in s["held"]]

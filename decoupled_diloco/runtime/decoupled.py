@@ -29,6 +29,11 @@ class JaxBackend:
     return self.team.inner_step(m, share)
 
   def send(self, m, p, rnd):
+    """Learner m's pseudo-gradient; None if it diverged (it recovers from the global model)."""
+    if (why := self.team.diverged(m)) is not None:
+      logging.warning("learner %d diverged (%s): it restarts from the global model", m, why)
+      self.team.restart(m, fresh_optimizer=True, schedule_step=self.team.learners[m].step)
+      return None
     return self.team.send(m, p, rnd)
 
   def validate(self, c):

@@ -80,8 +80,11 @@ class Backend(typing.Protocol):
   def inner_step(self, m: int, share: float):
     """Learner m's next inner step on `share` of its batch; returns its loss (or None)."""
 
-  def send(self, m: int, p: int, rnd: int) -> Contribution:
-    """Learner m's pseudo-gradient of fragment p for round `rnd`."""
+  def send(self, m: int, p: int, rnd: int) -> Contribution | None:
+    """Learner m's pseudo-gradient of fragment p for round `rnd`.
+
+    None if the learner diverged and recovered from the global model instead.
+    """
 
   def validate(self, c: Contribution):
     """A token for `admit`, or None if the syncer rejects `c`."""
@@ -157,7 +160,7 @@ class Simulation:
     self.merges = np.zeros(num_fragments, np.int64)
     self.contributors_per_merge: list[int] = []
     self.counts = {"late_joined": 0, "late_dropped": 0, "late_rejected": 0, "rephases": 0,
-                   "full_copies": 0}
+                   "full_copies": 0, "recoveries": 0}
     self._computing = 0
     self._advancing_s = 0.0
     self._last_t = 0.0
@@ -328,7 +331,12 @@ class Simulation:
 
   def _send(self, m: int, p: int, rnd: int) -> None:
     ln = self.learners[m]
-    c = self.backend.send(m, p, rnd)._replace(sent_at=self.now, step_seconds=ln.step_ema)
+    c = self.backend.send(m, p, rnd)
+    if c is None:  # It diverged and restarted from the global model: nothing to send.
+      self.counts["recoveries"] += 1
+      self.log("recover", learner=m, fragment=p, round=rnd)
+      return
+    c = c._replace(sent_at=self.now, step_seconds=ln.step_ema)
     ln.last_send[p] = ln.step
     if self.protocol.learners_wait:
       ln.awaiting[p] = ln.step

@@ -6,12 +6,14 @@ restart policy (a learner whose contribution is non-finite, or that lost all
 its slices, restarts from full copies of the global fragments).
 """
 
+import math
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decoupled_diloco import divergence
 from decoupled_diloco import islands as islands_lib
 from decoupled_diloco import optim, steps
 from decoupled_diloco.algorithm import fragments as fragments_lib
@@ -68,7 +70,9 @@ class Team:
                          staleness_weighting=d.staleness_weighting,
                          max_tokens_per_step=per_learner * cfg.model.seq_len,
                          max_weight_share=d.max_weight_share, max_norm_ratio=d.max_norm_ratio,
-                         norm_bound=d.norm_bound)
+                         norm_bound=d.norm_bound,
+                         norm_bound_from=-(-cfg.inner.warmup_steps // d.sync_every) + 1,
+                         sync_every=d.sync_every)
     self.eval_island = islands_lib.make_islands(1, devices=[self.syncer.device])[0]
     self.data = [ShardIterator(train_tokens, shard=m, num_shards=d.num_learners,
                                batch_size=per_learner, seq_len=cfg.model.seq_len,
@@ -78,6 +82,15 @@ class Team:
     self.bytes_up = np.zeros(len(self.fragments), np.int64)
     self.bytes_down = np.zeros(len(self.fragments), np.int64)
     self.tokens = np.zeros(d.num_learners, np.int64)  # Tokens each learner has trained on.
+    # Per learner: its latest loss (not read back until needed) and a spike detector,
+    # whose running mean starts at uniform guessing (what a fresh model scores), so a
+    # learner that diverged before its first send is caught too.
+    self.last_loss = [None] * d.num_learners
+    self.spikes = [divergence.SpikeDetector(cfg.train.spike_factor)
+                   for _ in range(d.num_learners)]
+    self.uniform_loss = math.log(cfg.model.vocab_size)
+    for detector in self.spikes:
+      detector.load_state(divergence.SpikeState(self.uniform_loss))
 
   def batch_rows(self, m: int, share: float = 1.0) -> int:
     """Sequences in learner m's batch on `share` of its slices (elastic batches).
@@ -96,7 +109,14 @@ class Team:
     tokens = rows * self.seq_len
     self.tokens[m] += tokens
     learner = self.learners[m]
-    return learner.inner_step(jax.device_put(batch, learner.island.batch), tokens)
+    self.last_loss[m] = learner.inner_step(jax.device_put(batch, learner.island.batch), tokens)
+    return self.last_loss[m]
+
+  def diverged(self, m: int) -> str | None:
+    """Why learner m's latest loss is divergent (not finite, or a spike), or None."""
+    if self.last_loss[m] is None:
+      return None
+    return self.spikes[m].check(float(self.last_loss[m]))
 
   def send(self, m: int, p: int, rnd: int) -> Contribution:
     """Learner m's pseudo-gradient of fragment p for round `rnd`, counted."""
@@ -166,11 +186,14 @@ class Team:
       opt_state = optim.restart_state(self.inner_tx, learner.params, schedule_step)
     learner.recover(pubs, opt_state)
     self.bytes_down += np.array([pub.nbytes for pub in pubs])
+    self.spikes[m].load_state(divergence.SpikeState(self.uniform_loss))
+    self.last_loss[m] = None
 
   def state(self) -> dict:
     return {"learners": [l.state() for l in self.learners], "syncer": self.syncer.state(),
             "data_position": np.array([it.position for it in self.data], np.int64),
-            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "tokens": self.tokens}
+            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "tokens": self.tokens,
+            "spike_means": np.array([np.nan if d.mean is None else d.mean for d in self.spikes])}
 
   def load_state(self, s: dict) -> None:
     for learner, ls in zip(self.learners, s["learners"]):
@@ -181,6 +204,9 @@ class Team:
     self.bytes_up = np.asarray(s["bytes_up"]).copy()
     self.bytes_down = np.asarray(s["bytes_down"]).copy()
     self.tokens = np.asarray(s["tokens"]).copy()
+    for d, mean in zip(self.spikes, np.asarray(s["spike_means"]).tolist()):
+      d.load_state(divergence.SpikeState(self.uniform_loss if np.isnan(mean) else mean))
+    self.last_loss = [None] * self.num_learners
 
   def accounting(self, steps_done: int) -> dict:
     """Exact bytes exchanged, and what data-parallel would all-reduce meanwhile.
