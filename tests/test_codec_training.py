@@ -67,7 +67,7 @@ def test_up_fp32_down_bytes_are_the_encoded_payloads(tmp_path, overrides, tensor
 
 def test_error_feedback_residual_is_checkpointed_and_resumes_bitwise(tmp_path, monkeypatch):
   # One learner keeps this fast: each learner compiles its own inner step.
-  c = diloco_config(steps=6, **{"codec.up": "int2", "codec.error_feedback": True,
+  c = diloco_config(steps=8, **{"codec.up": "int2", "codec.error_feedback": True,
                                 "diloco.num_learners": 1, "train.checkpoint_every": 4})
   train.train_and_evaluate(c, str(tmp_path / "straight"))
   straight = final_checkpoint(tmp_path / "straight")

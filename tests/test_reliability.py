@@ -174,6 +174,12 @@ class Arrays:
   def load_state(self, tree):
     self.tree = {k: np.asarray(v) for k, v in tree.items()}
 
+  def extra_state(self):
+    return [], None
+
+  def load_extra_state(self, payloads, meta):
+    del payloads, meta
+
 
 def _two_checkpoints(workdir) -> checkpointing.Checkpointer:
   ckpt = checkpointing.Checkpointer(str(workdir), keep=2, runtime="data_parallel")
@@ -316,7 +322,10 @@ def test_lock_of_a_live_process_is_respected_without_flock(tmp_path, monkeypatch
 
 # Finding 8: resuming with a config of another shape names the fields.
 
-class Unloadable:
+class Unloadable(Arrays):
+  def __init__(self):
+    super().__init__(0)
+
   def state(self):
     return {"x": np.zeros(3, np.float32)}
 
