@@ -38,6 +38,7 @@ def tensor_sizes(c) -> list[int]:
     ({"codec.up": "topk", "codec.topk_fraction": 0.05, "codec.topk_values": "int8"},
      lambda n: math.ceil(n / 256) * (13 * 2 + 4)),
 ])
+@pytest.mark.slow
 def test_up_fp32_down_bytes_are_the_encoded_payloads(tmp_path, overrides, tensor_bytes):
   # vocab 257 gives head/bias 257 values: an odd count and a partial second block.
   c = diloco_config(**{"model.vocab_size": 257, "train.eval_every": 3, **overrides})
@@ -65,6 +66,7 @@ def test_up_fp32_down_bytes_are_the_encoded_payloads(tmp_path, overrides, tensor
   assert all("residual" not in learner for learner in final_checkpoint(tmp_path)["learners"])
 
 
+@pytest.mark.slow
 def test_error_feedback_residual_is_checkpointed_and_resumes_bitwise(tmp_path, monkeypatch):
   # One learner keeps this fast: each learner compiles its own inner step.
   c = diloco_config(steps=8, **{"codec.up": "int2", "codec.error_feedback": True,

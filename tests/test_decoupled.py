@@ -134,6 +134,7 @@ def test_lockstep_waits_for_fragment_at_send_step_plus_tau(tmp_path):
   assert [e["t"] for e in events(log, "merge")] == [4.0, 8.0]
 
 
+@pytest.mark.slow
 def test_k_equals_m_without_grace_or_chaos_reproduces_lockstep():
   corpus = corpus_lib.load("embedded")
   c = decoupled_config(**{"diloco.num_fragments": 3, "diloco.overlap": 0,
@@ -149,6 +150,7 @@ def test_k_equals_m_without_grace_or_chaos_reproduces_lockstep():
                      [l.params for l in lock.team.learners])
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_event_log_and_parameters(tmp_path):
   finals = []
   for run in ("a", "b"):
@@ -164,6 +166,7 @@ def test_same_seed_gives_identical_event_log_and_parameters(tmp_path):
   assert (tmp_path / "c" / "events.jsonl").read_text() != finals[0]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bitwise_identical_parameters():
   corpus = corpus_lib.load("embedded")
   runs = []

@@ -74,6 +74,7 @@ def test_simulation_resumes_exactly_from_a_snapshot(tmp_path, wait):
   assert resumed.report() == straight.report()
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly_with_messages_in_flight(tmp_path, monkeypatch):
   # K = 1 with a grace window, tau = 1, P = 3, slice failures; latency and
   # syncer time keep messages in flight across train_step boundaries; int2

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import optax
 
 from decoupled_diloco import config as config_lib
@@ -61,6 +62,7 @@ def test_identical_data_merged_update_equals_one_learners():
   assert_trees_equal(team.learners[0].params, team.learners[1].params)
 
 
+@pytest.mark.slow
 def test_streaming_with_one_fragment_no_overlap_equals_diloco():
   """Streaming DiLoCo at P = 1, tau = 0, alpha = 0 against DiLoCo written out by hand.
 
@@ -126,6 +128,7 @@ def test_streaming_accounting_counts_exact_bytes(tmp_path):
   assert s["dp_allreduce_bytes"] == 4 * sum(frag_bytes) * 2 * 12  # 4x, 2 learners, 12 steps.
 
 
+@pytest.mark.slow
 def test_streaming_resumes_exactly_with_fragments_in_flight(tmp_path, monkeypatch):
   c = diloco_config(steps=12, **{"diloco.num_fragments": 3, "diloco.sync_every": 6,
                                  "diloco.overlap": 2, "diloco.alpha": 0.5,

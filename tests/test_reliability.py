@@ -133,6 +133,7 @@ runpy.run_module("decoupled_diloco.main", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_kill_after_checkpoint_keeps_every_metrics_record(tmp_path, straight):
   config_file = tmp_path / "config.py"
   config_file.write_text("from tests.helpers import tiny_config\n\n\ndef get_config(arg=None):\n"

@@ -26,6 +26,7 @@ def test_short_run_learns_and_writes_outputs(tmp_path):
   assert os.listdir(tmp_path / "tb")
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
   c = tiny_config(steps=12, **{"train.checkpoint_every": 4})
   train.train_and_evaluate(c, str(tmp_path / "straight"))
