@@ -130,7 +130,8 @@ def _outer_step(tx, rules, theta, opt_state, deltas, w_N):
 
 
 @jax.jit
-def _all_finite(tree):
+def all_finite(tree):
+  """True (on device) if every leaf of `tree` is finite."""
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
@@ -387,7 +388,7 @@ class Syncer:
       return None
     theta, opt_state = _outer_step(self.tx, self.rules[p], self.theta[p], self.opt_state[p],
                                    deltas, w_N)
-    if not bool(_all_finite(theta)):  # Never commit a poisoned fragment.
+    if not bool(all_finite(theta)):  # Never commit a poisoned fragment.
       self.rejected["non-finite merge"] += 1
       logging.warning("syncer: merge of fragment %s round %s is not finite; not committed", p, rnd)
       return None

@@ -10,7 +10,6 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from decoupled_diloco import divergence
@@ -19,15 +18,10 @@ from decoupled_diloco import optim, steps
 from decoupled_diloco.algorithm import fragments as fragments_lib
 from decoupled_diloco.algorithm.learner import Learner
 from decoupled_diloco.algorithm.messages import Contribution, Publication
-from decoupled_diloco.algorithm.syncer import Syncer
+from decoupled_diloco.algorithm.syncer import Syncer, all_finite
 from decoupled_diloco.config import Config, make_codec
 from decoupled_diloco.data.loader import ShardIterator
 from decoupled_diloco.models import transformer
-
-
-@jax.jit
-def _all_finite(tree):
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 class Team:
@@ -153,7 +147,7 @@ class Team:
     return accepted
 
   def _finite(self, m: int) -> bool:
-    return bool(_all_finite(self.learners[m].params))
+    return bool(all_finite(self.learners[m].params))
 
   def measure_step_seconds(self, repeats: int = 4) -> float:
     """Median wall time of learner 0's inner step, on a throwaway copy of its state."""
