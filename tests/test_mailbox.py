@@ -1,0 +1,495 @@
+"""Tests for runtime/mailbox.py: create-once, leases, fencing, rejection, GC."""
+
+import hashlib
+import hmac
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from decoupled_diloco.algorithm.messages import FULL, Contribution, Publication
+from decoupled_diloco.runtime import mailbox as mailbox_lib
+from decoupled_diloco.runtime.mailbox import Mailbox, MessageError
+
+SECRET = b"run secret"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FakeClock:
+  """Wall time that moves only when told; `hook` runs once, inside the next call."""
+
+  def __init__(self, now=1000.0):
+    self.now, self.hook = now, None
+
+  def __call__(self):
+    hook, self.hook = self.hook, None
+    if hook:
+      hook()
+    return self.now
+
+
+@pytest.fixture(params=["memory", "file"])
+def url(request, tmp_path):
+  """A fresh, empty mailbox URL on each store under test."""
+  if request.param == "memory":
+    return f"memory://{uuid.uuid4().hex}"
+  return f"file://{tmp_path}/mailbox"
+
+
+def _contribution(learner=1, fragment=2, rnd=3, seed=0):
+  rng = np.random.default_rng(seed)
+  payload = ({"values": rng.integers(0, 256, 9, dtype=np.uint8),  # int4: 18 nibbles.
+              "scales": rng.standard_normal(1).astype(np.float32)},
+             {"values": rng.standard_normal((3, 4)).astype(ml_dtypes.bfloat16)})
+  return Contribution(learner=learner, fragment=fragment, round=rnd, base_version=4,
+                      steps=5, tokens=6144, payload=payload, nbytes=9 + 4 + 24,
+                      sent_at=12.5, step_seconds=0.25)
+
+
+def _publication(fragment=0, version=1, base_version=0, value=1.0):
+  payload = ({"values": np.full(4, value, np.float32)},)
+  return Publication(fragment, version, payload, 16, base_version=base_version, round=version,
+                     started_at=3.5, step_seconds=0.5)
+
+
+def _outer(value):
+  return {"step": 7}, [np.full(4, value, np.float32)]
+
+
+def _assert_same_message(got, want):
+  """Scalar fields equal and of the same Python types; payload arrays equal."""
+  for name in want._fields:
+    if name != "payload":
+      assert type(getattr(got, name)) is type(getattr(want, name)), name
+      assert getattr(got, name) == getattr(want, name), name
+  assert [list(d) for d in got.payload] == [list(d) for d in want.payload]
+  for g, w in zip(got.payload, want.payload):
+    for k in w:
+      assert g[k].dtype == w[k].dtype and g[k].shape == w[k].shape
+      np.testing.assert_array_equal(g[k], w[k])
+
+
+def _frame(header, body=b"", secret=SECRET):
+  """A message with `header` (dict or raw bytes) and `body`, validly signed."""
+  header = header if isinstance(header, bytes) else json.dumps(header).encode()
+  total = 17 + len(header) + len(body) + 32
+  data = struct.pack(">4sBQI", b"DDLM", 1, total, len(header)) + header + body
+  return data + hmac.new(secret, data, hashlib.sha256).digest()
+
+
+# ----------------------------------------------------------------- raw
+
+
+def test_create_once_keeps_the_first_value(url):
+  box = Mailbox(url, SECRET)
+  assert box.read("a/b") is None
+  assert box.create("a/b", b"first")
+  assert not box.create("a/b", b"second")
+  assert box.read("a/b") == b"first"
+  assert Mailbox(url, SECRET).read("a/b") == b"first"  # Another handle, same store.
+  box.create("a/a", b"x")
+  box.create("ab", b"y")
+  assert box.keys("a/") == ["a/a", "a/b"]
+  box.delete(["a/a", "a/b"])
+  assert box.keys("") == ["ab"]
+
+
+_RACER = """
+import json, os, sys, time
+from decoupled_diloco.runtime.mailbox import Mailbox
+url, me, keys, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+box = Mailbox(url, b"s")
+open(go + "." + me, "w").close()
+while not os.path.exists(go):
+  time.sleep(0.001)
+print(json.dumps([k for k in range(keys) if box.create(f"race/{k:03d}", me.encode())]))
+"""
+
+
+def test_create_race_between_processes_each_key_won_once(tmp_path):
+  url, go, racers, keys = f"file://{tmp_path}/mailbox", str(tmp_path / "go"), 4, 50
+  procs = []
+  try:
+    for me in range(racers):
+      procs.append(subprocess.Popen([sys.executable, "-c", _RACER, url, str(me), str(keys), go],
+                                    cwd=REPO, stdout=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + 120  # Imports are slow on a loaded machine.
+    while not all(os.path.exists(f"{go}.{me}") for me in range(racers)):
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+      time.sleep(0.01)
+    open(go, "w").close()  # All start creating together.
+    won = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+  assert sorted(k for w in won for k in w) == list(range(keys))
+  box = Mailbox(url, SECRET)
+  for me, w in enumerate(won):
+    assert all(box.read(f"race/{k:03d}") == str(me).encode() for k in w)
+
+
+# -------------------------------------------------------------- leases
+
+
+def test_lease_is_taken_over_only_after_expiry(url):
+  clock = FakeClock()
+  box = Mailbox(url, SECRET, clock=clock)
+  a = box.acquire("syncer", "A", ttl_s=10, info={"step": 1})
+  assert (a.holder, a.epoch, a.expires_at, a.info) == ("A", 1, 1010.0, {"step": 1})
+  assert box.acquire("syncer", "B", ttl_s=10) is None
+  clock.now = 1009.0
+  a = box.renew(a, ttl_s=10)
+  assert a.expires_at == 1019.0 and a.info == {"step": 1}
+  clock.now = 1018.0
+  assert box.acquire("syncer", "B", ttl_s=10) is None
+  clock.now = 1020.0
+  b = box.acquire("syncer", "B", ttl_s=10)
+  assert (b.holder, b.epoch) == ("B", 2)
+  assert box.renew(a, ttl_s=10) is None  # A lost it.
+  assert box.acquire("syncer", "A", ttl_s=10) is None
+  assert box.read_lease("syncer") == b
+  b = box.acquire("syncer", "B", ttl_s=10)  # Its holder may re-take it: same epoch.
+  assert b.epoch == 2
+  box.release(b)
+  a = box.acquire("syncer", "A", ttl_s=10)  # No wait after a release.
+  assert (a.holder, a.epoch) == ("A", 3)
+  box.acquire("learner/0", "L0", ttl_s=5)
+  box.acquire("learner/1", "L1", ttl_s=5)
+  assert sorted(box.leases("learner/")) == ["learner/0", "learner/1"]
+
+
+def test_lease_race_has_one_winner(url):
+  clock = FakeClock()
+  a, b = Mailbox(url, SECRET, clock=clock), Mailbox(url, SECRET, clock=clock)
+  # A reads the (missing) lease, then B takes it before A's compare-and-swap.
+  clock.hook = lambda: b.acquire("syncer", "B", ttl_s=10)
+  assert a.acquire("syncer", "A", ttl_s=10) is None
+  assert a.read_lease("syncer").holder == "B"
+  # The same, racing in threads on twenty fresh leases.
+  for i in range(20):
+    start, won = threading.Barrier(2), []
+    def take(box, holder, name=f"race/{i}"):
+      start.wait()
+      won.append(box.acquire(name, holder, ttl_s=10))
+    threads = [threading.Thread(target=take, args=(box, h)) for box, h in ((a, "A"), (b, "B"))]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join(timeout=30)
+    assert sum(lease is not None for lease in won) == 1
+
+
+# ------------------------------------------------------------- fencing
+
+
+def test_stale_syncer_cannot_publish(url):
+  clock_a, clock_b = FakeClock(), FakeClock()
+  a, b = Mailbox(url, SECRET, clock=clock_a), Mailbox(url, SECRET, clock=clock_b)
+  lease_a = a.acquire("syncer", "A", ttl_s=10)
+  clock_b.now = 1011.0
+  lease_b = b.acquire("syncer", "B", ttl_s=10)
+  assert (lease_a.epoch, lease_b.epoch) == (1, 2)
+  full_b = _publication(version=1, base_version=FULL, value=2.0)
+  assert b.publish(_publication(value=2.0), lease=lease_b, outer=_outer(2.0), full=full_b)
+  # A's clock is slow: it still thinks its lease is current.
+  assert not a.publish(_publication(value=1.0), lease=lease_a, outer=_outer(1.0),
+                       full=_publication(version=1, base_version=FULL, value=1.0))
+  assert not a.publish(_publication(version=2, base_version=1, value=1.0), lease=lease_a,
+                       outer=_outer(1.0))
+  assert a.versions(0) == [1]
+  pub, extra = a.publication(0, 1)
+  assert pub.payload[0]["values"][0] == 2.0 and extra == {"epoch": 2}
+  assert a.full_copy(0, 1).payload[0]["values"][0] == 2.0
+  assert a.outer_state(0, 1)[1][0][0] == 2.0
+
+
+@pytest.mark.parametrize("pause", ["after its lease check", "before its publication"])
+def test_paused_syncer_loses_the_version(url, monkeypatch, pause):
+  """A pauses mid-publish; B takes over and publishes; nothing of A's is visible."""
+  clock_a, clock_b = FakeClock(), FakeClock(now=1011.0)
+  a, b = Mailbox(url, SECRET, clock=clock_a), Mailbox(url, SECRET, clock=clock_b)
+  lease_a = a.acquire("syncer", "A", ttl_s=10)
+  took_over = []
+
+  def b_takes_over():
+    lease_b = b.acquire("syncer", "B", ttl_s=10)
+    took_over.append(b.publish(_publication(value=2.0), lease=lease_b, outer=_outer(2.0),
+                               full=_publication(base_version=FULL, value=2.5)))
+  if pause == "after its lease check":
+    clock_a.hook = b_takes_over  # A's check reads the lease, then asks the clock.
+  else:
+    create = a.create
+    def create_after_takeover(key, value):
+      if key.startswith("down/"):
+        b_takes_over()
+      return create(key, value)
+    monkeypatch.setattr(a, "create", create_after_takeover)
+  assert not a.publish(_publication(value=1.0), lease=lease_a, outer=_outer(1.0),
+                       full=_publication(base_version=FULL, value=1.5))
+  assert took_over == [True]
+  pub, extra = a.publication(0, 1)
+  assert pub.payload[0]["values"][0] == 2.0 and extra["epoch"] == 2
+  assert a.full_copy(0, 1).payload[0]["values"][0] == 2.5  # B's, not A's staged copy.
+  assert a.outer_state(0, 1)[1][0][0] == 2.0
+
+
+def test_stale_syncer_whose_publication_lands_first_keeps_its_version(url, monkeypatch):
+  """A and B both stage version 1 (A's lease expired meanwhile); A's create lands first.
+
+  The version is then A's, and its full copy and outer state must be A's too,
+  though B staged its own under the same version before losing.
+  """
+  clock_a, clock_b = FakeClock(), FakeClock(now=1011.0)
+  a, b = Mailbox(url, SECRET, clock=clock_a), Mailbox(url, SECRET, clock=clock_b)
+  lease_a = a.acquire("syncer", "A", ttl_s=10)
+  staged = {"A": threading.Event(), "B": threading.Event()}
+  go = {"A": threading.Event(), "B": threading.Event()}
+  published = {}
+
+  def publish(name, box, lease, value):
+    create = box.create
+    def pause_before_publication(key, data):
+      if key.startswith("down/"):
+        staged[name].set()
+        assert go[name].wait(30)
+      return create(key, data)
+    monkeypatch.setattr(box, "create", pause_before_publication)
+    published[name] = box.publish(_publication(value=value), lease=lease, outer=_outer(value),
+                                  full=_publication(base_version=FULL, value=value + 0.5))
+
+  thread_a = threading.Thread(target=publish, args=("A", a, lease_a, 1.0))
+  thread_a.start()
+  assert staged["A"].wait(30)
+  lease_b = b.acquire("syncer", "B", ttl_s=10)
+  thread_b = threading.Thread(target=publish, args=("B", b, lease_b, 2.0))
+  thread_b.start()
+  assert staged["B"].wait(30)
+  go["A"].set()
+  thread_a.join(30)
+  go["B"].set()
+  thread_b.join(30)
+  assert published == {"A": True, "B": False}
+  pub, extra = a.publication(0, 1)
+  assert pub.payload[0]["values"][0] == 1.0 and extra["epoch"] == 1
+  assert a.full_copy(0, 1).payload[0]["values"][0] == 1.5
+  assert a.outer_state(0, 1)[1][0][0] == 1.0
+
+
+def test_publish_after_an_interrupted_attempt_of_the_same_epoch(url, monkeypatch):
+  box = Mailbox(url, SECRET, clock=FakeClock())
+  lease = box.acquire("syncer", "A", ttl_s=10)
+  create = Mailbox.create
+
+  def crash_before_down(self, key, value):
+    if key.startswith("down/"):
+      raise RuntimeError("syncer died")
+    return create(self, key, value)
+  monkeypatch.setattr(Mailbox, "create", crash_before_down)
+  with pytest.raises(RuntimeError):
+    box.publish(_publication(base_version=FULL, value=1.0), lease=lease, outer=_outer(1.0))
+  monkeypatch.setattr(Mailbox, "create", create)
+  assert box.versions(0) == [] and box.outer_state(0, 1) is None
+  assert box.publish(_publication(base_version=FULL, value=3.0), lease=lease, outer=_outer(3.0))
+  assert box.outer_state(0, 1)[1][0][0] == 3.0  # The retry's state, not the crashed one's.
+
+
+# -------------------------------------------------------- publications
+
+
+def test_publications_full_copies_and_outer_state(url):
+  box = Mailbox(url, SECRET, clock=FakeClock())
+  lease = box.acquire("syncer", "S", ttl_s=10)
+  full1 = _publication(version=1, base_version=FULL, value=1.0)
+  assert box.publish(full1, lease=lease, outer=_outer(1.0), written_at=5.0)
+  update2 = _publication(version=2, base_version=1, value=0.5)
+  full2 = _publication(version=2, base_version=FULL, value=1.5)
+  assert box.publish(update2, lease=lease, outer=_outer(1.5), full=full2)
+  assert box.publish(_publication(version=3, base_version=2), lease=lease, outer=_outer(2.0))
+  assert box.versions(0) == [1, 2, 3] and box.latest_version(0) == 3
+  assert box.latest_version(1) is None
+  pub, extra = box.publication(0, 1)
+  _assert_same_message(pub, full1)
+  assert extra == {"epoch": 1, "written_at": 5.0}
+  _assert_same_message(box.publication(0, 2)[0], update2)
+  _assert_same_message(box.full_copy(0, 1), full1)  # The publication is itself full.
+  _assert_same_message(box.full_copy(0, 2), full2)
+  assert box.full_copy(0, 3) is None  # An update with no full copy.
+  meta, arrays = box.outer_state(0, 2)
+  assert meta == {"step": 7}
+  np.testing.assert_array_equal(arrays[0], np.full(4, 1.5, np.float32))
+  assert box.publication(0, 4) is None and box.outer_state(0, 4) is None
+  assert box.rejected == {"missing": 2}
+  with pytest.raises(ValueError, match="full copy"):
+    box.publish(_publication(version=4, base_version=3), lease=lease, outer=_outer(0.0),
+                full=_publication(version=4, base_version=3))
+
+
+# ------------------------------------------------------------ messages
+
+
+def test_contribution_round_trip_keeps_arrays_and_types(url):
+  c = _contribution()
+  got, incarnation = mailbox_lib.parse_contribution(
+      mailbox_lib.contribution_bytes(c, 3, SECRET), SECRET)
+  _assert_same_message(got, c)
+  assert type(incarnation) is int and incarnation == 3
+  box = Mailbox(url, SECRET)
+  assert box.send(c, incarnation=3)
+  assert not box.send(_contribution(seed=1), incarnation=4)  # Once per learner and round.
+  box.send(_contribution(learner=0, rnd=3), 0)
+  box.send(_contribution(learner=1, rnd=10), 0)
+  box.create("up/2/junk", b"x")
+  assert box.contributions(2) == [(3, 0), (3, 1), (10, 1)]
+  got, incarnation = box.receive(2, 3, 1)
+  _assert_same_message(got, c)
+  assert incarnation == 3 and box.rejected == {}
+
+
+def test_message_checks_reject_with_their_reason():
+  data = mailbox_lib.contribution_bytes(_contribution(), 0, SECRET)
+  header_end = 17 + struct.unpack_from(">I", data, 13)[0]
+
+  def reason(d, secret=SECRET, kind="contribution"):
+    with pytest.raises(MessageError) as e:
+      mailbox_lib.decode_message(d, secret, kind)
+    return e.value.reason
+
+  assert reason(data, secret=b"other") == "bad hmac"
+  assert reason(data, kind="publication") == "wrong kind"
+  for i in range(len(data)):
+    flipped = bytearray(data)
+    flipped[i] ^= 0x10
+    expected = (("bad magic",) if i < 4 else ("unsupported format",) if i == 4
+                else ("truncated", "trailing bytes") if i < 13 else ("bad hmac",))
+    assert reason(bytes(flipped)) in expected, i
+  assert header_end < len(data) - 32  # The flips above did cover header and body.
+  for n in range(0, len(data), 7):
+    assert reason(data[:n]) == "truncated", n
+  rng = np.random.default_rng(0)
+  for n in (0, 10, 48, 49, 1000):
+    assert reason(rng.bytes(n)) in ("truncated", "bad magic")
+
+  ok = {"kind": "outer", "meta": {}, "arrays": [
+      {"dtype": "float32", "shape": [2], "offset": 0, "nbytes": 8}]}
+  meta, arrays = mailbox_lib.decode_message(_frame(ok, bytes(8)), SECRET, "outer")
+  assert meta == {} and arrays[0].tolist() == [0.0, 0.0]
+
+  def with_array(**changes):
+    return {**ok, "arrays": [{**ok["arrays"][0], **changes}]}
+  bad = {
+      "bad header": [b"{not json", b"[" * 100000, b"\xff", json.dumps([1]).encode(),
+                     {"kind": "outer", "meta": [], "arrays": []},
+                     with_array(shape=[-2]), with_array(shape=[1] * 33),
+                     with_array(shape=[2.0]), with_array(offset=True)],
+      "unknown dtype": [with_array(dtype="object"), with_array(dtype="<f4"),
+                        with_array(dtype=["float32"])],
+      "arrays do not match header": [
+          with_array(shape=[3]), with_array(nbytes=4), with_array(offset=4),
+          with_array(shape=[2**40, 2**40], nbytes=2**82),  # Huge: never allocated.
+          {**ok, "arrays": []}],  # Body bytes no array claims.
+  }
+  for want, headers in bad.items():
+    for header in headers:
+      assert reason(_frame(header, bytes(8)), kind="outer") == want, header
+  assert reason(_frame(ok, bytes(12)), kind="outer") == "arrays do not match header"
+  with pytest.raises(ValueError, match="dtype"):
+    mailbox_lib.encode_message("outer", {}, [np.array(["text"])], SECRET)
+
+  meta, arrays = mailbox_lib.decode_message(data, SECRET, "contribution")
+  for fields in ({**meta["fields"], "round": 3.0}, {**meta["fields"], "sent_at": 12},
+                 {k: v for k, v in meta["fields"].items() if k != "tokens"}):
+    forged = mailbox_lib.encode_message("contribution", {**meta, "fields": fields}, arrays, SECRET)
+    with pytest.raises(MessageError, match="bad header"):
+      mailbox_lib.parse_contribution(forged, SECRET)
+
+
+def test_mailbox_counts_and_logs_rejections(url, caplog):
+  box = Mailbox(url, SECRET)
+  good = mailbox_lib.contribution_bytes(_contribution(learner=1), 0, SECRET)
+  assert box.send(_contribution(learner=1), 0)
+  box.create("up/2/0000000003/00002", good)  # Learner 1's message under learner 2's key.
+  box.create("up/2/0000000003/00003", good[:-1])
+  box.create("up/2/0000000003/00004",
+             mailbox_lib.contribution_bytes(_contribution(learner=4), 0, b"other run"))
+  box.create("up/2/0000000003/00005", os.urandom(300))
+  with caplog.at_level("WARNING"):
+    assert [box.receive(2, 3, m) for m in (2, 3, 4, 5, 6)] == [None] * 5
+  assert box.rejected == {"key mismatch": 1, "truncated": 1, "bad hmac": 1, "bad magic": 1,
+                          "missing": 1}
+  assert "up/2/0000000003/00002: key mismatch" in caplog.text
+  assert box.receive(2, 3, 1) is not None
+  box.create("down/0/0000000001", good)
+  assert box.publication(0, 1) is None and box.rejected["wrong kind"] == 1
+
+
+# ------------------------------------------------------- config, GC, link
+
+
+def test_put_config_refuses_another_runs_mailbox(url):
+  Mailbox(url, SECRET).put_config("lr: 0.7")
+  Mailbox(url, SECRET).put_config("lr: 0.7")  # The same run, restarted.
+  with pytest.raises(ValueError, match="another run"):
+    Mailbox(url, SECRET).put_config("lr: 0.5")
+  with pytest.raises(ValueError, match="another run"):
+    Mailbox(url, b"other secret").put_config("lr: 0.7")
+
+
+def test_collect_deletes_old_keys_but_keeps_the_latest_version(url):
+  box = Mailbox(url, SECRET, clock=FakeClock())
+  lease = box.acquire("syncer", "S", ttl_s=10)
+  for v in (1, 2, 3):
+    full = _publication(version=v, base_version=FULL) if v == 2 else None
+    assert box.publish(_publication(version=v), lease=lease, outer=_outer(v), full=full)
+  for rnd in range(4):
+    for m in range(2):
+      box.send(_contribution(learner=m, fragment=0, rnd=rnd), 0)
+  box.send(_contribution(learner=0, fragment=1, rnd=0), 0)  # Another fragment's.
+  # Rounds 0 and 1 of two learners; versions 1 and 2: two publications,
+  # two outer states, one full copy.
+  assert box.collect(0, below_round=2, below_version=3) == 4 + 5
+  assert box.contributions(0) == [(2, 0), (2, 1), (3, 0), (3, 1)]
+  assert box.contributions(1) == [(0, 0)]
+  assert box.versions(0) == [3] and box.outer_state(0, 3) is not None
+  assert box.full_copy(0, 2) is None and box.publication(0, 2) is None
+  # Past the latest version: it stays, with its outer state.
+  assert box.collect(0, below_round=0, below_version=10) == 0
+  assert box.versions(0) == [3] and box.outer_state(0, 3)[1][0][0] == 3.0
+
+
+def test_throttled_link_takes_its_time(tmp_path):
+  value = bytes(1_000_000)
+  box = Mailbox(f"file://{tmp_path}/mailbox", SECRET, bytes_per_s=10e6)
+  start = time.perf_counter()
+  assert box.create("big", value)
+  assert time.perf_counter() - start >= 0.1
+  start = time.perf_counter()
+  assert box.read("big") == value
+  assert time.perf_counter() - start >= 0.1
+  assert box.bytes_written == box.bytes_read == 1_000_000
+  box.bytes_per_s, box.latency_s = float("inf"), 0.2  # Re-throttled while running.
+  start = time.perf_counter()
+  assert box.keys("") == ["big"]
+  assert time.perf_counter() - start >= 0.2
+
+
+def test_urls_map_to_tensorstore_drivers(tmp_path):
+  spec = mailbox_lib.kvstore_spec
+  assert spec("gs://bucket/runs/a") == {"driver": "gcs", "bucket": "bucket", "path": "runs/a/"}
+  assert spec("s3://bucket") == {"driver": "s3", "bucket": "bucket", "path": ""}
+  assert spec("file:///tmp/box/") == {"driver": "file", "path": "/tmp/box/"}
+  assert spec(str(tmp_path)) == {"driver": "file", "path": f"{tmp_path}/"}
+  assert spec("memory://t") == {"driver": "memory", "path": "t/"}
+  for bad in ("http://host/x", "file://relative", "gs://", ""):
+    with pytest.raises(ValueError, match="not one of"):
+      spec(bad)
