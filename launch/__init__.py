@@ -1,0 +1,1 @@
+"""Launchers: a run's processes on this machine, on Cloud TPU slices, on GPU hosts."""
