@@ -135,6 +135,18 @@ class IslandsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistConfig:
+  """The real runtime: learner and syncer processes over a mailbox (runtime/distributed.py)."""
+  lease_s: float = 10.0  # Lease lifetime: a process silent this long is taken as down.
+  poll_s: float = 0.05  # Seconds between two polls of the mailbox (learners' courier, syncer).
+  startup_s: float = 120.0  # A learner never seen counts as live this long after the syncer starts.
+  resume_max_versions: int = 2  # A restarted learner resumes from its checkpoint if no fragment moved on more versions than this since; else it rejoins from the global model.
+  gc_every: int = 10  # Commits of a fragment between two garbage collections of its old keys.
+  keep_versions: int = 4  # Publications kept behind the newest (for learners catching up).
+  min_step_s: float = 0.0  # A learner's step takes at least this long (emulates slower islands for tiny demo models; 0: off).
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   seed: int = 0  # Seeds parameter init and data order.
   runtime: str = "data_parallel"  # `data_parallel`, `lockstep` (DiLoCo family) or `decoupled` (event-driven).
@@ -148,6 +160,7 @@ class Config:
   sim: SimConfig = SimConfig()
   chaos: ChaosConfig = ChaosConfig()
   islands: IslandsConfig = IslandsConfig()
+  dist: DistConfig = DistConfig()
 
 
 RUNTIMES = ("data_parallel", "lockstep", "decoupled")
@@ -245,6 +258,9 @@ RANGES = {
     "chaos.mtbi_chip_hours": _POSITIVE, "chaos.repair_median_s": _POSITIVE,
     "chaos.repair_sigma": _AT_LEAST_0, "chaos.reconfiguration_s": _AT_LEAST_0,
     "chaos.restart_s": _AT_LEAST_0, "chaos.seed": _AT_LEAST_0,
+    "dist.lease_s": _POSITIVE, "dist.poll_s": _POSITIVE, "dist.startup_s": _AT_LEAST_0,
+    "dist.resume_max_versions": _AT_LEAST_0, "dist.gc_every": _AT_LEAST_1,
+    "dist.keep_versions": _AT_LEAST_1, "dist.min_step_s": _AT_LEAST_0,
 }
 
 

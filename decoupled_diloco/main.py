@@ -2,9 +2,18 @@
 
 Override any field with `--config.section.field=value`. Re-running with the
 same workdir resumes from its latest checkpoint.
+
+The real runtime runs one process per role over a shared mailbox
+(runtime/distributed.py; `launch/local.py` starts them all on one machine):
+
+  --role=syncer --mailbox=URL
+  --role=learner --learner=M --mailbox=URL [--distributed ...]
+
+with the run secret that authenticates messages in `$DILOCO_SECRET`.
 """
 
 import logging as py_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -16,7 +25,22 @@ from decoupled_diloco import train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the summary go.")
+_ROLE = flags.DEFINE_enum("role", None, ["learner", "syncer"],
+                          "Run one process of the real runtime (default: the whole run in"
+                          " this process, with the config's runtime).")
+_LEARNER = flags.DEFINE_integer("learner", None, "With --role=learner: which learner (0..M-1).")
+_MAILBOX = flags.DEFINE_string("mailbox", None, "With --role: the mailbox URL (file:///path,"
+                               " gs://bucket/prefix, s3://bucket/prefix).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "A learner spanning several hosts:"
+                                 " call jax.distributed.initialize() (on a TPU slice it needs"
+                                 " no more flags).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "With --distributed off"
+                                   " TPU: host:port of the learner's process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: processes"
+                                      " of this learner.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process.")
 flags.mark_flags_as_required(["config", "workdir"])
+SECRET_ENV = "DILOCO_SECRET"
 
 
 class _OnlyWarningsFromLibraries(py_logging.Filter):
@@ -45,11 +69,37 @@ def _parse_flags(argv):
     raise
 
 
+def _mailbox():
+  from decoupled_diloco.runtime import mailbox  # pylint: disable=g-import-not-at-top
+  if not _MAILBOX.value:
+    sys.exit("error: --role needs --mailbox=URL (e.g. file:///tmp/run/mailbox).")
+  secret = os.environ.get(SECRET_ENV)
+  if not secret:
+    sys.exit(f"error: --role needs the run secret in ${SECRET_ENV} (any string, the same for"
+             " every process of the run; never put it on a command line).")
+  try:
+    return mailbox.Mailbox(_MAILBOX.value, secret.encode())
+  except ValueError as e:
+    sys.exit(f"error: --mailbox={_MAILBOX.value}: {e}")
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_OnlyWarningsFromLibraries())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if _ROLE.value is None:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    return
+  from decoupled_diloco.runtime import distributed  # pylint: disable=g-import-not-at-top
+  if _DISTRIBUTED.value:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  box = _mailbox()
+  if _ROLE.value == "syncer":
+    distributed.run_syncer(_CONFIG.value, _WORKDIR.value, box)
+  elif _LEARNER.value is None:
+    sys.exit("error: --role=learner needs --learner=M.")
+  else:
+    distributed.run_learner(_CONFIG.value, _WORKDIR.value, box, _LEARNER.value)
 
 
 if __name__ == "__main__":

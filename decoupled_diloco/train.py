@@ -42,22 +42,27 @@ class LossSpikeError(divergence.DivergenceError):
   pass
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       runtime_factory=None, kind: str | None = None) -> dict:
   """Trains (or resumes) in `workdir`; returns the summary also written there.
 
   Before any data or device work: the config is validated, the workdir checked
   writable and locked (a second run there stops), a finished run is reported
   as such (its summary returned, nothing written), a config whose state shape
   differs from the checkpoints' is refused, and so is a model that cannot fit.
+
+  `runtime_factory(cfg, corpus, workdir)` replaces the config's runtime (a
+  learner process of the real runtime); `kind` names its checkpoints.
   """
   cfg = config_lib.parse(config)
   workdir_lib.check_writable(workdir)
   with workdir_lib.Lock(workdir):
-    return _train(config, cfg, workdir)
+    return _train(config, cfg, workdir, runtime_factory or make_runtime, kind or cfg.runtime)
 
 
-def _train(config: ml_collections.ConfigDict, cfg: config_lib.Config, workdir: str) -> dict:
-  ckpt = checkpointing.Checkpointer(workdir, cfg.train.keep_checkpoints, cfg.runtime,
+def _train(config: ml_collections.ConfigDict, cfg: config_lib.Config, workdir: str,
+           factory, kind: str) -> dict:
+  ckpt = checkpointing.Checkpointer(workdir, cfg.train.keep_checkpoints, kind,
                                     fingerprint=checkpointing.fingerprint(cfg))
   try:
     ckpt.check_config()
@@ -71,13 +76,13 @@ def _train(config: ml_collections.ConfigDict, cfg: config_lib.Config, workdir: s
       raise ValueError(f"train.steps={cfg.train.steps} is below the step of the latest"
                        f" checkpoint in {workdir} ({latest}); raise it or use another --workdir.")
     memory.check_fits(cfg)
-    return _train_with(config, cfg, workdir, ckpt)
+    return _train_with(config, cfg, workdir, ckpt, factory)
   finally:
     ckpt.close()
 
 
 def _train_with(config, cfg: config_lib.Config, workdir: str,
-                ckpt: checkpointing.Checkpointer) -> dict:
+                ckpt: checkpointing.Checkpointer, factory) -> dict:
   """The loop.
 
   Checkpoints vouched for by a loss: the loss of step t is measured on the
@@ -97,7 +102,7 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
     raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the"
                      f" data's vocabulary ({corpus.vocab_size}).")
   logging.info("data: %s", corpus.description)
-  rt = make_runtime(cfg, corpus, workdir)
+  rt = factory(cfg, corpus, workdir)
   eval_island = rt.eval_island
   eval_loss = steps.make_eval_loss(rt.model, eval_island)
   eval_batches = loader.eval_batches(corpus.eval, batch_size=cfg.data.batch_size,

@@ -80,6 +80,31 @@ def grace_window(*, overlap: int, step_s: float, quorum_s: float, sync_s: float,
   return min(max(slack, 0.0), grace_max_s)
 
 
+def rephase(position: int, fragment: int, rnd: int, offsets, sync_every: int, *,
+            since_s: float, step_s: float) -> tuple[int, dict[int, int]] | None:
+  """Where a learner that fell behind round `rnd` of `fragment` re-phases to.
+
+  None if the learner at `position` had reached that round's send. Otherwise
+  (new position, {fragment: round} of the sends it skips, which it sends at
+  once, late, so its work since its last alignment is not lost). The new
+  position is the round's send position plus the steps the live learners
+  took since its first send (`since_s` ago, at `step_s` each): never past
+  the leader's, so re-phasing cannot push the schedule ahead of the learners
+  that set it.
+  """
+  send_at = rnd * sync_every + offsets[fragment]
+  if position >= send_at:
+    return None
+  since = int(since_s / step_s) if step_s > 0 else 0
+  target = send_at + max(since, 0)
+  skipped = {}
+  for s in range(max(position + 1, target - sync_every + 1), target + 1):
+    for q, offset in enumerate(offsets):
+      if (s - offset) % sync_every == 0:
+        skipped[q] = round_of(s, offset, sync_every)
+  return target, skipped
+
+
 class Rounds:
   """The open round of every fragment and the running estimates; see module docstring."""
 
@@ -143,8 +168,10 @@ class Rounds:
     p = fragment
     while (not self.on_time[p].get(self.open[p])
            and all(self.reported[p, m] > self.open[p] for m in self.live)
-           and any(self.reported[p, m] > self.open[p] for m in self.live)):
-      self.open[p] += 1  # No live learner will send it (all are past it): skip it.
+           and (self.reported[p] > self.open[p]).any()):
+      # No live learner will send it (all are past it, or none is live while
+      # some learner was past it): skip it.
+      self.open[p] += 1
     open_ = self.open[p]
     senders = self.on_time[p].get(open_, {})
     if not senders:

@@ -156,7 +156,8 @@ def _conforms(payload, spec) -> bool:
       for a, w in zip(leaves, want))
 
 
-def _lossless(codec: codecs.Codec) -> bool:
+def lossless(codec: codecs.Codec) -> bool:
+  """True if `codec` delivers values exactly (publications are then full copies)."""
   return codec.name == "fp32"
 
 
@@ -201,7 +202,7 @@ class Syncer:
     # Per fragment: round -> admitted entries.
     self.pending: list[dict[int, list[Entry]]] = [{} for _ in fragments]
     # What learners hold, per fragment (lossy downloads only; see module docstring).
-    self.held = None if _lossless(down) else [list(t) for t in self.theta]
+    self.held = None if lossless(down) else [list(t) for t in self.theta]
     self.rejected = collections.Counter()
     self.last_rejection: str | None = None  # Reason of the latest rejection.
     self._encode_down = jax.jit(functools.partial(codecs.encode_tree, down))
@@ -290,13 +291,13 @@ class Syncer:
       self.reject(c, "absurd magnitude")
       return None
     deltas, norm, scale = checked.deltas, float(norm), 1.0
+    # A delta is credited with at most 2 H steps, whatever it claims.
+    steps = min(c.steps, 2 * self.sync_every)
     others = np.delete(self.recent_norm[p], c.learner)
     others = others[others > 0]
     if self.max_norm_ratio and others.size and c.round >= self.norm_bound_from:
       # Per inner step, against the other learners' latest: learners share a
-      # schedule, so these move together, and one learner cannot move their
-      # median. A delta is credited with at most 2 H steps, whatever it claims.
-      steps = min(c.steps, 2 * self.sync_every)
+      # schedule, so these move together, and one learner cannot move their median.
       bound = self.max_norm_ratio * float(np.median(others)) * steps
       if norm > bound:
         if self.norm_bound == "reject":
@@ -307,9 +308,10 @@ class Syncer:
         self.clipped += 1
         logging.warning("syncer: clipped learner %s fragment %s from norm %.3g to %.3g",
                         c.learner, p, norm, bound)
-        norm = bound
-    if norm > 0:  # A zero delta (a first step at learning rate 0) says nothing.
-      self.recent_norm[p, c.learner] = norm / c.steps
+    # Only an unclipped delta says what learners' norms are: recording clipped
+    # ones would let the bounds of two learners ratchet each other down to 0.
+    if norm > 0 and scale == 1.0:  # A zero delta (learning rate 0) says nothing.
+      self.recent_norm[p, c.learner] = norm / steps
     return Accepted(deltas, scale)
 
   def admit(self, c: Contribution, accepted: Accepted, rnd: int) -> None:
@@ -403,6 +405,23 @@ class Syncer:
       base = version - 1
     return Publication(p, version, tuple(payload), codecs.payload_nbytes(payload),
                        base_version=base, round=rnd)
+
+  def warm_up(self) -> None:
+    """Compiles what a merge runs (decoding, the outer step of 1 and M contributors,
+    the checks, the download), on copies: a real-time syncer is then ready when
+    the first contributions arrive, instead of falling behind while it compiles."""
+    for p, theta in enumerate(self.theta):
+      zeros = [jnp.zeros_like(t, jnp.float32) for t in theta]
+      payload = jax.device_put(codecs.encode_tree(self.up, zeros), self.device)
+      deltas = _check(self.up, payload, theta).deltas
+      for n in sorted({1, self.num_learners}):
+        w_N = np.full(n, 1.0 / n, np.float32)
+        theta2, _ = _outer_step(self.tx, self.rules[p], theta, self.opt_state[p], [deltas] * n,
+                                w_N)
+        jax.block_until_ready(all_finite(theta2))
+      if self.held is not None:
+        jax.block_until_ready(_encode_update(self.down, theta, self.held[p]))
+      jax.block_until_ready(self.publication(p).payload)
 
   def publication(self, p: int) -> Publication:
     """A full copy of the current global fragment p, exact (e.g. for a rejoining learner)."""

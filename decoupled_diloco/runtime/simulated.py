@@ -403,18 +403,12 @@ class Simulation:
     """If round `pub.round` closed before learner m reached its send: re-phase it."""
     ln, proto = self.learners[m], self.protocol
     position = ln.step + ln.phase
-    send_at = pub.round * proto.sync_every + proto.offsets[pub.fragment]
-    if position >= send_at:
+    moved = rounds_lib.rephase(position, pub.fragment, pub.round, proto.offsets,
+                               proto.sync_every, since_s=self.now - pub.started_at,
+                               step_s=pub.step_seconds)
+    if moved is None:
       return
-    # Where the live learners are now: the round's send position plus the steps
-    # since its first send, at the syncer's mean step time (no faster than
-    # the leader's, so never past it).
-    since = int((self.now - pub.started_at) / pub.step_seconds) if pub.step_seconds > 0 else 0
-    target = send_at + max(since, 0)
-    skipped = {}
-    for s in range(max(position + 1, target - proto.sync_every + 1), target + 1):
-      for q in self._due[s % proto.sync_every]:
-        skipped[q] = rounds_lib.round_of(s, proto.offsets[q], proto.sync_every)
+    target, skipped = moved
     for q in sorted(skipped):  # Their work since the last alignment is not lost.
       self._send(m, q, skipped[q])
     ln.phase += target - position

@@ -40,7 +40,6 @@ class Team:
     flat = fragments_lib.flatten(params)
     self.fragments = fragments_lib.partition(flat, d.num_fragments, d.fragmentation)
     self.offsets = fragments_lib.sync_offsets(d.num_fragments, d.sync_every)
-    up, down = make_codec(cfg.codec, "up"), make_codec(cfg.codec, "down")
     opt_state = self.inner_tx.init(params)
     self.seq_len = cfg.model.seq_len
     self.learners, self.inner_steps = [], []
@@ -52,25 +51,11 @@ class Team:
                                                  opt_state)
       inner = compiled[layout]
       self.inner_steps.append(inner)
-      self.learners.append(Learner(
-          m, island, inner, params, opt_state, self.fragments, alpha=d.alpha, up=up,
-          down=down, error_feedback=cfg.codec.error_feedback,
-          feedback_restart=cfg.codec.feedback_restart, feedback_decay=cfg.codec.feedback_decay,
-          tokens_per_step=per_learner * cfg.model.seq_len))
-    self.syncer = Syncer(flat, self.fragments, outer_tx=optim.outer_optimizer(cfg.outer),
-                         merge_rule=d.merge, weighting=d.weighting, up=up, down=down,
-                         num_learners=d.num_learners, max_abs_delta=d.max_abs_delta,
-                         max_staleness=None if d.max_staleness < 0 else d.max_staleness,
-                         staleness_weighting=d.staleness_weighting,
-                         max_tokens_per_step=per_learner * cfg.model.seq_len,
-                         max_weight_share=d.max_weight_share, max_norm_ratio=d.max_norm_ratio,
-                         norm_bound=d.norm_bound,
-                         norm_bound_from=-(-cfg.inner.warmup_steps // d.sync_every) + 1,
-                         sync_every=d.sync_every)
+      self.learners.append(make_learner(cfg, m, island, inner, params, opt_state,
+                                        self.fragments))
+    self.syncer = make_syncer(cfg, flat, self.fragments)
     self.eval_island = islands_lib.make_islands(1, devices=[self.syncer.device])[0]
-    self.data = [ShardIterator(train_tokens, shard=m, num_shards=d.num_learners,
-                               batch_size=per_learner, seq_len=cfg.model.seq_len,
-                               seed=cfg.seed) for m in range(d.num_learners)]
+    self.data = [make_shard(cfg, train_tokens, m) for m in range(d.num_learners)]
     self.tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
     self.param_bytes = 4 * transformer.num_params(params)
     self.bytes_up = np.zeros(len(self.fragments), np.int64)
@@ -224,3 +209,38 @@ class Team:
             "dp_allreduce_bytes": dp, "bytes_reduction_vs_dp": dp / max(sent, 1),
             "outer_steps": int(self.syncer.merges.sum()),
             "rejected": int(sum(self.syncer.rejected.values()))}
+
+
+def make_learner(cfg: Config, m: int, island, inner_step, params, opt_state,
+                 fragments) -> Learner:
+  """Learner m on `island`, starting from `params` (the same in every runtime)."""
+  d = cfg.diloco
+  return Learner(
+      m, island, inner_step, params, opt_state, fragments, alpha=d.alpha,
+      up=make_codec(cfg.codec, "up"), down=make_codec(cfg.codec, "down"),
+      error_feedback=cfg.codec.error_feedback, feedback_restart=cfg.codec.feedback_restart,
+      feedback_decay=cfg.codec.feedback_decay,
+      tokens_per_step=cfg.data.batch_size // d.num_learners * cfg.model.seq_len)
+
+
+def make_syncer(cfg: Config, flat: dict, fragments, device=None) -> Syncer:
+  """The syncer over the global model `flat`, with the config's admission bounds."""
+  d = cfg.diloco
+  return Syncer(flat, fragments, outer_tx=optim.outer_optimizer(cfg.outer),
+                merge_rule=d.merge, weighting=d.weighting, up=make_codec(cfg.codec, "up"),
+                down=make_codec(cfg.codec, "down"), num_learners=d.num_learners,
+                max_abs_delta=d.max_abs_delta,
+                max_staleness=None if d.max_staleness < 0 else d.max_staleness,
+                staleness_weighting=d.staleness_weighting,
+                max_tokens_per_step=cfg.data.batch_size // d.num_learners * cfg.model.seq_len,
+                max_weight_share=d.max_weight_share, max_norm_ratio=d.max_norm_ratio,
+                norm_bound=d.norm_bound,
+                norm_bound_from=-(-cfg.inner.warmup_steps // d.sync_every) + 1,
+                sync_every=d.sync_every, device=device)
+
+
+def make_shard(cfg: Config, train_tokens: np.ndarray, m: int) -> ShardIterator:
+  """Learner m's batches: its shard of the training tokens, in its seeded order."""
+  per_learner = cfg.data.batch_size // cfg.diloco.num_learners
+  return ShardIterator(train_tokens, shard=m, num_shards=cfg.diloco.num_learners,
+                       batch_size=per_learner, seq_len=cfg.model.seq_len, seed=cfg.seed)

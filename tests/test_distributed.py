@@ -1,0 +1,173 @@
+"""The real runtime: learner and syncer processes over a file:// mailbox.
+
+Every process a test starts has a timeout, a mailbox of its own (under
+tmp_path), and is stopped by its pid when the test ends, pass or fail.
+"""
+
+import json
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from decoupled_diloco import config as config_lib
+from decoupled_diloco.algorithm import fragments as fragments_lib
+from decoupled_diloco.data import corpus as corpus_lib
+from decoupled_diloco.runtime.lockstep import LockStep
+from launch import local
+from tests import helpers
+
+pytestmark = pytest.mark.slow
+
+
+def _events(path):
+  return local._read_jsonl(path)  # pylint: disable=protected-access
+
+
+@pytest.fixture
+def start_run(tmp_path):
+  """Starts a LocalRun of a config; stops every process it started at the end."""
+  runs = []
+
+  def start(config, **kwargs):
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json(sort_keys=True))
+    run = local.LocalRun(str(tmp_path / "run"), str(path), config.diloco.num_learners,
+                         echo=False, **kwargs)
+    runs.append(run)
+    run.start()
+    return run
+
+  yield start
+  for run in runs:
+    run.stop()
+
+
+def _wait(run, done, timeout_s: float, what: str, killed=()):
+  """Polls `done()` until true; fails (with the processes' log tails) after `timeout_s`.
+
+  A process that fails meanwhile fails the test, unless the test `killed` it.
+  """
+  deadline = time.time() + timeout_s
+  while time.time() < deadline:
+    if (got := done()):
+      return got
+    for p in run.processes:
+      if p.popen.poll() not in (None, 0) and p not in killed:
+        tail = open(p.log_path).read()[-3000:]
+        pytest.fail(f"{p.name} exited with {p.popen.poll()} while waiting for {what}:\n{tail}")
+    time.sleep(0.2)
+  tails = "\n".join(f"--- {p.name}\n{open(p.log_path).read()[-2000:]}" for p in run.processes)
+  pytest.fail(f"timed out after {timeout_s} s waiting for {what}\n{tails}")
+
+
+def _finish(run, timeout_s: float = 240):
+  for p in run.processes:
+    code = p.wait(timeout_s)
+    if code != 0:
+      pytest.fail(f"{p.name} exited with {code}:\n{open(p.log_path).read()[-3000:]}")
+
+
+def _step(box, m: int) -> int:
+  lease = box.read_lease(f"learner/{m}")
+  return lease.info.get("step", 0) if lease else 0
+
+
+def test_lockstep_mode_matches_the_in_process_lockstep_runtime_bitwise(start_run):
+  """K = M, no grace, learners wait: the two clocks drive one algorithm, to the bit."""
+  overrides = {"diloco.num_learners": 2, "diloco.num_fragments": 2, "diloco.sync_every": 3,
+               "diloco.quorum": 0, "diloco.grace_gamma": 0.0, "sim.learners_wait": True}
+  # Islands of 4 fake devices each, in both runtimes (8 devices split in two here).
+  config = helpers.tiny_config("decoupled", steps=9, **overrides)
+  run = start_run(config, devices_per_learner=4)
+
+  cfg = config_lib.parse(helpers.tiny_config("lockstep", steps=9, **overrides))
+  corpus = corpus_lib.load(cfg.data.path, cfg.data.eval_percent)
+  ref = LockStep(cfg, corpus.train)
+  for _ in range(cfg.train.steps):
+    ref.train_step()
+  expected = jax.device_get(ref.eval_params())
+  _finish(run)
+
+  box = run.mailbox()
+  got = {}
+  for p, keys in enumerate(ref.team.fragments):
+    v = box.latest_version(p)
+    assert v == ref.team.syncer.version[p]
+    pub = box.full_copy(p, v)
+    got.update({k: t["values"] for k, t in zip(keys, pub.payload)})
+  flat = fragments_lib.flatten(expected)
+  for key, value in flat.items():
+    np.testing.assert_array_equal(np.ravel(got[key]), np.ravel(value), err_msg=key)
+  summary = json.load(open(os.path.join(run.workdir, "syncer", "summary.json")))
+  assert summary["versions"] == ref.team.syncer.version.tolist()
+
+
+def _chaos_config(steps):
+  return helpers.tiny_config(
+      "decoupled", steps=steps, **{"diloco.num_learners": 2, "diloco.num_fragments": 2,
+                                   "diloco.sync_every": 4, "diloco.quorum": 1,
+                                   "train.checkpoint_every": 25, "dist.lease_s": 3.0,
+                                   "dist.min_step_s": 0.04})
+
+
+def test_a_killed_learner_does_not_stop_the_run_and_contributes_after_restart(start_run):
+  run = start_run(_chaos_config(steps=300))
+  box = run.mailbox()
+  _wait(run, lambda: _step(box, 1) >= 40, 180, "learner 1 to reach step 40")
+  run.learners[1].signal(signal.SIGKILL)
+  killed_at = time.time()
+  run.learners[1].wait(10)
+  versions = [box.latest_version(p) for p in range(2)]
+  step0 = _step(box, 0)
+  # While it is down, the other learner steps on and the syncer merges (quorum 1).
+  _wait(run, lambda: all(box.latest_version(p) >= v + 2 for p, v in enumerate(versions))
+        or run.learners[0].popen.poll() == 0, 120, "versions to advance without learner 1",
+        killed=[run.learners[1]])
+  assert _step(box, 0) > step0
+  assert all(box.latest_version(p) > v for p, v in enumerate(versions))
+  run.learners[1].start()
+  _finish(run)
+
+  events = _events(os.path.join(run.workdir, "syncer", "events.jsonl"))
+  after = [e for e in events if e["event"] == "arrive" and e["learner"] == 1
+           and e["t"] > killed_at]
+  assert after, "learner 1 never contributed after its restart"
+  starts = [e for e in _events(os.path.join(run.workdir, "learner1", "events.jsonl"))
+            if e["event"] == "start"]
+  assert len(starts) == 2 and starts[0]["incarnation"] != starts[1]["incarnation"]
+  summary = json.load(open(os.path.join(run.workdir, "learner1", "summary.json")))
+  assert summary["steps"] == 300
+
+
+def test_a_killed_syncer_restarts_from_the_last_committed_versions(start_run):
+  run = start_run(_chaos_config(steps=300))
+  box = run.mailbox()
+  _wait(run, lambda: min(box.latest_version(p) or 0 for p in range(2)) >= 3, 180,
+        "three versions of each fragment")
+  run.syncer.signal(signal.SIGKILL)
+  killed_at = time.time()
+  run.syncer.wait(10)
+  versions = [box.latest_version(p) for p in range(2)]
+  steps = [_step(box, m) for m in range(2)]
+  time.sleep(3)  # Stepping continues; at most one heartbeat (lease_s / 4) behind.
+  # Learners never stopped stepping while the syncer was down.
+  assert all(_step(box, m) > s for m, s in enumerate(steps))
+  assert [box.latest_version(p) for p in range(2)] == versions
+  run.syncer.start()
+  _finish(run)
+
+  events = _events(os.path.join(run.workdir, "syncer", "events.jsonl"))
+  published = [(e["fragment"], e["version"]) for e in events if e["event"] == "publish"]
+  assert len(published) == len(set(published)), "a version was published twice"
+  for p in range(2):
+    mine = sorted(v for q, v in published if q == p)
+    assert mine == list(range(mine[0], mine[-1] + 1)), f"fragment {p} skipped a version"
+    assert any(v > versions[p] for v in mine)
+  recovered = [e for e in events if e["event"] == "recovered" and e["t"] > killed_at]
+  assert recovered and recovered[0]["versions"] == versions
+  summary = json.load(open(os.path.join(run.workdir, "syncer", "summary.json")))
+  assert summary["epoch"] == 2 and summary["protocol"]["recoveries"] == 1
