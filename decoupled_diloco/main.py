@@ -39,6 +39,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "With --distribu
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: processes"
                                       " of this learner.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process.")
+_CACHE = flags.DEFINE_string("compilation_cache", None, "JAX's persistent compilation cache"
+                             " (default: WORKDIR/jax_cache; '' turns it off). Processes of one"
+                             " run on one machine share one, so a restarted one is quickly"
+                             " stepping again.")
 flags.mark_flags_as_required(["config", "workdir"])
 SECRET_ENV = "DILOCO_SECRET"
 
@@ -83,10 +87,20 @@ def _mailbox():
     sys.exit(f"error: --mailbox={_MAILBOX.value}: {e}")
 
 
+def _use_compilation_cache() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  path = os.path.join(_WORKDIR.value, "jax_cache") if _CACHE.value is None else _CACHE.value
+  if path:
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_OnlyWarningsFromLibraries())
+  _use_compilation_cache()
   if _ROLE.value is None:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     return

@@ -24,6 +24,10 @@ Variants:
     waits (fast learners wait for fragment p at send step + tau): synchronous
     Streaming DiLoCo on the same hardware.
   small: the `small` model with P = H = 24 (the paper's setting), on accelerators.
+  real: the nochaos run for the real runtime, learners and syncer as processes
+    on this machine; `--chaos` kills, stops and throttles them for real:
+      python -m launch.local --config=experiments/decoupled_diloco.py:real \
+          --workdir=/tmp/real --chaos
 """
 
 from decoupled_diloco import config as config_lib
@@ -54,6 +58,11 @@ def get_config(arg: str | None = None):
   elif arg == "small":
     config_lib.use_small_run(c)
     c.diloco.update(num_fragments=24, sync_every=24)
+  elif arg == "real":
+    # Wall-clock seconds now: leases expire after 5 s of silence; grace <= 2 s.
+    c.diloco.grace_max_s = 2.0
+    c.dist.update(lease_s=5.0)
+    c.train.checkpoint_every = 25  # A killed learner loses at most 25 steps.
   elif arg != "nochaos":
     raise ValueError(f"unknown variant {arg!r}; see the module docstring.")
   return c

@@ -110,9 +110,10 @@ class LocalRun:
     base = {**os.environ, SECRET_ENV: self.secret, "PYTHONUNBUFFERED": "1",
             "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
     base = {k: v for k, v in base.items() if not k.startswith("MEGASCALE_")}
-    common = [sys.executable, "-m", "decoupled_diloco.main",
-              f"--config=experiments/saved.py:{config_path}", f"--mailbox={self.mailbox_url}",
-              *extra_flags]
+    saved = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "experiments", "saved.py")
+    common = [sys.executable, "-m", "decoupled_diloco.main", f"--config={saved}:{config_path}", f"--mailbox={self.mailbox_url}",
+              f"--compilation_cache={self.workdir}/jax_cache", *extra_flags]
     self.syncer = Process("syncer", [*common, "--role=syncer",
                                      f"--workdir={self.workdir}/syncer"],
                           {**base, "JAX_NUM_CPU_DEVICES": "1"},

@@ -241,6 +241,7 @@ class Courier:
           self.fetched[p] = max(self.fetched[p], pub.version)
         self.bytes_down += pub.nbytes
         self.latency_s += 0.1 * (max(now - pub.started_at, 0.0) - self.latency_s)
+        self.log("landed", fragment=p, version=pub.version, round=pub.round)
 
   def _apply_link(self) -> None:
     """Takes up a chaos throttle written into the learner's workdir (or its removal)."""
