@@ -40,6 +40,19 @@ class MetricWriter:
     self._tb.close()
 
 
+class NullWriter:
+  """What processes other than process 0 of a multi-process learner write: nothing."""
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    del step, scalars
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 class Progress:
   """Tracks throughput and prints `step, loss, tokens/s, ETA` lines."""
 

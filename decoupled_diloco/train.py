@@ -5,6 +5,7 @@ exposes its global model for eval; this loop adds logging, evals, checkpoints,
 resumption and the final summary. Re-running with the same workdir resumes.
 """
 
+import contextlib
 import math
 import time
 
@@ -56,7 +57,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   cfg = config_lib.parse(config)
   workdir_lib.check_writable(workdir)
-  with workdir_lib.Lock(workdir):
+  # A learner over several processes shares one workdir: process 0 owns it
+  # (lock, metrics, summary); orbax writes checkpoints from every process.
+  primary = jax.process_index() == 0
+  with workdir_lib.Lock(workdir) if primary else contextlib.nullcontext():
     return _train(config, cfg, workdir, runtime_factory or make_runtime, kind or cfg.runtime)
 
 
@@ -116,8 +120,10 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
       detector.load_state(divergence.SpikeState(**loop["spike"]))
       eval_detector.load_state(divergence.SpikeState(**loop.get("eval_spike", {"mean": None})))
     logging.info("resumed from %s at step %d", workdir, rt.step)
-  metrics.trim(workdir, rt.step)
-  writer = metrics.MetricWriter(workdir)
+  primary = jax.process_index() == 0
+  if primary:
+    metrics.trim(workdir, rt.step)
+  writer = metrics.MetricWriter(workdir) if primary else metrics.NullWriter()
   progress = metrics.Progress(rt.step, cfg.train.steps, rt.tokens_per_step)
   start_step, t0 = rt.step, time.perf_counter()
   held = None  # A checkpoint's snapshot, written once the next step's loss passes.
@@ -218,7 +224,7 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
       "config": config.to_dict(),
   }
   # The summary goes first: a run whose final checkpoint is on disk is finished.
-  path = metrics.write_summary(workdir, summary)
+  path = metrics.write_summary(workdir, summary) if primary else None
   if final is not None:
     ckpt.write(final)
   logging.info("final eval loss %.4f nats/byte (%.3f bits/byte) after %d tokens",

@@ -7,6 +7,7 @@ tmp_path), and is stopped by its pid when the test ends, pass or fail.
 import json
 import os
 import signal
+import socket
 import time
 
 import jax
@@ -65,10 +66,9 @@ def _wait(run, done, timeout_s: float, what: str, killed=()):
 
 
 def _finish(run, timeout_s: float = 240):
-  for p in run.processes:
-    code = p.wait(timeout_s)
-    if code != 0:
-      pytest.fail(f"{p.name} exited with {code}:\n{open(p.log_path).read()[-3000:]}")
+  """Waits for every process to exit 0; fails at the first that does not."""
+  _wait(run, lambda: all(p.popen.poll() == 0 for p in run.processes), timeout_s,
+        "every process to finish")
 
 
 def _step(box, m: int) -> int:
@@ -171,3 +171,36 @@ def test_a_killed_syncer_restarts_from_the_last_committed_versions(start_run):
   assert recovered and recovered[0]["versions"] == versions
   summary = json.load(open(os.path.join(run.workdir, "syncer", "summary.json")))
   assert summary["epoch"] == 2 and summary["protocol"]["recoveries"] == 1
+
+
+def test_a_learner_spanning_two_processes_trains_and_contributes(start_run, tmp_path):
+  """jax.distributed on CPU: one island over 2 processes; process 0 alone uses the mailbox."""
+  config = helpers.tiny_config("decoupled", steps=12, **{
+      "diloco.num_learners": 1, "diloco.sync_every": 3, "train.checkpoint_every": 6})
+  path = tmp_path / "config.json"
+  path.write_text(config.to_json(sort_keys=True))
+  run = local.LocalRun(str(tmp_path / "run"), str(path), 1, echo=False)
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  base = run.learners[0]
+  run.learners = [
+      local.Process(f"learner 0.{i}", [*base.args, "--distributed",
+                                       f"--coordinator_address=localhost:{port}",
+                                       "--num_processes=2", f"--process_id={i}"],
+                    base.env, f"{run.workdir}/logs/learner0.{i}.log", echo=False)
+      for i in range(2)]
+  try:
+    run.start()
+    _finish(run)
+  finally:
+    run.stop()
+  summary = json.load(open(os.path.join(run.workdir, "learner0", "summary.json")))
+  assert summary["steps"] == 12 and len(summary["devices"]) == 2
+  events = _events(os.path.join(run.workdir, "syncer", "events.jsonl"))
+  arrived = [e for e in events if e["event"] == "arrive" and e["learner"] == 0]
+  assert len(arrived) == 4  # Rounds at steps 3, 6, 9, 12.
+  assert run.mailbox().latest_version(0) >= 1
+  aligned = [e for e in _events(os.path.join(run.workdir, "learner0", "events.jsonl"))
+             if e["event"] == "align" and e["outcome"] == "applied"]
+  assert aligned, "the two-process learner never aligned to a publication"

@@ -36,6 +36,7 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from decoupled_diloco import islands as islands_lib
 from decoupled_diloco import metrics, optim, steps, workdir as workdir_lib
@@ -48,6 +49,7 @@ from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.data import loader
 from decoupled_diloco.models import transformer
 from decoupled_diloco.runtime import scenario, team as team_lib
+from decoupled_diloco.runtime import mailbox as mailbox_lib
 from decoupled_diloco.runtime.mailbox import Lease, Mailbox
 
 SYNCER_LEASE = "syncer"  # Lease names (keys `lease/{name}`).
@@ -66,17 +68,20 @@ class Fenced(RuntimeError):
 class EventLog:
   """JSON lines with wall-clock times, flushed as written (a killed process keeps them)."""
 
-  def __init__(self, path: str, **fields):
-    self._file = open(path, "a")
+  def __init__(self, path: str | None, **fields):
+    self._file = open(path, "a") if path else None  # None: log nothing.
     self._fields = fields
 
   def __call__(self, event: str, **fields) -> None:
+    if self._file is None:
+      return
     line = {"t": round(time.time(), 6), "event": event, **self._fields, **fields}
     self._file.write(json.dumps(line) + "\n")
     self._file.flush()
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
 
 def _model(cfg: Config):
@@ -98,6 +103,61 @@ def _due(offsets, sync_every: int) -> list[list[int]]:
 
 def _live(lease: Lease | None, now: float) -> bool:
   return lease is not None and lease.expires_at > now and lease.info.get("status") != "done"
+
+
+# --- one learner over several processes (jax.distributed) ----------------------------
+
+
+def _pack(parts: list[bytes], meta: dict) -> bytes:
+  head = json.dumps({"meta": meta, "sizes": [len(p) for p in parts]}).encode()
+  return len(head).to_bytes(8, "big") + head + b"".join(parts)
+
+
+def _unpack(blob: bytes) -> tuple[list[bytes], dict]:
+  n = int.from_bytes(blob[:8], "big")
+  head = json.loads(blob[8:8 + n])
+  parts, at = [], 8 + n
+  for size in head["sizes"]:
+    parts.append(blob[at:at + size])
+    at += size
+  return parts, head["meta"]
+
+
+def _share(blob: bytes | None) -> bytes:
+  """Process 0's `blob` on every process of this learner (one collective each way)."""
+  if jax.process_count() == 1:
+    return blob
+  primary = jax.process_index() == 0
+  n = int(multihost_utils.broadcast_one_to_all(np.int64(len(blob) if primary else 0)))
+  if n == 0:
+    return b""
+  buf = np.frombuffer(blob, np.uint8) if primary else np.zeros(n, np.uint8)
+  return np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes()
+
+
+_LOCAL = b"learner"  # Key of messages between the processes of one learner (no network).
+
+
+def _share_publications(pubs: list[tuple[Publication, float]]) -> list[tuple[Publication, float]]:
+  if jax.process_count() == 1:
+    return pubs
+  blob = _share(_pack([mailbox_lib.publication_bytes(p, _LOCAL) for p, _ in pubs],
+                      {"landed": [t for _, t in pubs]}) if pubs is not None else None)
+  parts, meta = _unpack(blob)
+  return [(mailbox_lib.parse_publication(b, _LOCAL)[0], t)
+          for b, t in zip(parts, meta["landed"])]
+
+
+def _local(tree):
+  """Host copies of a learner's (replicated) arrays: every process holds them whole."""
+  def copy(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if not x.sharding.is_fully_replicated:
+        raise NotImplementedError("a learner over several processes checkpoints replicated"
+                                  " state only; turn islands.fsdp off.")
+      return np.asarray(x.addressable_data(0))
+    return x
+  return jax.tree.map(copy, tree)
 
 
 # --- learners ----------------------------------------------------------------------
@@ -288,7 +348,11 @@ class LearnerRuntime:
     self._courier: Courier | None = None
     self._last_t: float | None = None
     self.incarnation = int.from_bytes(os.urandom(6), "big")
-    self.log = EventLog(os.path.join(workdir, "events.jsonl"), learner=m)
+    # Over several processes (jax.distributed), process 0 alone touches the
+    # mailbox and logs; what it reads is broadcast to the others.
+    self.primary = jax.process_index() == 0
+    self.log = EventLog(os.path.join(workdir, "events.jsonl") if self.primary else None,
+                        learner=m)
     self.log("start", incarnation=self.incarnation)
 
   @property
@@ -302,7 +366,7 @@ class LearnerRuntime:
   # --- the step ------------------------------------------------------------------
 
   def train_step(self) -> dict:
-    if self._courier is None:
+    if self._courier is None:  # After a restore, before the first step.
       self._connect()
     now = time.time()
     if self._last_t is not None:  # Dispatch to dispatch: the device's pace, queue included.
@@ -327,12 +391,19 @@ class LearnerRuntime:
 
   def _send(self, p: int, rnd: int) -> None:
     c = self.learner.pseudo_gradient(p, rnd)
-    self._courier.send(c._replace(sent_at=time.time(), step_seconds=self.step_ema))
+    if jax.process_count() > 1:  # A collective: every process gathers the payload.
+      c = c._replace(payload=tuple(multihost_utils.process_allgather(list(c.payload), tiled=True)))
+    if self.primary:
+      self._courier.send(c._replace(sent_at=time.time(), step_seconds=self.step_ema))
     if self.cfg.sim.learners_wait:
       self._awaiting[p] = (rnd, self.learner.step)
 
+  def _landed(self) -> list[tuple[Publication, float]]:
+    """Publications that landed since the last call (the same on every process)."""
+    return _share_publications(self._courier.take() if self.primary else None)
+
   def _align_landed(self) -> None:
-    for pub, landed_at in self._courier.take():
+    for pub, landed_at in self._landed():
       if self.cfg.sim.learners_wait:
         self._held.append(pub)
         continue
@@ -359,20 +430,20 @@ class LearnerRuntime:
     tau = self.cfg.diloco.overlap
     t0 = time.time()
     while any(sent <= self.learner.step - tau for _, sent in self._awaiting.values()):
-      if self._courier.lost:
+      if self.primary and self._courier.lost:
         raise RuntimeError(f"learner {self.m}: {self._courier.lost}")
       if time.time() - t0 > self.cfg.dist.startup_s:
         raise TimeoutError(f"learner {self.m} waited {self.cfg.dist.startup_s:.0f} s for"
                            f" fragments {sorted(self._awaiting)}: is the syncer running?")
       time.sleep(self.cfg.dist.poll_s / 4)
-      for pub, _ in self._courier.take():
+      for pub, _ in self._landed():
         self._held.append(pub)
       self._align_due()
     self.waiting_s += time.time() - t0
 
   def _align(self, pub: Publication) -> None:
     outcome = self.learner.align(pub)
-    if outcome == "gap":
+    if outcome == "gap" and self.primary:
       self._courier.want_full(pub.fragment)
     elif outcome == "applied":
       self.counts["aligned"] += 1
@@ -398,6 +469,24 @@ class LearnerRuntime:
   def _connect(self) -> None:
     """Takes this learner's lease, rejoins if its state is too old, starts the courier."""
     dist = self.cfg.dist
+    if self.primary:
+      lease = self._take_lease()
+      plan = self._plan_rejoin()
+    rejoin = _share(plan if self.primary else None)
+    if rejoin:
+      self._rejoin(*_unpack(rejoin))
+    if self.primary:
+      lossless = syncer_lib.lossless(make_codec(self.cfg.codec, "down"))
+      self._courier = Courier(self.mailbox, self.m, len(self.fragments), lossless_down=lossless,
+                              lease=lease, ttl_s=dist.lease_s, poll_s=dist.poll_s,
+                              incarnation=self.incarnation, info=self._info, log=self.log,
+                              link_file=os.path.join(self.workdir, LINK_FILE))
+      self._courier.start(self.learner.base_version)
+    else:
+      self._courier = False  # Connected; process 0 holds the courier.
+
+  def _take_lease(self) -> Lease:
+    dist = self.cfg.dist
     holder = f"{socket.gethostname()}:{os.path.abspath(self.workdir)}"
     deadline = time.time() + dist.lease_s + 1
     while (lease := self.mailbox.acquire(learner_lease(self.m), holder, dist.lease_s,
@@ -408,42 +497,47 @@ class LearnerRuntime:
                            f" holds {learner_lease(self.m)}); stop it, or give this one its"
                            " own --learner.")
       time.sleep(dist.poll_s)
-    latest = np.array([self.mailbox.latest_version(p) or 0 for p in range(len(self.fragments))])
-    behind = int(np.max(latest - self.learner.base_version))
-    if behind > dist.resume_max_versions:
-      self._rejoin(latest, behind)
-    lossless = syncer_lib.lossless(make_codec(self.cfg.codec, "down"))
-    self._courier = Courier(self.mailbox, self.m, len(self.fragments), lossless_down=lossless,
-                            lease=lease, ttl_s=dist.lease_s, poll_s=dist.poll_s,
-                            incarnation=self.incarnation, info=self._info, log=self.log,
-                            link_file=os.path.join(self.workdir, LINK_FILE))
-    self._courier.start(self.learner.base_version)
+    return lease
 
-  def _rejoin(self, latest: np.ndarray, behind: int) -> None:
-    """Restarts from full copies of the global fragments, at the live learners' position."""
-    pubs = [self.mailbox.full_copy(p, int(v)) for p, v in enumerate(latest)]
+  def _plan_rejoin(self) -> bytes:
+    """b"" if this learner's state is recent enough; else what `_rejoin` needs.
+
+    Rejoining takes full copies of the latest versions, at the schedule
+    position of the live learners (or, with none live, of the rounds the
+    latest publications closed).
+    """
+    latest = [self.mailbox.latest_version(p) or 0 for p in range(len(self.fragments))]
+    behind = int(np.max(np.array(latest) - self.learner.base_version))
+    if behind <= self.cfg.dist.resume_max_versions:
+      return b""
+    pubs = [self.mailbox.full_copy(p, v) for p, v in enumerate(latest)]
     if any(pub is None for pub in pubs):
       raise RuntimeError(f"learner {self.m}: the mailbox has no full copy of versions"
-                         f" {latest.tolist()}; is {self.mailbox} this run's mailbox?")
+                         f" {latest}; is {self.mailbox} this run's mailbox?")
     now = time.time()
     live = [l.info for l in self.mailbox.leases(LEARNER_LEASES).values()
             if _live(l, now) and l.name != learner_lease(self.m)]
-    # Where the schedule is: the live learners' positions, or, with none live,
-    # the send positions of the rounds the latest publications closed.
     H = self.cfg.diloco.sync_every
     sent = [got[0].round * H + self.offsets[p] for p, v in enumerate(latest)
-            if (got := self.mailbox.publication(p, int(v))) is not None and got[0].round >= 0]
+            if (got := self.mailbox.publication(p, v)) is not None and got[0].round >= 0]
     position = max([int(i.get("position", 0)) for i in live] + sent + [self.position])
     schedule_step = max([int(i.get("step", 0)) for i in live] + [self.learner.step])
+    return _pack([mailbox_lib.publication_bytes(pub, _LOCAL) for pub in pubs],
+                 {"behind": behind, "position": position, "schedule_step": schedule_step})
+
+  def _rejoin(self, parts: list[bytes], plan: dict) -> None:
+    """Restarts from full copies of the global fragments (see `_plan_rejoin`)."""
+    pubs = [mailbox_lib.parse_publication(b, _LOCAL)[0] for b in parts]
     opt_state = None
     if self.cfg.chaos.rejoin_optimizer == "fresh":
-      opt_state = optim.restart_state(self.inner_tx, self.learner.params, schedule_step)
+      opt_state = optim.restart_state(self.inner_tx, self.learner.params, plan["schedule_step"])
     self.learner.recover(pubs, opt_state)
-    self.phase = position - self.learner.step
+    self.phase = plan["position"] - self.learner.step
     self.counts["rejoins"] += 1
-    self.log("rejoin", versions_behind=behind, position=position, schedule_step=schedule_step)
+    self.log("rejoin", versions_behind=plan["behind"], position=plan["position"],
+             schedule_step=plan["schedule_step"])
     logging.info("learner %d: %d versions behind the global model; rejoined from it at"
-                 " position %d", self.m, behind, position)
+                 " position %d", self.m, plan["behind"], plan["position"])
 
   def _info(self) -> dict:
     return {"step": self.learner.step, "position": self.position,
@@ -458,11 +552,20 @@ class LearnerRuntime:
                                     for k, t in zip(f, ts)})
 
   def state(self) -> dict:
-    return {"learner": self.learner.state(), "data_position": np.int64(self.data.position),
+    learner = self.learner.state()
+    if jax.process_count() > 1:
+      learner = _local(learner)
+    return {"learner": learner, "data_position": np.int64(self.data.position),
             "phase": np.int64(self.phase), "busy_s": np.float64(self.busy_s)}
 
   def load_state(self, s: dict) -> None:
-    self.learner.load_state(s["learner"])
+    learner = s["learner"]
+    if jax.process_count() > 1:  # Host copies back onto the island spanning the processes.
+      put = lambda tree: jax.tree.map(
+          lambda x: jax.device_put(np.asarray(x), self.island.param_sharding(x)), tree)
+      learner = {**learner, **{k: put(learner[k]) for k in
+                               ("params", "opt_state", "base", "residual") if k in learner}}
+    self.learner.load_state(learner)
     self.data.position = int(s["data_position"])
     self.phase = int(s["phase"])
     self.busy_s = float(s["busy_s"])
@@ -475,7 +578,7 @@ class LearnerRuntime:
     del payloads, meta
 
   def comm_metrics(self) -> dict:
-    c = self._courier
+    c = self._courier  # None before the first step; False off process 0.
     return {"bytes_up": c.bytes_up if c else 0, "bytes_down": c.bytes_down if c else 0}
 
   def summary(self) -> dict:
