@@ -368,25 +368,27 @@ class LearnerRuntime:
   def train_step(self) -> dict:
     if self._courier is None:  # After a restore, before the first step.
       self._connect()
-    now = time.time()
-    if self._last_t is not None:  # Dispatch to dispatch: the device's pace, queue included.
+    now, first = time.time(), self._last_t is None
+    if not first:  # Start to start: the step's pace, device queue included.
       seconds = now - self._last_t
       self.busy_s += seconds
       self.step_ema = seconds if not self.step_ema else self.step_ema + 0.1 * (seconds - self.step_ema)
+    self._last_t = now
     self._align_landed()
     if self.cfg.sim.learners_wait:
       self._wait_for_publications()
     batch = next(self.data)
     loss = self.learner.inner_step(jax.device_put(batch, self.island.batch),
                                    self.tokens_per_step)
-    if self.cfg.dist.min_step_s and self._last_t is not None:
+    if self.cfg.dist.min_step_s:
       loss.block_until_ready()
-      time.sleep(max(self._last_t + self.cfg.dist.min_step_s - time.time(), 0.0))
+      time.sleep(max(now + self.cfg.dist.min_step_s - time.time(), 0.0))
     self.log("step", step=self.learner.step)
     position, H = self.position, self.cfg.diloco.sync_every
     for p in self.due[position % H]:
       self._send(p, rounds_lib.round_of(position, self.offsets[p], H))
-    self._last_t = time.time()
+    if first:  # Its first step compiled: the pace starts after it.
+      self._last_t = time.time()
     return {"loss": loss}
 
   def _send(self, p: int, rnd: int) -> None:
