@@ -835,7 +835,18 @@ class SyncerService:
     self.rounds.close(p)
     if pub is not None:
       self.log("merge", fragment=p, round=rnd, version=pub.version, contributors=n)
-      self._commit(p, pub._replace(started_at=started, step_seconds=self.rounds.xi_step))
+      self._commit(p, pub._replace(started_at=started, step_seconds=self._step_seconds()))
+
+  def _step_seconds(self) -> float:
+    """The live learners' step time that publications carry (learners re-phase by it).
+
+    The median of what each live learner last reported: one learner that lies
+    about its pace cannot move it (with three or more), so it cannot send the
+    others' schedules far ahead.
+    """
+    reported = [i.get("step_seconds", 0.0) for m, i in self.learners_info.items() if self.live[m]]
+    reported = [x for x in reported if isinstance(x, (int, float)) and x > 0 and np.isfinite(x)]
+    return float(np.median(reported)) if reported else self.rounds.xi_step
 
   def run(self) -> dict:
     """Leads, recovers, and merges until every learner is done; returns the summary."""
