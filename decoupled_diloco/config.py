@@ -124,6 +124,10 @@ class ChaosConfig:
   # A learner back from losing every slice has lost its memory: `fresh` inner optimizer
   # state (schedule at the global step), or `kept` (optimistic; for the ablation only).
   rejoin_optimizer: str = "fresh"
+  # A learner restarted with a fresh inner optimizer (rejoin, or divergence in any runtime)
+  # scales its learning rate by a linear re-warmup over this many steps (0: none; BUILD.md,
+  # "Decoupled DiLoCo", measures it).
+  rewarmup_steps: int = 0
   # A learner on fewer slices: `shrink` its batch in proportion and keep its step time
   # (what an elastic job does), or `keep` the batch and step proportionally slower.
   elastic_batch: str = "shrink"
@@ -258,6 +262,7 @@ RANGES = {
     "chaos.mtbi_chip_hours": _POSITIVE, "chaos.repair_median_s": _POSITIVE,
     "chaos.repair_sigma": _AT_LEAST_0, "chaos.reconfiguration_s": _AT_LEAST_0,
     "chaos.restart_s": _AT_LEAST_0, "chaos.seed": _AT_LEAST_0,
+    "chaos.rewarmup_steps": _AT_LEAST_0,
     "dist.lease_s": _POSITIVE, "dist.poll_s": _POSITIVE, "dist.startup_s": _AT_LEAST_0,
     "dist.resume_max_versions": _AT_LEAST_0, "dist.gc_every": _AT_LEAST_1,
     "dist.keep_versions": _AT_LEAST_1, "dist.min_step_s": _AT_LEAST_0,

@@ -156,13 +156,15 @@ class Team:
 
     With `fresh_optimizer`, its inner optimizer state is new (what a learner
     that lost its memory has), with the learning-rate schedule at
-    `schedule_step`; otherwise it is kept (`Learner.recover`).
+    `schedule_step` and re-warmed over `chaos.rewarmup_steps`; otherwise it is
+    kept (`Learner.recover`).
     """
     pubs = [self.syncer.publication(p) for p in range(len(self.fragments))]
     learner = self.learners[m]
     opt_state = None
     if fresh_optimizer:
-      opt_state = optim.restart_state(self.inner_tx, learner.params, schedule_step)
+      opt_state = optim.restart_state(self.inner_tx, learner.params, schedule_step,
+                                      self.cfg.chaos.rewarmup_steps)
     learner.recover(pubs, opt_state)
     self.bytes_down += np.array([pub.nbytes for pub in pubs])
     self.spikes[m].load_state(divergence.SpikeState(self.uniform_loss))
