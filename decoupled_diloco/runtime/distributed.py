@@ -373,16 +373,16 @@ class LearnerRuntime:
       seconds = now - self._last_t
       self.busy_s += seconds
       self.step_ema = seconds if not self.step_ema else self.step_ema + 0.1 * (seconds - self.step_ema)
-    self._last_t = now
     self._align_landed()
     if self.cfg.sim.learners_wait:
       self._wait_for_publications()
+    self._last_t = start = time.time()  # Waiting is not busy time.
     batch = next(self.data)
     loss = self.learner.inner_step(jax.device_put(batch, self.island.batch),
                                    self.tokens_per_step)
     if self.cfg.dist.min_step_s:
       loss.block_until_ready()
-      time.sleep(max(now + self.cfg.dist.min_step_s - time.time(), 0.0))
+      time.sleep(max(start + self.cfg.dist.min_step_s - time.time(), 0.0))
     self.log("step", step=self.learner.step)
     position, H = self.position, self.cfg.diloco.sync_every
     for p in self.due[position % H]:
@@ -532,7 +532,8 @@ class LearnerRuntime:
     pubs = [mailbox_lib.parse_publication(b, _LOCAL)[0] for b in parts]
     opt_state = None
     if self.cfg.chaos.rejoin_optimizer == "fresh":
-      opt_state = optim.restart_state(self.inner_tx, self.learner.params, plan["schedule_step"])
+      opt_state = optim.restart_state(self.inner_tx, self.learner.params, plan["schedule_step"],
+                                      self.cfg.chaos.rewarmup_steps)
     self.learner.recover(pubs, opt_state)
     self.phase = plan["position"] - self.learner.step
     self.counts["rejoins"] += 1
