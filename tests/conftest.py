@@ -1,9 +1,34 @@
-"""Test set-up: 8 fake CPU devices so islands build real meshes, set before any JAX work."""
+"""Test set-up: 8 fake CPU devices so islands build real meshes, set before any JAX work.
 
-import jax
+Every test builds its runtimes afresh, so the same small step functions are
+traced again and again, in this process and in the runs tests start as
+subprocesses; a compilation cache private to this pytest session (passed on
+through the environment) lets XLA compile each distinct program once. A hit
+runs the executable a fresh compile of that same program gives, so no test
+sees other numbers.
+"""
+
+import os
+import shutil
+import tempfile
+
+_CACHE_DIR = tempfile.mkdtemp(prefix="jax_cache_tests_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)  # If jax was imported before us.
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: long end-to-end runs (still run in CI)")
+
+
+def pytest_unconfigure(config):
+  del config
+  shutil.rmtree(_CACHE_DIR, ignore_errors=True)
