@@ -32,16 +32,22 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (processes, mailbox, results).")
-_CHAOS = flags.DEFINE_bool("chaos", False, "Kill, stop and throttle processes on a seeded"
-                           " schedule.")
-_CHAOS_SEED = flags.DEFINE_integer("chaos_seed", 0, "Seeds which learners the faults hit.")
-_DEVICES = flags.DEFINE_integer("devices_per_learner", 1, "CPU devices per learner process"
-                                " (its island).")
-_TIMEOUT = flags.DEFINE_float("timeout_s", 3600.0, "Stop everything after this long.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _define_flags() -> None:
+  """The command line's flags, defined only when this module is the program.
+
+  Tests import `LocalRun`, next to other launchers that define flags of the
+  same names.
+  """
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (processes, mailbox, results).")
+  flags.DEFINE_bool("chaos", False, "Kill, stop and throttle processes on a seeded schedule.")
+  flags.DEFINE_integer("chaos_seed", 0, "Seeds which learners the faults hit.")
+  flags.DEFINE_integer("devices_per_learner", 1, "CPU devices per learner process (its"
+                       " island).")
+  flags.DEFINE_float("timeout_s", 3600.0, "Stop everything after this long.")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 SECRET_ENV = "DILOCO_SECRET"
 
@@ -352,9 +358,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from decoupled_diloco import config as config_lib  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   cfg = config_lib.parse(config)
-  workdir = os.path.abspath(_WORKDIR.value)
+  workdir = os.path.abspath(flags.FLAGS.workdir)
   os.makedirs(workdir, exist_ok=True)
   config_path = os.path.join(workdir, "config.json")
   text = config.to_json(sort_keys=True)
@@ -364,9 +370,10 @@ def main(argv):
   with open(config_path, "w") as f:
     f.write(text)
   run = LocalRun(workdir, config_path, cfg.diloco.num_learners,
-                 devices_per_learner=_DEVICES.value)
+                 devices_per_learner=flags.FLAGS.devices_per_learner)
   per_learner_tokens = cfg.data.batch_size // cfg.diloco.num_learners * cfg.model.seq_len
-  chaos = Chaos(run, cfg.train.steps, _CHAOS_SEED.value, logging.info) if _CHAOS.value else None
+  chaos = (Chaos(run, cfg.train.steps, flags.FLAGS.chaos_seed, logging.info)
+           if flags.FLAGS.chaos else None)
   started = time.time()
   print(f"starting a syncer and {run.num_learners} learners; logs in {workdir}/logs,"
         f" mailbox {run.mailbox_url}", flush=True)
@@ -374,8 +381,8 @@ def main(argv):
   box, last_line = run.mailbox(), 0.0
   try:
     while True:
-      if time.time() - started > _TIMEOUT.value:
-        raise TimeoutError(f"the run took over --timeout_s={_TIMEOUT.value:.0f} s")
+      if time.time() - started > flags.FLAGS.timeout_s:
+        raise TimeoutError(f"the run took over --timeout_s={flags.FLAGS.timeout_s:.0f} s")
       line, info = progress(box, cfg.diloco.num_fragments, run.num_learners,
                             per_learner_tokens, started)
       if chaos:
@@ -413,4 +420,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
