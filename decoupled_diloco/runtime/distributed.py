@@ -347,6 +347,7 @@ class LearnerRuntime:
     self._awaiting: dict[int, tuple[int, int]] = {}  # fragment -> (round, send step).
     self._courier: Courier | None = None
     self._last_t: float | None = None
+    self._stepped = 0  # Steps taken by this process.
     self.incarnation = int.from_bytes(os.urandom(6), "big")
     # Over several processes (jax.distributed), process 0 alone touches the
     # mailbox and logs; what it reads is broadcast to the others.
@@ -368,15 +369,17 @@ class LearnerRuntime:
   def train_step(self) -> dict:
     if self._courier is None:  # After a restore, before the first step.
       self._connect()
-    now, first = time.time(), self._last_t is None
-    if not first:  # Start to start: the step's pace, device queue included.
-      seconds = now - self._last_t
+    if self._last_t is not None:  # Start to start: the step's pace, device queue included.
+      seconds = time.time() - self._last_t
       self.busy_s += seconds
       self.step_ema = seconds if not self.step_ema else self.step_ema + 0.1 * (seconds - self.step_ema)
     self._align_landed()
     if self.cfg.sim.learners_wait:
       self._wait_for_publications()
-    self._last_t = start = time.time()  # Waiting is not busy time.
+    start = time.time()  # Waiting is not busy time.
+    # The first step of a process compiles: its pace is measured from the second.
+    self._last_t = start if self._stepped else None
+    self._stepped += 1
     batch = next(self.data)
     loss = self.learner.inner_step(jax.device_put(batch, self.island.batch),
                                    self.tokens_per_step)
@@ -387,8 +390,6 @@ class LearnerRuntime:
     position, H = self.position, self.cfg.diloco.sync_every
     for p in self.due[position % H]:
       self._send(p, rounds_lib.round_of(position, self.offsets[p], H))
-    if first:  # Its first step compiled: the pace starts after it.
-      self._last_t = time.time()
     return {"loss": loss}
 
   def _send(self, p: int, rnd: int) -> None:
