@@ -108,6 +108,10 @@ class SimConfig:
   syncer_seconds: float = 0.0  # Virtual time of one merge + outer step.
   learners_wait: bool = False  # Learners wait for fragment p at send step + tau (synchronous semantics).
   event_log: bool = True  # Write every event to `events.jsonl` in the workdir.
+  # What `train.steps` counts in the simulator: `tokens`, global batches of data (a
+  # learner's step on part of its batch, `chaos.elastic_batch=shrink`, counts as that
+  # part), or `inner_steps`, M inner steps whatever their batch (the earlier rule).
+  budget: str = "tokens"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,11 +388,13 @@ def _choice(name: str, value, choices) -> None:
 def _validate_protocol(cfg: Config) -> None:
   """Round rules and recovery (algorithm/rounds.py, runtime/team.py)."""
   from decoupled_diloco.algorithm import rounds, syncer  # pylint: disable=g-import-not-at-top
+  from decoupled_diloco.runtime import simulated  # pylint: disable=g-import-not-at-top
   _choice("diloco.late", cfg.diloco.late, rounds.LATE_POLICIES)
   _choice("diloco.staleness_weighting", cfg.diloco.staleness_weighting,
           syncer.STALENESS_WEIGHTINGS)
   _choice("chaos.rejoin_optimizer", cfg.chaos.rejoin_optimizer, REJOIN_OPTIMIZERS)
   _choice("chaos.elastic_batch", cfg.chaos.elastic_batch, ELASTIC_BATCHES)
+  _choice("sim.budget", cfg.sim.budget, simulated.BUDGETS)
   _choice("diloco.norm_bound", cfg.diloco.norm_bound, syncer.NORM_BOUNDS)
   if 0 < cfg.diloco.max_norm_ratio <= 1:
     raise ValueError(f"diloco.max_norm_ratio={cfg.diloco.max_norm_ratio} must be 0 (off) or"

@@ -70,7 +70,14 @@ class JaxBackend:
 
 
 class Decoupled:
-  """The interface `train.py` drives; one `train_step` = M inner steps in all."""
+  """The interface `train.py` drives; one `train_step` = one global batch of data.
+
+  That is M full-batch inner steps in all; a learner on part of its slices
+  steps on part of its batch (`chaos.elastic_batch=shrink`), and its step
+  counts as that part of one (`sim.budget=tokens`), so a run trains on
+  `train.steps` global batches whatever fails. `sim.budget=inner_steps`
+  counts M inner steps whatever their batch (the rule of earlier figures).
+  """
 
   def __init__(self, cfg: Config, train_tokens: np.ndarray, workdir: str):
     self.cfg = cfg
@@ -89,7 +96,7 @@ class Decoupled:
     backend = JaxBackend(self.team, fresh_optimizer=cfg.chaos.rejoin_optimizer == "fresh")
     self.sim = simulated.Simulation(backend, scenario.protocol(cfg, self.team.offsets),
                                     scenario.world(cfg, seconds, self.horizon_s),
-                                    len(self.team.fragments), log)
+                                    len(self.team.fragments), log, budget=cfg.sim.budget)
     self.step = 0
 
   def train_step(self) -> dict:

@@ -20,6 +20,13 @@ time (a publication carries both), which is never past the leader's, so
 re-phasing cannot push the schedule ahead of the learners that set it. A learner back from a full outage takes up the furthest live
 learner's position.
 
+A run's budget (`run`) is global batches of data by default (`budget="tokens"`:
+an inner step on `share` of a learner's batch is that share of its full-batch
+step, so a run whose learners shrink their batches on fewer slices trains on
+as much data as one without failures) or inner steps (`"inner_steps"`, the
+rule before; such a run trains on less data). With full batches both stop at
+the same event.
+
 Events at the same virtual time are processed in a fixed order (arrivals,
 merges, step ends, step starts; then by insertion), so a run is deterministic.
 Between two `run`s, `state` and `load_state` carry the whole state through a
@@ -44,8 +51,9 @@ ARRIVE_SYNCER, ARRIVE_LEARNER, MERGE, DONE, LOST, START, NOTE = range(7)
 _MESSAGE_EVENTS = (ARRIVE_SYNCER, ARRIVE_LEARNER)  # Their data is a message.
 _NOISE_CHUNK = 4096
 # `Simulation` attributes that a checkpoint holds as they are.
-_FIELDS = ("now", "total_steps", "_seq", "contributors_per_merge", "_computing",
+_FIELDS = ("now", "total_steps", "batch_parts", "_seq", "contributors_per_merge", "_computing",
            "_advancing_s", "_last_t", "_log_bytes", "counts")
+BUDGETS = ("tokens", "inner_steps")  # What `Simulation.run`'s step budget counts.
 LOSS_CAUSES = ("slices_down", "reconfiguration", "lost_steps", "unsent_work", "waiting",
                "idle_spares", "in_progress")
 
@@ -135,8 +143,11 @@ class Simulation:
   """Runs the protocol over a backend; see module docstring."""
 
   def __init__(self, backend: Backend, protocol: Protocol, world: World, num_fragments: int,
-               log_path: str | None = None):
+               log_path: str | None = None, budget: str = "inner_steps"):
+    if budget not in BUDGETS:
+      raise ValueError(f"budget={budget!r} is unknown; choose from {BUDGETS}.")
     self.backend, self.protocol, self.world = backend, protocol, world
+    self.budget = budget
     self.num_learners = len(world.step_seconds)
     self.learners = [_Learner(num_fragments) for _ in range(self.num_learners)]
     self._due = [[] for _ in range(protocol.sync_every)]  # position mod H -> fragments due.
@@ -149,6 +160,9 @@ class Simulation:
                                     sync_s=world.syncer_seconds, first_rounds=first)
     self.now = 0.0
     self.total_steps = 0
+    # Inner steps' work in parts of a learner's full batch, one part per slice it
+    # trained on: integers, so a tokens budget is exact.
+    self.batch_parts = 0
     self._heap: list = []
     self._seq = 0
     self._noise_cache: dict[int, tuple[int, np.ndarray]] = {}
@@ -239,15 +253,22 @@ class Simulation:
   def run(self, total_steps: int) -> list:
     """Processes events until learners have taken `total_steps` inner steps in all.
 
-    Events at the virtual time of the last of those steps are processed too
-    (merges, alignments), so the state is that of a whole instant. Returns the
-    losses of the steps taken meanwhile (backend values).
+    With `budget="tokens"`, steps on part of a batch count as that part of a
+    step: the run goes on until the learners have trained on the data of
+    `total_steps` full-batch inner steps. Events at the virtual time of the
+    last of those steps are processed too (merges, alignments, other learners'
+    steps), so the state is that of a whole instant. Returns the losses of the
+    steps taken meanwhile (backend values).
     """
     self.losses = []
     if self._log is not None:
       self._log.truncate(self._log_bytes)
     heap = self._heap
-    while self.total_steps < total_steps or (heap and heap[0][0] <= self.now):
+    if self.budget == "tokens":
+      done, target = "batch_parts", total_steps * self.world.slices_per_learner
+    else:
+      done, target = "total_steps", total_steps
+    while getattr(self, done) < target or (heap and heap[0][0] <= self.now):
       if not heap:
         raise RuntimeError("the simulation has no events left: every learner is waiting"
                            " and no round can close; check diloco.quorum and"
@@ -317,6 +338,7 @@ class Simulation:
     self._computing -= 1
     ln.step += 1
     self.total_steps += 1
+    self.batch_parts += round(share * self.world.slices_per_learner)
     ln.busy_s += duration
     ln.useful_chip_s += duration * chips
     ln.step_ema = float(duration) if ln.step == 1 else ln.step_ema + 0.1 * (duration - ln.step_ema)
