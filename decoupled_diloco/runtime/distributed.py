@@ -185,7 +185,7 @@ class Courier:
     self._stop = threading.Event()
     self.bytes_up = self.bytes_down = 0
     self.duplicates = 0  # Sends a previous incarnation had made already.
-    self.latency_s = 0.0  # Running mean: publication written -> landed here.
+    self.latency_s = 0.0  # Running mean: publication written -> landed here (seconds).
     self.lost: str | None = None  # Why the lease was lost, if it was.
     self._threads = [threading.Thread(target=self._upload, daemon=True, name=f"upload{m}"),
                      threading.Thread(target=self._poll, daemon=True, name=f"poll{m}")]
@@ -281,26 +281,28 @@ class Courier:
       if latest is None or (latest <= self.fetched[p] and not full):
         continue
       if full:
-        pubs = [self.mailbox.full_copy(p, latest)]
+        pubs = [(self.mailbox.full_copy(p, latest), {})]
       elif self.lossless_down:  # Every publication is a full copy: the newest will do.
-        pubs = [got[0] if (got := self.mailbox.publication(p, latest)) else None]
+        pubs = [self.mailbox.publication(p, latest)]
       else:  # Updates apply in order, each to the version before it.
         pubs = []
         for v in range(int(self.fetched[p]) + 1, latest + 1):
-          got = self.mailbox.publication(p, v)
-          pubs.append(got[0] if got else None)
-          if got is None:
+          pubs.append(self.mailbox.publication(p, v))
+          if pubs[-1] is None:
             break
-      for pub in pubs:
-        if pub is None:  # Collected, or corrupt: a full copy replaces what is missing.
+      for got in pubs:
+        if got is None or got[0] is None:  # Collected or corrupt: a full copy replaces it.
           self.want_full(p)
           break
+        pub, extra = got
         now = time.time()
         with self._lock:
           self._landed.append((pub, now))
           self.fetched[p] = max(self.fetched[p], pub.version)
         self.bytes_down += pub.nbytes
-        self.latency_s += 0.1 * (max(now - pub.started_at, 0.0) - self.latency_s)
+        written = extra.get("written_at")
+        if isinstance(written, (int, float)):  # The syncer's xi_sync: written -> landed here.
+          self.latency_s += 0.1 * (max(now - written, 0.0) - self.latency_s)
         self.log("landed", fragment=p, version=pub.version, round=pub.round)
 
   def _apply_link(self) -> None:
