@@ -28,7 +28,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  steps: int = 300  # Inner steps of every learner (data-parallel: optimizer steps).
+  steps: int = 300  # Global batches (data.batch_size sequences) to train on: an inner step of every learner, an optimizer step in data-parallel; a learner on part of its slices takes that part of a step (sim.budget).
   log_every: int = 25  # Steps between progress lines.
   eval_every: int = 100  # Steps between evals of the global model (0: only at the end).
   eval_batches: int = 16  # Held-out batches per eval (fixed windows, same every time).
