@@ -30,7 +30,7 @@ sends one fragment and takes one publication) with 16 sequences per learner:
    cache, so those functions load rather than compile, as in any run after
    its first minutes.
 
-  python -m experiments.bench_distributed    # 13 minutes on the 2-core CPU at load 5-13
+  python -m experiments.bench_distributed    # 6-8 min on the 2-core CPU at load 2-6
 
 Figures go to --out and are recorded in BUILD.md ("Real runtime (processes
 over a mailbox)"). Every process started has a deadline and is stopped by pid.
