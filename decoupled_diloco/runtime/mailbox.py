@@ -315,6 +315,13 @@ def _full_key(p, v, e): return f"full/{p}/{v:010d}/{e:06d}"
 def _outer_key(p, v, e): return f"syncer/outer/{p}/{v:010d}/{e:06d}"
 
 
+class _Read(NamedTuple):
+  """A read: `state` ("value" or "missing"), the bytes, the generation."""
+  state: str
+  value: bytes
+  generation: bytes
+
+
 class Mailbox:
   """Learners' and the syncer's view of one run's key-value store.
 
@@ -357,12 +364,13 @@ class Mailbox:
     if delay > 0:
       time.sleep(delay)
 
-  def _read(self, key: str):
+  def _read(self, key: str) -> "_Read":
     result = self._kv.read(key).result()
-    self._link(len(result.value))
+    value = result.value  # Each access of `.value` copies the bytes: take them once.
+    self._link(len(value))
     with self._lock:
-      self.bytes_read += len(result.value)
-    return result
+      self.bytes_read += len(value)
+    return _Read(result.state, value, result.stamp.generation)
 
   def _write(self, key: str, value: bytes, if_equal: bytes | None = None) -> bytes:
     """Writes `value`; its new generation, empty if `if_equal` did not match."""
@@ -542,7 +550,7 @@ class Mailbox:
     try:
       d = json.loads(result.value)
       lease = Lease(name, d["holder"], d["epoch"], d["expires_at"], d["info"],
-                    result.stamp.generation)
+                    result.generation)
     except (ValueError, TypeError, KeyError, RecursionError):
       lease = None
     if lease is None or not (isinstance(lease.holder, str) and _is_int(lease.epoch)
@@ -575,7 +583,7 @@ class Mailbox:
     else:
       epoch = 1
     return self._swap(Lease(name, holder, epoch, float(now + ttl_s), info or {}, b""),
-                      result.stamp.generation)
+                      result.generation)
 
   def renew(self, lease: Lease, ttl_s: float, info: dict | None = None) -> Lease | None:
     """Extends `lease` by `ttl_s` from now; None if it was lost meanwhile."""
