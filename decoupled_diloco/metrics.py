@@ -127,6 +127,24 @@ def _replace(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def read_jsonl(path: str) -> list[dict]:
+  """The records of a JSON-lines file (metrics, events); [] if it does not exist.
+
+  A line that does not parse (cut by a kill mid-write) is skipped.
+  """
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        try:
+          out.append(json.loads(line))
+        except ValueError:
+          continue
+  return out
+
+
 def write_summary(workdir: str, summary: dict) -> str:
   path = os.path.join(workdir, "summary.json")
   _replace(path, json.dumps(summary, indent=2, sort_keys=True))

@@ -50,7 +50,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from decoupled_diloco import config as config_lib
-from decoupled_diloco import islands as islands_lib, optim, steps
+from decoupled_diloco import islands as islands_lib, metrics, optim, steps
 from decoupled_diloco.algorithm import fragments as fragments_lib
 from decoupled_diloco.algorithm.messages import Contribution
 from decoupled_diloco.data import corpus as corpus_lib
@@ -76,7 +76,7 @@ LEARNER_CPU, SYNCER_CPU = "0", "1"
 
 
 def _read_events(path: str) -> list[dict]:
-  return local._read_jsonl(path)  # pylint: disable=protected-access
+  return metrics.read_jsonl(path)
 
 
 def _save(config, path: str) -> str:

@@ -48,6 +48,8 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 from absl import app, flags
 
+from decoupled_diloco import metrics
+
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: DIR/report for one DIR).")
 
 HIGHER_IS_BETTER = {"goodput", "uptime", "utilisation", "bytes_reduction_vs_dp"}
@@ -76,21 +78,6 @@ FIELDS = {
 # --- reading ----------------------------------------------------------------------------
 
 
-def _read_jsonl(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  out = []
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        try:
-          out.append(json.loads(line))
-        except json.JSONDecodeError:  # A line cut by a kill; the resumed run rewrote it.
-          continue
-  return out
-
-
 def peak_upload_bytes(events: list[dict]) -> int | None:
   """The most bytes one learner sent in one inner step (sends follow their step)."""
   step, per = {}, collections.Counter()
@@ -114,11 +101,11 @@ def load_run(workdir: str) -> dict | None:
     s["bytes_per_learner"] = (s["bytes_up"] + s["bytes_down"]) / config["diloco"]["num_learners"]
   events_path = os.path.join(workdir, "events.jsonl")
   if os.path.exists(events_path):
-    peak = peak_upload_bytes(_read_jsonl(events_path))
+    peak = peak_upload_bytes(metrics.read_jsonl(events_path))
     if peak is not None:
       s["peak_upload_bytes_per_step"] = peak
   evals = {}
-  for r in _read_jsonl(os.path.join(workdir, "metrics.jsonl")):
+  for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")):
     if "eval_loss" in r:
       evals[r["step"]] = r["eval_loss"]  # A resumed run rewrites later steps: last wins.
   s["_evals"] = evals
@@ -364,7 +351,7 @@ def fig_timeline(sweep: dict, out: str) -> str | None:
   if not runs:
     return None
   seed = min(runs)
-  events = _read_jsonl(os.path.join(runs[seed]["_workdir"], "events.jsonl"))
+  events = metrics.read_jsonl(os.path.join(runs[seed]["_workdir"], "events.jsonl"))
   if not events:
     return None
   num_learners = runs[seed]["config"]["diloco"]["num_learners"]

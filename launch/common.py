@@ -236,6 +236,33 @@ class Shell:
       sys.exit("error: these commands failed:\n  " + "\n  ".join(map(shlex.join, failed)))
 
 
+def setup(shell: "Shell", secret: str, repo_flag: str, commit_flag: str, commands) -> None:
+  """`setup` on every platform: the run secret, then installs and copies on every host.
+
+  `commands(repo, commit)` gives (installs, copies) for the repository and
+  commit the flags name (default: this checkout's origin and HEAD).
+  """
+  shell.note(f"write a random run secret to {secret} (mode 0600) unless it exists")
+  if not shell.dry_run:
+    ensure_secret(secret)
+  repo = from_git(repo_flag, "repo", "remote", "get-url", "origin")
+  commit = from_git(commit_flag, "commit", "rev-parse", "HEAD")
+  installs, copies = commands(repo, commit)
+  shell.run(installs, parallel=True)
+  shell.run(copies, parallel=True)
+
+
+def start_run(shell: "Shell", commands: list[str], syncer: bool) -> None:
+  """`run`: the syncer first (learners find its lease), then the learners at once."""
+  shell.run(commands[:1] if syncer else [])
+  shell.run(commands[1:] if syncer else commands, parallel=True)
+
+
+def check_follow(follow: bool, learners, syncer: bool) -> None:
+  if follow and len(learners) + syncer != 1:
+    raise ValueError("--follow follows one process: add --learner=M or --syncer.")
+
+
 def ensure_secret(path: str) -> None:
   """Creates the run secret at `path` (mode 0600) unless it exists.
 

@@ -32,6 +32,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from decoupled_diloco import metrics
+
 
 
 def _define_flags() -> None:
@@ -185,7 +187,7 @@ def _secret(path: str) -> str:
 def progress(box, num_fragments: int, num_learners: int, tokens_per_step: int,
              started: float) -> tuple[str, dict]:
   """One line for the whole run, and the learners' lease info it was made from."""
-  versions = [box.latest_version(p) for p in range(num_fragments)]
+  versions = box.latest_versions(num_fragments)
   leases = box.leases("learner/")
   now, info, parts = time.time(), {}, []
   for m in range(num_learners):
@@ -284,19 +286,6 @@ class Chaos:
 # --- results -----------------------------------------------------------------------------
 
 
-def _read_jsonl(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  out = []
-  with open(path) as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except ValueError:  # A line a killed process left half-written.
-        pass
-  return out
-
-
 def busy_intervals(events: list[dict]) -> list[tuple[float, float]]:
   """Per learner: [previous step, step] spans, broken by starts (a restart loses them)."""
   spans, last = [], {}
@@ -326,7 +315,7 @@ def collect_results(run: LocalRun, started: float, ended: float, chaos_events: l
   """summary.json of the whole run, and every process's events merged by time."""
   events = []
   for name in ["syncer", *[f"learner{m}" for m in range(run.num_learners)]]:
-    events += [{**e, "process": name} for e in _read_jsonl(f"{run.workdir}/{name}/events.jsonl")]
+    events += [{**e, "process": name} for e in metrics.read_jsonl(f"{run.workdir}/{name}/events.jsonl")]
   events += chaos_events
   events.sort(key=lambda e: e["t"])
   with open(f"{run.workdir}/events.jsonl", "w") as f:

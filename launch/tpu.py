@@ -370,25 +370,17 @@ def main(argv) -> int:
       shell.run(create_commands(plan, learners, syncer, _CREATE_BUCKET.value))
     elif command == "setup":
       secret = _secret_file(plan)
-      shell.note(f"write a random run secret to {secret} (mode 0600) unless it exists")
-      if not shell.dry_run:
-        common.ensure_secret(secret)
-      repo = common.from_git(_REPO.value, "repo", "remote", "get-url", "origin")
-      commit = common.from_git(_COMMIT.value, "commit", "rev-parse", "HEAD")
-      installs, copies = setup_commands(plan, learners, syncer, repo, commit, secret)
-      shell.run(installs, parallel=True)
-      shell.run(copies, parallel=True)
+      common.setup(shell, secret, _REPO.value, _COMMIT.value,
+                   lambda repo, commit: setup_commands(plan, learners, syncer, repo, commit,
+                                                       secret))
     elif command == "run":
-      cmds = run_commands(plan, learners, syncer)
-      shell.run(cmds[:1] if syncer else [])  # The syncer first: learners find its lease.
-      shell.run(cmds[1:] if syncer else cmds, parallel=True)
+      common.start_run(shell, run_commands(plan, learners, syncer), syncer)
     elif command == "status":
       shell.note(f"reads the mailbox {plan.spec.mailbox}; touches no TPU")
       if not shell.dry_run:
         _print_status(plan, common.read_secret(_secret_file(plan)))
     elif command == "logs":
-      if _FOLLOW.value and len(learners) + syncer != 1:
-        raise ValueError("--follow follows one process: add --learner=M or --syncer.")
+      common.check_follow(_FOLLOW.value, learners, syncer)
       shell.run(logs_commands(plan, learners, syncer, _WORKER.value, _LINES.value,
                               _FOLLOW.value))
     elif command == "stop":

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from decoupled_diloco import config as config_lib
+from decoupled_diloco import config as config_lib, metrics
 from decoupled_diloco.algorithm import fragments as fragments_lib
 from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.runtime.lockstep import LockStep
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 
 def _events(path):
-  return local._read_jsonl(path)  # pylint: disable=protected-access
+  return metrics.read_jsonl(path)
 
 
 @pytest.fixture

@@ -493,3 +493,13 @@ def test_urls_map_to_tensorstore_drivers(tmp_path):
   for bad in ("http://host/x", "file://relative", "gs://", ""):
     with pytest.raises(ValueError, match="not one of"):
       spec(bad)
+
+
+def test_latest_versions_lists_once_and_agrees_with_latest_version(tmp_path):
+  box = Mailbox(f"file://{tmp_path}/box", SECRET)
+  box.create("down/0/0000000003", b"x")
+  box.create("down/0/0000000011", b"x")
+  box.create("down/2/0000000001", b"x")
+  box.create("down/2/garbage", b"x")
+  assert box.latest_versions(3) == [11, None, 1]
+  assert box.latest_versions(3) == [box.latest_version(p) for p in range(3)]

@@ -42,6 +42,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from decoupled_diloco.algorithm import fragments as fragments_lib
+
 LATE_POLICIES = ("next", "drop", "reject")
 MAX_ROUNDS_AHEAD = 64  # A contribution further ahead of the open round is implausible.
 
@@ -99,9 +101,8 @@ def rephase(position: int, fragment: int, rnd: int, offsets, sync_every: int, *,
   target = send_at + max(since, 0)
   skipped = {}
   for s in range(max(position + 1, target - sync_every + 1), target + 1):
-    for q, offset in enumerate(offsets):
-      if (s - offset) % sync_every == 0:
-        skipped[q] = round_of(s, offset, sync_every)
+    for q in fragments_lib.due(s, offsets, sync_every):
+      skipped[q] = round_of(s, offsets[q], sync_every)
   return target, skipped
 
 

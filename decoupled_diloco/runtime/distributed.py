@@ -93,14 +93,6 @@ def _model(cfg: Config):
   return params, fragments, fragments_lib.sync_offsets(d.num_fragments, d.sync_every)
 
 
-def _due(offsets, sync_every: int) -> list[list[int]]:
-  """position mod H -> fragments sent after that step."""
-  due = [[] for _ in range(sync_every)]
-  for p, offset in enumerate(offsets):
-    due[offset % sync_every].append(p)
-  return due
-
-
 def _live(lease: Lease | None, now: float) -> bool:
   return lease is not None and lease.expires_at > now and lease.info.get("status") != "done"
 
@@ -273,8 +265,7 @@ class Courier:
       self._stop.wait(self.poll_s)
 
   def _fetch(self) -> None:
-    for p in range(len(self.fetched)):
-      latest = self.mailbox.latest_version(p)
+    for p, latest in enumerate(self.mailbox.latest_versions(len(self.fetched))):
       with self._lock:
         full = p in self._want_full
         self._want_full.discard(p)
@@ -328,7 +319,7 @@ class LearnerRuntime:
       raise ValueError(f"--learner={m} must be in [0, diloco.num_learners={d.num_learners}).")
     self.cfg, self.m, self.mailbox, self.workdir = cfg, m, mailbox, workdir
     self.island = islands_lib.make_islands(1, fsdp=cfg.islands.fsdp)[0]
-    self.per_learner_batch = cfg.data.batch_size // d.num_learners
+    self.per_learner_batch = team_lib.learner_batch(cfg)
     islands_lib.check_batch(self.island, self.per_learner_batch)
     self.model, self.eval_island = transformer.Transformer(cfg.model), self.island
     self.inner_tx = optim.inner_optimizer(cfg.inner, cfg.train.steps)
@@ -339,7 +330,6 @@ class LearnerRuntime:
                                          self.fragments)
     self.data = team_lib.make_shard(cfg, train_tokens, m)
     self.tokens_per_step = self.per_learner_batch * cfg.model.seq_len
-    self.due = _due(self.offsets, d.sync_every)
     self.phase = 0
     self.busy_s = 0.0  # Wall time of the steps this state holds (a restore rolls it back).
     self.waiting_s = 0.0
@@ -390,7 +380,7 @@ class LearnerRuntime:
       time.sleep(max(start + self.cfg.dist.min_step_s - time.time(), 0.0))
     self.log("step", step=self.learner.step)
     position, H = self.position, self.cfg.diloco.sync_every
-    for p in self.due[position % H]:
+    for p in fragments_lib.due(position, self.offsets, H):
       self._send(p, rounds_lib.round_of(position, self.offsets[p], H))
     return {"loss": loss}
 
@@ -511,7 +501,7 @@ class LearnerRuntime:
     position of the live learners (or, with none live, of the rounds the
     latest publications closed).
     """
-    latest = [self.mailbox.latest_version(p) or 0 for p in range(len(self.fragments))]
+    latest = [v or 0 for v in self.mailbox.latest_versions(len(self.fragments))]
     behind = int(np.max(np.array(latest) - self.learner.base_version))
     if behind <= self.cfg.dist.resume_max_versions:
       return b""

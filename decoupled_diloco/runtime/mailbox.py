@@ -497,6 +497,15 @@ class Mailbox:
   def latest_version(self, p: int) -> int | None:
     return max(self.versions(p), default=None)
 
+  def latest_versions(self, num_fragments: int) -> list[int | None]:
+    """`latest_version` of every fragment, from one listing (what pollers call)."""
+    latest: list[int | None] = [None] * num_fragments
+    for key in self.keys("down/"):
+      if (n := _numbers(key, "down/", 2)) and n[0] < num_fragments:
+        p, v = n
+        latest[p] = v if latest[p] is None else max(latest[p], v)
+    return latest
+
   def publication(self, p: int, v: int) -> tuple[Publication, dict] | None:
     """(publication, extra header fields) of version `v` of fragment `p`."""
     key = _down_key(p, v)

@@ -31,7 +31,7 @@ class Team:
     d = cfg.diloco
     self.cfg, self.num_learners = cfg, d.num_learners
     self.islands = islands_lib.make_islands(d.num_learners, fsdp=cfg.islands.fsdp)
-    self.per_learner_batch = per_learner = cfg.data.batch_size // d.num_learners
+    self.per_learner_batch = per_learner = learner_batch(cfg)
     for island in self.islands:
       islands_lib.check_batch(island, per_learner)
     self.model = transformer.Transformer(cfg.model)
@@ -213,6 +213,11 @@ class Team:
             "rejected": int(sum(self.syncer.rejected.values()))}
 
 
+def learner_batch(cfg: Config) -> int:
+  """Sequences in one learner's full batch: the global batch split over the learners."""
+  return cfg.data.batch_size // cfg.diloco.num_learners
+
+
 def make_learner(cfg: Config, m: int, island, inner_step, params, opt_state,
                  fragments) -> Learner:
   """Learner m on `island`, starting from `params` (the same in every runtime)."""
@@ -222,7 +227,7 @@ def make_learner(cfg: Config, m: int, island, inner_step, params, opt_state,
       up=make_codec(cfg.codec, "up"), down=make_codec(cfg.codec, "down"),
       error_feedback=cfg.codec.error_feedback, feedback_restart=cfg.codec.feedback_restart,
       feedback_decay=cfg.codec.feedback_decay,
-      tokens_per_step=cfg.data.batch_size // d.num_learners * cfg.model.seq_len)
+      tokens_per_step=learner_batch(cfg) * cfg.model.seq_len)
 
 
 def make_syncer(cfg: Config, flat: dict, fragments, device=None) -> Syncer:
@@ -234,7 +239,7 @@ def make_syncer(cfg: Config, flat: dict, fragments, device=None) -> Syncer:
                 max_abs_delta=d.max_abs_delta,
                 max_staleness=None if d.max_staleness < 0 else d.max_staleness,
                 staleness_weighting=d.staleness_weighting,
-                max_tokens_per_step=cfg.data.batch_size // d.num_learners * cfg.model.seq_len,
+                max_tokens_per_step=learner_batch(cfg) * cfg.model.seq_len,
                 max_weight_share=d.max_weight_share, max_norm_ratio=d.max_norm_ratio,
                 norm_bound=d.norm_bound,
                 norm_bound_from=-(-cfg.inner.warmup_steps // d.sync_every) + 1,
@@ -243,6 +248,6 @@ def make_syncer(cfg: Config, flat: dict, fragments, device=None) -> Syncer:
 
 def make_shard(cfg: Config, train_tokens: np.ndarray, m: int) -> ShardIterator:
   """Learner m's batches: its shard of the training tokens, in its seeded order."""
-  per_learner = cfg.data.batch_size // cfg.diloco.num_learners
+  per_learner = learner_batch(cfg)
   return ShardIterator(train_tokens, shard=m, num_shards=cfg.diloco.num_learners,
                        batch_size=per_learner, seq_len=cfg.model.seq_len, seed=cfg.seed)
