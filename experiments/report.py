@@ -168,7 +168,11 @@ def _worse_by(a: float, b: float, higher: bool) -> float:
 
 
 def evaluate_check(sweep: dict, check: dict) -> tuple[str, str]:
-  """(verdict, numbers): `supported`, `not supported` or `no data`."""
+  """(verdict, numbers): `supported`, `not supported` or `no data`.
+
+  Pairwise claims add `(within noise)` when moving the relative difference by two
+  standard errors (of the difference, over seeds) either way would change the verdict.
+  """
   metric = check.get("metric", sweep["metric"])
   higher = check.get("higher_is_better", metric in HIGHER_IS_BETTER)
   kind = check["kind"]
@@ -185,15 +189,22 @@ def evaluate_check(sweep: dict, check: dict) -> tuple[str, str]:
   if kind in ("within", "not_worse", "worse"):
     (ma, sa, _), (mb, sb, _) = st(check["a"]), st(check["b"])
     tol = check.get("tol", 0.0)
-    rel = ma / mb - 1
+    rel, rel_se = ma / mb - 1, math.hypot(sa, sb) / abs(mb)
     noise = f"; difference {_num(metric, ma - mb)} ± {_num(metric, math.hypot(sa, sb))} (s.e.)"
     text = f"{desc(check['a'])} vs {desc(check['b'])}: {100 * rel:+.2f}%"
     if kind == "within":
-      return verdict(abs(rel) <= tol), f"{text} (bound ±{100 * tol:g}%){noise}"
-    worse = _worse_by(ma, mb, higher)
-    if kind == "not_worse":
-      return verdict(worse <= tol), f"{text} (worse by at most {100 * tol:g}% allowed){noise}"
-    return verdict(worse > tol), f"{text} (must be worse by more than {100 * tol:g}%){noise}"
+      holds = lambda r: abs(r) <= tol
+      bound = f"bound ±{100 * tol:g}%"
+    else:
+      sign = -1 if higher else 1  # _worse_by(a, b) is sign * rel.
+      holds = ((lambda r: sign * r <= tol) if kind == "not_worse" else
+               (lambda r: sign * r > tol))
+      bound = (f"worse by at most {100 * tol:g}% allowed" if kind == "not_worse" else
+               f"must be worse by more than {100 * tol:g}%")
+    # A verdict that two standard errors either way would flip is reported as such.
+    firm = holds(rel - 2 * rel_se) == holds(rel) == holds(rel + 2 * rel_se)
+    return (verdict(holds(rel)) + ("" if firm else " (within noise)"),
+            f"{text} ({bound}){noise}")
   if kind == "recovers":
     bad, fixed, good = (st(check[k])[0] for k in ("bad", "fixed", "good"))
     sign = -1 if higher else 1
@@ -453,6 +464,8 @@ def render(sweeps: list[dict], out: str, command: str) -> str:
   lines += [f"- {s['name']}: `{s['command']}`" for s in sweeps]
   lines += ["", "Every run of every cell, one row each: [cells.csv](cells.csv).", "",
             "## The paper's trends, checked", "",
+            "A verdict marked *(within noise)* would change if the difference moved by two"
+            " standard errors (over seeds): more seeds decide it.", "",
             "| sweep | claim | this run | numbers |", "|---|---|---|---|"]
   verdicts = {}
   for s in sweeps:

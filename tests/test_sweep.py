@@ -151,3 +151,23 @@ def test_killed_sweep_resumes_and_reports(tmp_path):
 def _tail(tmp_path) -> str:
   with open(tmp_path / "first.log") as f:
     return f.read()[-2000:]
+
+
+def test_pairwise_checks_say_when_the_verdict_is_within_noise():
+  from experiments import report  # pylint: disable=g-import-not-at-top
+  def sweep(a, b):
+    runs = {"a": {s: {"final_eval_loss": v} for s, v in enumerate(a)},
+            "b": {s: {"final_eval_loss": v} for s, v in enumerate(b)}}
+    return {"metric": "final_eval_loss", "runs": runs}
+  not_worse = dict(claim="a >= b", kind="not_worse", a="a", b="b", tol=0.0)
+  within = dict(claim="a ~ b", kind="within", a="a", b="b", tol=0.01)
+  # Clearly better, on tight seeds: firm.
+  assert report.evaluate_check(sweep([2.00, 2.001], [2.10, 2.101]), not_worse)[0] == "supported"
+  # Better on average by less than the seeds' spread: the sign could flip.
+  verdict, numbers = report.evaluate_check(sweep([2.00, 2.10], [2.06, 2.05]), not_worse)
+  assert verdict == "supported (within noise)" and "s.e." in numbers
+  # Worse by 0.5% with a spread of several %: within 1%, but not firmly.
+  assert report.evaluate_check(sweep([2.01, 2.11], [2.00, 2.10]), within)[0] == (
+      "supported (within noise)")
+  # 3% apart on tight seeds: firmly outside 1%.
+  assert report.evaluate_check(sweep([2.06, 2.061], [2.00, 2.001]), within)[0] == "not supported"
