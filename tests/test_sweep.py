@@ -163,11 +163,15 @@ def test_pairwise_checks_say_when_the_verdict_is_within_noise():
   within = dict(claim="a ~ b", kind="within", a="a", b="b", tol=0.01)
   # Clearly better, on tight seeds: firm.
   assert report.evaluate_check(sweep([2.00, 2.001], [2.10, 2.101]), not_worse)[0] == "supported"
-  # Better on average by less than the seeds' spread: the sign could flip.
+  # Better on average, but not on every seed: the sign could flip.
   verdict, numbers = report.evaluate_check(sweep([2.00, 2.10], [2.06, 2.05]), not_worse)
-  assert verdict == "supported (within noise)" and "s.e." in numbers
-  # Worse by 0.5% with a spread of several %: within 1%, but not firmly.
-  assert report.evaluate_check(sweep([2.01, 2.11], [2.00, 2.10]), within)[0] == (
-      "supported (within noise)")
+  assert verdict == "supported (within noise)" and "paired over 2 seeds" in numbers
+  # Seeds far apart, cells 0.5% apart on each: paired, firmly within 1%...
+  assert report.evaluate_check(sweep([2.01, 2.111], [2.00, 2.10]), within)[0] == "supported"
+  # ...and unpaired (no common seeds) the seeds' spread leaves it open.
+  unpaired = sweep([2.01, 2.111], [2.00, 2.10])
+  unpaired["runs"]["b"] = {s + 2: r for s, r in unpaired["runs"]["b"].items()}
+  verdict, numbers = report.evaluate_check(unpaired, within)
+  assert verdict == "supported (within noise)" and "unpaired" in numbers
   # 3% apart on tight seeds: firmly outside 1%.
   assert report.evaluate_check(sweep([2.06, 2.061], [2.00, 2.001]), within)[0] == "not supported"
