@@ -221,8 +221,11 @@ def evaluate_check(sweep: dict, check: dict) -> tuple[str, str]:
                (lambda r: sign * r > tol))
       bound = (f"worse by at most {100 * tol:g}% allowed" if kind == "not_worse" else
                f"must be worse by more than {100 * tol:g}%")
-    # A verdict that two standard errors either way would flip is reported as such.
-    firm = holds(rel - 2 * rel_se) == holds(rel) == holds(rel + 2 * rel_se)
+    # A verdict that some value within two standard errors would flip is reported as
+    # such: test the interval's ends, and the bounds that fall inside it.
+    lo, hi = rel - 2 * rel_se, rel + 2 * rel_se
+    points = [lo, hi] + [t for t in (-tol, tol) if lo <= t <= hi]
+    firm = all(holds(r) == holds(rel) for r in points)
     return (verdict(holds(rel)) + ("" if firm else " (within noise)"),
             f"{text} ({bound}){noise}")
   if kind == "recovers":

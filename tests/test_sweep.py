@@ -173,5 +173,8 @@ def test_pairwise_checks_say_when_the_verdict_is_within_noise():
   unpaired["runs"]["b"] = {s + 2: r for s, r in unpaired["runs"]["b"].items()}
   verdict, numbers = report.evaluate_check(unpaired, within)
   assert verdict == "supported (within noise)" and "unpaired" in numbers
+  # 2.2% apart, give or take 1.5% (two s.e.): the interval reaches inside the 1% bound.
+  assert report.evaluate_check(sweep([2.03, 2.16], [2.00, 2.10]), within)[0] == (
+      "not supported (within noise)")
   # 3% apart on tight seeds: firmly outside 1%.
   assert report.evaluate_check(sweep([2.06, 2.061], [2.00, 2.001]), within)[0] == "not supported"
