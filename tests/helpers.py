@@ -1,5 +1,6 @@
 """Small configs, simulations and checks shared by the tests."""
 
+import copy
 import json
 import math
 
@@ -10,7 +11,7 @@ import pytest
 
 from decoupled_diloco import config as config_lib
 from decoupled_diloco.algorithm import rounds
-from decoupled_diloco.runtime import goodput, simulated
+from decoupled_diloco.runtime import goodput, serialization, simulated
 
 
 def tiny_config(runtime="data_parallel", steps=20, **overrides):
@@ -100,3 +101,19 @@ def chaos_overrides():
           "chaos.reconfiguration_s": 0.5, "chaos.restart_s": 1.0, "sim.noise": 0.1,
           "diloco.quorum": 1, "diloco.overlap": 1, "diloco.grace_gamma": 1.0,
           "chaos.seed": 3}  # Both learners lose every slice within the run.
+
+
+def snapshot(sim, log_path):
+  """What a checkpoint holds of a compute-free simulation, taken now: its state after
+  a JSON round trip (as orbax's JsonSave), the messages in flight, its backend, and
+  its event log so far."""
+  messages = serialization.MessageTable()
+  state = json.loads(json.dumps(sim.state(messages)))
+  return state, messages.payloads, copy.deepcopy(sim.backend), log_path.read_text()
+
+
+def restore(sim, snap) -> None:
+  """Loads a `snapshot` into a fresh simulation (whose log already holds the snapshot's)."""
+  state, payloads, backend, _ = snap
+  sim.load_state(state, serialization.MessageTable(payloads))
+  sim.backend = backend

@@ -5,17 +5,15 @@ of its batch; a budget of inner steps then trains a chaos run on less data than
 the run it is compared with (BUILD.md, "Decoupled DiLoCo").
 """
 
-import copy
-import json
 
 import pytest
 
 from decoupled_diloco import config as config_lib
 from decoupled_diloco.algorithm import fragments
 from decoupled_diloco.data import corpus as corpus_lib
-from decoupled_diloco.runtime import goodput, scenario, serialization, simulated
+from decoupled_diloco.runtime import goodput, scenario, simulated
 from decoupled_diloco.runtime.decoupled import Decoupled
-from tests.helpers import chaos_overrides, tiny_config
+from tests.helpers import chaos_overrides, restore, snapshot, tiny_config
 
 
 def compute_free(tmp_path, name, budget, **overrides):
@@ -55,16 +53,12 @@ def test_shrunken_steps_count_as_their_share_of_a_batch(tmp_path):
 def test_tokens_budget_resumes_exactly(tmp_path):
   straight = compute_free(tmp_path, "straight", "tokens")
   straight.run(150)
-  messages = serialization.MessageTable()
-  snapshot = json.loads(json.dumps(straight.state(messages)))
-  backend = copy.deepcopy(straight.backend)  # Its state is the runtime's checkpoint's.
-  log = (tmp_path / "straight.jsonl").read_text()
+  snap = snapshot(straight, tmp_path / "straight.jsonl")
   straight.run(400)
   straight.close()
-  (tmp_path / "resumed.jsonl").write_text(log)
+  (tmp_path / "resumed.jsonl").write_text(snap[-1])
   resumed = compute_free(tmp_path, "resumed", "tokens")
-  resumed.load_state(snapshot, serialization.MessageTable(messages.payloads))
-  resumed.backend = backend
+  restore(resumed, snap)
   resumed.run(400)
   resumed.close()
   assert ((tmp_path / "resumed.jsonl").read_text()

@@ -1,6 +1,5 @@
 """The decoupled runtime resumes exactly: messages in flight, open rounds, event log."""
 
-import copy
 import json
 
 import jax
@@ -13,7 +12,7 @@ from decoupled_diloco.algorithm import fragments
 from decoupled_diloco.runtime import goodput, scenario, serialization, simulated
 from decoupled_diloco.runtime.decoupled import Decoupled
 from tests.helpers import (assert_trees_equal, chaos_overrides, final_checkpoint, preempt,
-                           tiny_config)
+                           restore, snapshot, tiny_config)
 
 
 def checkpoint_meta(workdir, step):
@@ -52,21 +51,17 @@ def test_simulation_resumes_exactly_from_a_snapshot(tmp_path, wait):
 
   straight = simulation(tmp_path / "straight.jsonl")
   straight.run(600)
-  messages = serialization.MessageTable()
-  snapshot = json.loads(json.dumps(straight.state(messages)))  # As orbax's JsonSave.
-  assert messages.payloads  # In flight or in inboxes.
-  backend = copy.deepcopy(straight.backend)
-  log = (tmp_path / "straight.jsonl").read_text()
+  snap = state, payloads, _, log = snapshot(straight, tmp_path / "straight.jsonl")
+  assert payloads  # In flight or in inboxes.
   straight.run(2000)
   straight.close()
 
   with pytest.raises(ValueError, match="lost.jsonl is shorter than the"):
-    simulation(tmp_path / "lost.jsonl").load_state(snapshot, serialization.MessageTable())
+    simulation(tmp_path / "lost.jsonl").load_state(state, serialization.MessageTable())
 
   (tmp_path / "resumed.jsonl").write_text(log + log[:1000])  # Lines past the snapshot.
   resumed = simulation(tmp_path / "resumed.jsonl")
-  resumed.load_state(snapshot, serialization.MessageTable(messages.payloads))
-  resumed.backend = backend
+  restore(resumed, snap)
   resumed.run(2000)
   resumed.close()
   assert ((tmp_path / "resumed.jsonl").read_text()
