@@ -69,7 +69,9 @@ def make_sweep(*, name: str, title: str, cells: list[dict], reference: str,
     timeout_s: default wall-clock limit of one run.
     metric: the summary field the table ranks by (mean +- s.e., change vs reference).
     higher_is_better: for `metric` (goodput: True; loss: False).
-    seed_fields: config fields set to the seed of a run.
+    seed_fields: config fields that move with a run's seed: a name (set to the
+      seed) or `(name, offset)` (set to seed + offset), e.g. `("chaos.seed", 1)`
+      gives every seed its own failure draw, seed 0 the config's own.
     columns: extra summary fields the table shows (see experiments/report.py).
     figures: figure kinds the report draws (see experiments/report.py).
     checks: the paper's claims as dicts (see experiments/report.py).
@@ -85,7 +87,8 @@ def make_sweep(*, name: str, title: str, cells: list[dict], reference: str,
   return ml_collections.ConfigDict(dict(
       name=name, title=title, cells=list(cells), reference=reference, seeds=tuple(seeds),
       timeout_s=timeout_s, metric=metric, higher_is_better=higher_is_better,
-      seed_fields=tuple(seed_fields), columns=tuple(columns), figures=tuple(figures),
+      seed_fields=tuple((f, 0) if isinstance(f, str) else (f[0], int(f[1]))
+                        for f in seed_fields), columns=tuple(columns), figures=tuple(figures),
       checks=list(checks), timeline_cell=timeline_cell, notes=notes, commands=commands))
 
 
@@ -160,7 +163,7 @@ def plan(sweep: ml_collections.ConfigDict, workdir: str, seeds, extra: dict,
       continue
     for seed in seeds:
       cfg = load_config(c["config"])
-      overrides = {**c["overrides"], **{f: seed for f in sweep.seed_fields}, **extra}
+      overrides = {**c["overrides"], **{f: seed + off for f, off in sweep.seed_fields}, **extra}
       for k, v in overrides.items():
         _set(cfg, k, v)
       wd = os.path.join(workdir, c["name"], f"seed_{seed}")

@@ -46,6 +46,15 @@ def test_plan_skips_finished_runs_and_flags_stale_ones(tmp_path):
     sweep_lib.plan(spec, str(tmp_path), [0], {"codec.nope": "1"})
 
 
+def test_seed_fields_give_each_seed_its_own_failure_draw(tmp_path):
+  from experiments import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  spec = sweep_lib.load_config("experiments/ablations/chaos.py")
+  runs = sweep_lib.plan(spec, str(tmp_path), [0, 3], {})
+  got = {(r.cell, r.seed): (r.config["seed"], r.config["chaos"]["seed"]) for r in runs}
+  assert got[("chaos", 0)] == (0, 1) and got[("chaos", 3)] == (3, 4)
+  assert "--config.chaos.seed=4" in runs[-1].argv
+
+
 def _summary(workdir, cell, seed):
   path = os.path.join(workdir, cell, f"seed_{seed}", "summary.json")
   if not os.path.exists(path):

@@ -20,6 +20,8 @@ def get_config(arg=None):
   return sweep.make_sweep(
       name="chaos", title="Failures: Decoupled DiLoCo with and without chaos", cells=cells,
       reference="nochaos", seeds=common.TRAIN_SEEDS, timeout_s=3600,
+      # Each seed draws its own failures (chaos.seed = 1 + seed, as bench_decoupled).
+      seed_fields=("seed", ("chaos.seed", 1)),
       columns=("goodput", "uptime", "virtual_seconds", "dp_non_elastic_progress_at_end",
                "dp_elastic_progress_at_end"),
       figures=("loss_curves", "timeline"), timeline_cell="chaos",
