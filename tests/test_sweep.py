@@ -187,3 +187,14 @@ def test_pairwise_checks_say_when_the_verdict_is_within_noise():
       "not supported (within noise)")
   # 3% apart on tight seeds: firmly outside 1%.
   assert report.evaluate_check(sweep([2.06, 2.061], [2.00, 2.001]), within)[0] == "not supported"
+
+
+def test_dominates_treats_float_round_off_as_equal():
+  from experiments import report  # pylint: disable=g-import-not-at-top
+  runs = {"d1": {0: {"u": 0.750000003}}, "s1": {0: {"u": 0.7500000030000001}},
+          "d2": {0: {"u": 0.9}}, "s2": {0: {"u": 0.91}}}
+  sweep = {"metric": "u", "runs": runs}
+  check = dict(claim="d >= s", kind="dominates", a=["d1"], b=["s1"], higher_is_better=True)
+  assert report.evaluate_check(sweep, check)[0] == "supported"
+  verdict, numbers = report.evaluate_check(sweep, {**check, "a": ["d1", "d2"], "b": ["s1", "s2"]})
+  assert verdict == "not supported" and "holds at 1 of 2 points" in numbers
