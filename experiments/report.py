@@ -28,7 +28,8 @@ Check kinds (dicts in the sweep's `checks`; `metric` defaults to the sweep's):
   increasing cells       means rise along `cells` (higher is better) or fall
   dominates a b tol      a[i] is no worse than b[i] for every i
 "Worse" follows `higher_is_better` (default: True for goodput, uptime and
-utilisation, False otherwise). Figures are made with matplotlib's Agg backend.
+utilisation, False otherwise); values equal up to float round-off are equal.
+Figures are made with matplotlib's Agg backend.
 """
 
 import collections
@@ -181,7 +182,10 @@ def _ms(field: str, mean: float, se: float) -> str:
 
 
 def _worse_by(a: float, b: float, higher: bool) -> float:
-  """How much worse a is than b, relative to b (negative: better)."""
+  """How much worse a is than b, relative to b (negative: better); 0 for values equal
+  but for float round-off (the same quantity reached by different float paths)."""
+  if math.isclose(a, b, rel_tol=1e-9):
+    return 0.0
   return (b - a) / abs(b) if higher else (a - b) / abs(b)
 
 
@@ -239,20 +243,19 @@ def evaluate_check(sweep: dict, check: dict) -> tuple[str, str]:
     return verdict(gap > 0 and share >= check["share"]), text
   if kind == "lowest":
     means = {c: st(c)[0] for c in check["among"]}
-    ok = means[check["a"]] <= min(means.values())
+    ok = all(_worse_by(means[check["a"]], m, higher=False) <= 0 for m in means.values())
     return verdict(ok), ", ".join(desc(c) for c in check["among"])
   if kind == "at_least":
     ok = st(check["a"])[0] >= check["value"]
     return verdict(ok), f"{desc(check['a'])} (needs >= {_num(metric, check['value'])})"
   if kind == "increasing":
     means = [st(c)[0] for c in check["cells"]]
-    steps = np.diff(means) * (1 if higher else -1)
-    return verdict(bool(np.all(steps >= 0))), " < ".join(desc(c) for c in check["cells"])
+    ok = all(_worse_by(b, a, higher) <= 0 for a, b in zip(means, means[1:]))
+    return verdict(ok), " < ".join(desc(c) for c in check["cells"])
   if kind == "dominates":
     tol = check.get("tol", 0.0)
     worse = [_worse_by(st(a)[0], st(b)[0], higher) for a, b in zip(check["a"], check["b"])]
-    # Equal values reached by different float paths differ in the last bits (1e-16).
-    held = sum(w <= tol + 1e-9 for w in worse)
+    held = sum(w <= tol for w in worse)
     i = int(np.argmax(worse))
     return verdict(held == len(worse)), (
         f"holds at {held} of {len(worse)} points; closest: {desc(check['a'][i])} vs"

@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -103,17 +104,22 @@ def chaos_overrides():
           "chaos.seed": 3}  # Both learners lose every slice within the run.
 
 
-def snapshot(sim, log_path):
-  """What a checkpoint holds of a compute-free simulation, taken now: its state after
-  a JSON round trip (as orbax's JsonSave), the messages in flight, its backend, and
-  its event log so far."""
+class Snapshot(NamedTuple):
+  """What a checkpoint holds of a compute-free simulation."""
+  state: dict  # After a JSON round trip, as orbax's JsonSave.
+  payloads: Any  # Messages in flight or in inboxes.
+  backend: Any
+  log: str  # The event log so far.
+
+
+def snapshot(sim, log_path) -> Snapshot:
+  """A `Snapshot` of `sim` taken now."""
   messages = serialization.MessageTable()
   state = json.loads(json.dumps(sim.state(messages)))
-  return state, messages.payloads, copy.deepcopy(sim.backend), log_path.read_text()
+  return Snapshot(state, messages.payloads, copy.deepcopy(sim.backend), log_path.read_text())
 
 
-def restore(sim, snap) -> None:
-  """Loads a `snapshot` into a fresh simulation (whose log already holds the snapshot's)."""
-  state, payloads, backend, _ = snap
-  sim.load_state(state, serialization.MessageTable(payloads))
-  sim.backend = backend
+def restore(sim, snap: Snapshot) -> None:
+  """Loads `snap` into a fresh simulation (whose log already holds `snap.log`)."""
+  sim.load_state(snap.state, serialization.MessageTable(snap.payloads))
+  sim.backend = snap.backend

@@ -5,7 +5,6 @@ of its batch; a budget of inner steps then trains a chaos run on less data than
 the run it is compared with (BUILD.md, "Decoupled DiLoCo").
 """
 
-
 import pytest
 
 from decoupled_diloco import config as config_lib
@@ -56,7 +55,7 @@ def test_tokens_budget_resumes_exactly(tmp_path):
   snap = snapshot(straight, tmp_path / "straight.jsonl")
   straight.run(400)
   straight.close()
-  (tmp_path / "resumed.jsonl").write_text(snap[-1])
+  (tmp_path / "resumed.jsonl").write_text(snap.log)
   resumed = compute_free(tmp_path, "resumed", "tokens")
   restore(resumed, snap)
   resumed.run(400)

@@ -51,15 +51,15 @@ def test_simulation_resumes_exactly_from_a_snapshot(tmp_path, wait):
 
   straight = simulation(tmp_path / "straight.jsonl")
   straight.run(600)
-  snap = state, payloads, _, log = snapshot(straight, tmp_path / "straight.jsonl")
-  assert payloads  # In flight or in inboxes.
+  snap = snapshot(straight, tmp_path / "straight.jsonl")
+  assert snap.payloads  # In flight or in inboxes.
   straight.run(2000)
   straight.close()
 
   with pytest.raises(ValueError, match="lost.jsonl is shorter than the"):
-    simulation(tmp_path / "lost.jsonl").load_state(state, serialization.MessageTable())
+    simulation(tmp_path / "lost.jsonl").load_state(snap.state, serialization.MessageTable())
 
-  (tmp_path / "resumed.jsonl").write_text(log + log[:1000])  # Lines past the snapshot.
+  (tmp_path / "resumed.jsonl").write_text(snap.log + snap.log[:1000])  # Lines past the snapshot.
   resumed = simulation(tmp_path / "resumed.jsonl")
   restore(resumed, snap)
   resumed.run(2000)
