@@ -4,7 +4,7 @@ Override any field with `--config.section.field=value`. Re-running with the
 same workdir resumes from its latest checkpoint.
 
 The real runtime runs one process per role over a shared mailbox
-(runtime/distributed.py; `launch/local.py` starts them all on one machine):
+(runtime/dist/; `launch/local.py` starts them all on one machine):
 
   --role=syncer --mailbox=URL
   --role=learner --learner=M --mailbox=URL [--distributed ...]
@@ -73,8 +73,32 @@ def _parse_flags(argv):
     raise
 
 
+def run_syncer(config, workdir: str, mailbox) -> dict:
+  """`--role=syncer`: leads (or stands by), merges until the learners are done."""
+  from decoupled_diloco import metrics, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from decoupled_diloco.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from decoupled_diloco.runtime.dist.syncer import SyncerService  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.parse(config)
+  workdir_lib.check_writable(workdir)
+  with workdir_lib.Lock(workdir):
+    mailbox.put_config(config.to_json(sort_keys=True))
+    corpus = corpus_lib.load(cfg.data.path, cfg.data.eval_percent)
+    summary = SyncerService(cfg, corpus, workdir, mailbox).run()
+    path = metrics.write_summary(workdir, {**summary, "config": config.to_dict()})
+    logging.info("syncer: results in %s", path)
+    return summary
+
+
+def run_learner(config, workdir: str, mailbox, m: int) -> dict:
+  """`--role=learner`: learner m trains (or resumes) in `workdir`, the train.py loop."""
+  from decoupled_diloco.runtime.dist.learner import LearnerRuntime  # pylint: disable=g-import-not-at-top
+  mailbox.put_config(config.to_json(sort_keys=True))
+  make = lambda cfg, corpus, wd: LearnerRuntime(cfg, corpus.train, wd, mailbox, m)
+  return train.train_and_evaluate(config, workdir, runtime_factory=make, kind="learner")
+
+
 def _mailbox():
-  from decoupled_diloco.runtime import mailbox  # pylint: disable=g-import-not-at-top
+  from decoupled_diloco.runtime.dist import mailbox  # pylint: disable=g-import-not-at-top
   if not _MAILBOX.value:
     sys.exit("error: --role needs --mailbox=URL (e.g. file:///tmp/run/mailbox).")
   secret = os.environ.get(SECRET_ENV)
@@ -104,16 +128,16 @@ def main(argv):
   if _ROLE.value is None:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     return
-  from decoupled_diloco.runtime import distributed  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from decoupled_diloco.runtime.dist import multihost  # pylint: disable=g-import-not-at-top
+    multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   box = _mailbox()
   if _ROLE.value == "syncer":
-    distributed.run_syncer(_CONFIG.value, _WORKDIR.value, box)
+    run_syncer(_CONFIG.value, _WORKDIR.value, box)
   elif _LEARNER.value is None:
     sys.exit("error: --role=learner needs --learner=M.")
   else:
-    distributed.run_learner(_CONFIG.value, _WORKDIR.value, box, _LEARNER.value)
+    run_learner(_CONFIG.value, _WORKDIR.value, box, _LEARNER.value)
 
 
 if __name__ == "__main__":

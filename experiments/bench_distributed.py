@@ -55,7 +55,8 @@ from decoupled_diloco.algorithm import fragments as fragments_lib
 from decoupled_diloco.algorithm.messages import Contribution
 from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.models import transformer
-from decoupled_diloco.runtime import mailbox as mailbox_lib
+from decoupled_diloco.runtime.dist import mailbox as mailbox_lib
+from decoupled_diloco.runtime.dist import wire
 from decoupled_diloco.runtime import team as team_lib
 from experiments import decoupled_diloco, saved
 from launch import local
@@ -278,14 +279,14 @@ def _mailbox_row(box, secret: bytes, file_prefix: str, p: int, nbytes: int) -> d
   values = np.random.default_rng(p).standard_normal(nbytes // 4, dtype=np.float32)
   c = Contribution(learner=0, fragment=p, round=0, base_version=0, steps=1, tokens=1,
                    payload=({"values": values},), nbytes=values.nbytes)
-  data = mailbox_lib.contribution_bytes(c, 1, secret)
+  data = wire.contribution_bytes(c, 1, secret)
   ops = {"mailbox_write": lambda r: box.send(c._replace(round=r), incarnation=1),
          "mailbox_read": lambda r: box.receive(p, r, 0) is not None,
          "file_write": lambda r: _write_synced(f"{file_prefix}{r}", data),
          "file_read": lambda r: len(_read(f"{file_prefix}{r}")) == len(data),
          # What the mailbox adds in memory alone: framing and the HMAC, each way.
-         "encode": lambda r: len(mailbox_lib.contribution_bytes(c, 1, secret)) == len(data),
-         "decode": lambda r: mailbox_lib.parse_contribution(data, secret) is not None}
+         "encode": lambda r: len(wire.contribution_bytes(c, 1, secret)) == len(data),
+         "decode": lambda r: wire.parse_contribution(data, secret) is not None}
   times = {k: [] for k in ops}
   for r in range(_REPEATS.value):
     for k, op in ops.items():
@@ -398,7 +399,7 @@ def import_seconds() -> float:
   """What a restarted process pays before any of its own work: importing the library."""
   t0 = time.perf_counter()
   subprocess.run([sys.executable, "-c", "import decoupled_diloco.train,"
-                  " decoupled_diloco.runtime.distributed"], check=True, timeout=_TIMEOUT.value)
+                  " decoupled_diloco.runtime.dist.learner"], check=True, timeout=_TIMEOUT.value)
   return time.perf_counter() - t0
 
 

@@ -415,7 +415,7 @@ def status_lines(mailbox_url: str, secret: str, num_fragments: int, num_learners
   """What the mailbox says of a run: versions, the syncer, each learner's last step."""
   # Lazily: dry runs and the other subcommands need neither jax nor tensorstore.
   # pylint: disable-next=g-import-not-at-top
-  from decoupled_diloco.runtime import distributed, mailbox as mailbox_lib
+  from decoupled_diloco.runtime.dist import learner as distributed, mailbox as mailbox_lib
   box = mailbox_lib.Mailbox(mailbox_url, secret.encode())
   now = time.time()
   lines = [f"mailbox {mailbox_url}"]

@@ -167,7 +167,7 @@ class LocalRun:
     os.replace(path + ".tmp", path)
 
   def mailbox(self):
-    from decoupled_diloco.runtime.mailbox import Mailbox  # pylint: disable=g-import-not-at-top
+    from decoupled_diloco.runtime.dist.mailbox import Mailbox  # pylint: disable=g-import-not-at-top
     return Mailbox(self.mailbox_url, self.secret.encode())
 
 

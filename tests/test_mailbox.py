@@ -1,4 +1,4 @@
-"""Tests for runtime/mailbox.py: create-once, leases, fencing, rejection, GC."""
+"""Tests for runtime/dist/mailbox.py and wire.py: create-once, leases, fencing, rejection, GC."""
 
 import hashlib
 import hmac
@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from decoupled_diloco.algorithm.messages import FULL, Contribution, Publication
-from decoupled_diloco.runtime import mailbox as mailbox_lib
-from decoupled_diloco.runtime.mailbox import Mailbox, MessageError
+from decoupled_diloco.runtime.dist import mailbox as mailbox_lib
+from decoupled_diloco.runtime.dist import wire
+from decoupled_diloco.runtime.dist.mailbox import Mailbox
+from decoupled_diloco.runtime.dist.wire import MessageError
 
 SECRET = b"run secret"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +107,7 @@ def test_create_once_keeps_the_first_value(url):
 
 _RACER = """
 import json, os, sys, time
-from decoupled_diloco.runtime.mailbox import Mailbox
+from decoupled_diloco.runtime.dist.mailbox import Mailbox
 url, me, keys, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 box = Mailbox(url, b"s")
 open(go + "." + me, "w").close()
@@ -340,8 +342,8 @@ def test_publications_full_copies_and_outer_state(url):
 
 def test_contribution_round_trip_keeps_arrays_and_types(url):
   c = _contribution()
-  got, incarnation = mailbox_lib.parse_contribution(
-      mailbox_lib.contribution_bytes(c, 3, SECRET), SECRET)
+  got, incarnation = wire.parse_contribution(
+      wire.contribution_bytes(c, 3, SECRET), SECRET)
   _assert_same_message(got, c)
   assert type(incarnation) is int and incarnation == 3
   box = Mailbox(url, SECRET)
@@ -357,12 +359,12 @@ def test_contribution_round_trip_keeps_arrays_and_types(url):
 
 
 def test_message_checks_reject_with_their_reason():
-  data = mailbox_lib.contribution_bytes(_contribution(), 0, SECRET)
+  data = wire.contribution_bytes(_contribution(), 0, SECRET)
   header_end = 17 + struct.unpack_from(">I", data, 13)[0]
 
   def reason(d, secret=SECRET, kind="contribution"):
     with pytest.raises(MessageError) as e:
-      mailbox_lib.decode_message(d, secret, kind)
+      wire.decode_message(d, secret, kind)
     return e.value.reason
 
   assert reason(data, secret=b"other") == "bad hmac"
@@ -382,7 +384,7 @@ def test_message_checks_reject_with_their_reason():
 
   ok = {"kind": "outer", "meta": {}, "arrays": [
       {"dtype": "float32", "shape": [2], "offset": 0, "nbytes": 8}]}
-  meta, arrays = mailbox_lib.decode_message(_frame(ok, bytes(8)), SECRET, "outer")
+  meta, arrays = wire.decode_message(_frame(ok, bytes(8)), SECRET, "outer")
   assert meta == {} and arrays[0].tolist() == [0.0, 0.0]
 
   def with_array(**changes):
@@ -404,24 +406,24 @@ def test_message_checks_reject_with_their_reason():
       assert reason(_frame(header, bytes(8)), kind="outer") == want, header
   assert reason(_frame(ok, bytes(12)), kind="outer") == "arrays do not match header"
   with pytest.raises(ValueError, match="dtype"):
-    mailbox_lib.encode_message("outer", {}, [np.array(["text"])], SECRET)
+    wire.encode_message("outer", {}, [np.array(["text"])], SECRET)
 
-  meta, arrays = mailbox_lib.decode_message(data, SECRET, "contribution")
+  meta, arrays = wire.decode_message(data, SECRET, "contribution")
   for fields in ({**meta["fields"], "round": 3.0}, {**meta["fields"], "sent_at": 12},
                  {k: v for k, v in meta["fields"].items() if k != "tokens"}):
-    forged = mailbox_lib.encode_message("contribution", {**meta, "fields": fields}, arrays, SECRET)
+    forged = wire.encode_message("contribution", {**meta, "fields": fields}, arrays, SECRET)
     with pytest.raises(MessageError, match="bad header"):
-      mailbox_lib.parse_contribution(forged, SECRET)
+      wire.parse_contribution(forged, SECRET)
 
 
 def test_mailbox_counts_and_logs_rejections(url, caplog):
   box = Mailbox(url, SECRET)
-  good = mailbox_lib.contribution_bytes(_contribution(learner=1), 0, SECRET)
+  good = wire.contribution_bytes(_contribution(learner=1), 0, SECRET)
   assert box.send(_contribution(learner=1), 0)
   box.create("up/2/0000000003/00002", good)  # Learner 1's message under learner 2's key.
   box.create("up/2/0000000003/00003", good[:-1])
   box.create("up/2/0000000003/00004",
-             mailbox_lib.contribution_bytes(_contribution(learner=4), 0, b"other run"))
+             wire.contribution_bytes(_contribution(learner=4), 0, b"other run"))
   box.create("up/2/0000000003/00005", os.urandom(300))
   with caplog.at_level("WARNING"):
     assert [box.receive(2, 3, m) for m in (2, 3, 4, 5, 6)] == [None] * 5

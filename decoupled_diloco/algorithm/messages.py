@@ -38,3 +38,14 @@ class Publication(NamedTuple):
   round: int = -1  # The round whose merge made it (-1: a copy, not a merge).
   started_at: float = 0.0  # When that round's first on-time send left (runtime seconds).
   step_seconds: float = 0.0  # The syncer's running estimate of learners' step time.
+
+
+class Notice(NamedTuple):
+  """Syncer -> learners: round `round` of `fragment` closed with nothing to merge.
+
+  Sent only when learners wait (lock-step): it answers the round, so they
+  stop waiting for it, and carries no parameters (the fragment is unchanged).
+  """
+  fragment: int
+  round: int
+  version: int  # The fragment's version, unchanged.

@@ -30,7 +30,7 @@ or missed a publication) gets a full-precision copy of Theta_p instead.
 import collections
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +92,21 @@ def cap_shares(w_N: np.ndarray, owners, cap: float) -> np.ndarray:
     share[free] = totals[free] / totals[free].sum() * (1.0 - cap * capped.sum())
   scale = dict(zip(ids, np.where(totals > 0, share * totals.sum() / np.maximum(totals, 1e-30), 0)))
   return (w_N * np.array([scale[o] for o in owners.tolist()])).astype(np.float32)
+
+
+class FragmentState(NamedTuple):
+  """Everything the syncer holds for one fragment: the one definition its checkpoint,
+  its durable copy in the mailbox and its recovery flatten and unflatten."""
+  theta: list  # The global tensors Theta_p.
+  opt_state: Any  # The outer optimizer's state.
+  held: list | None  # What learners hold, Theta_hat_p (lossy downloads only; else None).
+  last_deltas: list  # [learner][tensor]: each learner's last merged delta (see `merge`).
+  version: np.ndarray  # int64 scalar.
+  merges: np.ndarray  # int64 scalar: outer steps taken.
+  last_base: np.ndarray  # [learners] int64: base version of the last merged delta (-1: none).
+  last_steps: np.ndarray  # [learners] int64: its step counter.
+  last_tokens: np.ndarray  # [learners] int64: its token counter.
+  recent_norm: np.ndarray  # [learners] float64: latest admitted norm per step (0: none).
 
 
 class Accepted(NamedTuple):
@@ -433,25 +448,35 @@ class Syncer:
     """{path: tensor} of the whole global model."""
     return {k: t for f, ts in zip(self.fragments, self.theta) for k, t in zip(f, ts)}
 
-  def state(self) -> dict:
-    s = {"theta": self.theta, "opt_state": self.opt_state, "version": self.version,
-         "merges": self.merges, "last_base": self.last_base, "last_steps": self.last_steps,
-         "last_tokens": self.last_tokens, "last_deltas": self.last_deltas,
-         "recent_norm": self.recent_norm, "clipped": np.int64(self.clipped)}
+  def fragment_state(self, p: int) -> FragmentState:
+    """Fragment p's state (a tree: arrays, and None where downloads are lossless)."""
+    return FragmentState(
+        theta=list(self.theta[p]), opt_state=self.opt_state[p],
+        held=None if self.held is None else list(self.held[p]),
+        last_deltas=[list(d) for d in self.last_deltas[p]],
+        version=np.int64(self.version[p]), merges=np.int64(self.merges[p]),
+        last_base=self.last_base[p].copy(), last_steps=self.last_steps[p].copy(),
+        last_tokens=self.last_tokens[p].copy(), recent_norm=self.recent_norm[p].copy())
+
+  def load_fragment_state(self, p: int, s: FragmentState) -> None:
+    """Takes up a `fragment_state(p)`; arrays go to the syncer's device."""
+    put = lambda xs: jax.device_put(list(xs), self.device)
+    self.theta[p] = put(s.theta)
+    self.opt_state[p] = jax.device_put(s.opt_state, self.device)
     if self.held is not None:
-      s["held"] = self.held
-    return s
+      self.held[p] = put(s.held)
+    self.last_deltas[p] = [put(d) for d in s.last_deltas]
+    self.version[p], self.merges[p] = int(s.version), int(s.merges)
+    self.last_base[p], self.last_steps[p] = s.last_base, s.last_steps
+    self.last_tokens[p], self.recent_norm[p] = s.last_tokens, s.recent_norm
+
+  def state(self) -> dict:
+    """A checkpointable tree: every fragment's `FragmentState` (as a dict) and counters."""
+    fragments = [{k: v for k, v in self.fragment_state(p)._asdict().items() if v is not None}
+                 for p in range(len(self.fragments))]  # Lossless downloads hold no `held`.
+    return {"fragments": fragments, "clipped": np.int64(self.clipped)}
 
   def load_state(self, s: dict) -> None:
-    self.theta = [list(t) for t in s["theta"]]
-    self.opt_state = list(s["opt_state"])
-    self.version = np.asarray(s["version"]).copy()
-    self.merges = np.asarray(s["merges"]).copy()
-    self.last_base = np.asarray(s["last_base"]).copy()
-    self.last_steps = np.asarray(s["last_steps"]).copy()
-    self.last_tokens = np.asarray(s["last_tokens"]).copy()
-    self.last_deltas = [[list(d) for d in f] for f in s["last_deltas"]]
-    self.recent_norm = np.asarray(s["recent_norm"], np.float64).copy()
+    for p, fs in enumerate(s["fragments"]):
+      self.load_fragment_state(p, FragmentState(**{"held": None, **fs}))
     self.clipped = int(s["clipped"])
-    if self.held is not None:
-      self.held = [list(h) for h in s["held"]]

@@ -13,15 +13,17 @@ import os
 import numpy as np
 from absl import logging
 
+from decoupled_diloco.algorithm import protocol
 from decoupled_diloco.config import Config
 from decoupled_diloco.runtime import scenario, serialization, simulated
 from decoupled_diloco.runtime.team import Team
 
 
-class JaxBackend:
-  """Real learners and syncer behind the simulator's protocol (`simulated.Backend`)."""
+class JaxBackend(protocol.SyncerMerger):
+  """Real learners and syncer behind the simulator (`simulated.Backend`)."""
 
   def __init__(self, team: Team, fresh_optimizer: bool):
+    super().__init__(team.syncer, validate=team.validate)
     self.team = team
     self.fresh_optimizer = fresh_optimizer
 
@@ -35,27 +37,6 @@ class JaxBackend:
       self.team.restart(m, fresh_optimizer=True, schedule_step=self.team.learners[m].step)
       return None
     return self.team.send(m, p, rnd)
-
-  def validate(self, c):
-    accepted = self.team.validate(c)
-    return None if accepted is None else (c, accepted)
-
-  def admit(self, token, rnd) -> None:
-    c, accepted = token
-    self.team.syncer.admit(c, accepted, rnd)
-
-  def discard(self, c, reason) -> None:
-    if reason == "rejected":
-      self.team.syncer.reject(c, "late")
-
-  def contributors(self, p, rnd) -> int:
-    return self.team.syncer.contributors(p, rnd)
-
-  def merge(self, p, rnd):
-    return self.team.syncer.merge(p, rnd)
-
-  def publication(self, p):
-    return self.team.syncer.publication(p)
 
   def deliver(self, m, pub) -> str:
     return self.team.deliver(m, pub)

@@ -7,7 +7,7 @@ orbax checkpoint) and refers to it from the JSON state; `to_json` and
 
 import numpy as np
 
-from decoupled_diloco.algorithm.messages import Contribution, Publication
+from decoupled_diloco.algorithm.messages import Contribution, Notice, Publication
 
 
 class MessageTable:
@@ -22,8 +22,10 @@ class MessageTable:
     self._saved: dict[int, int] = {}  # id(message) -> payload index.
     self._restored: dict[int, Contribution | Publication] = {}  # payload index -> message.
 
-  def ref(self, message: Contribution | Publication) -> dict:
+  def ref(self, message: Contribution | Publication | Notice) -> dict:
     """The message's fields, with the index of its payload in `payloads`."""
+    if isinstance(message, Notice):  # No payload.
+      return {"type": "Notice", **message._asdict()}
     if id(message) not in self._saved:
       self._saved[id(message)] = len(self.payloads)
       self.payloads.append(message.payload)
@@ -32,6 +34,8 @@ class MessageTable:
 
   def message(self, ref: dict) -> Contribution | Publication:
     """The message that `ref` refers to."""
+    if ref["type"] == "Notice":
+      return Notice(**{k: v for k, v in ref.items() if k != "type"})
     i = ref["payload"]
     if i not in self._restored:
       kind = {"Contribution": Contribution, "Publication": Publication}[ref["type"]]

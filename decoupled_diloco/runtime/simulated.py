@@ -42,8 +42,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from decoupled_diloco.algorithm import protocol as protocol_lib
 from decoupled_diloco.algorithm import rounds as rounds_lib
-from decoupled_diloco.algorithm.messages import Contribution, Publication
+from decoupled_diloco.algorithm.messages import Contribution, Notice, Publication
 from decoupled_diloco.runtime import serialization
 
 # Event kinds double as priorities at equal times.
@@ -66,6 +67,9 @@ class Protocol(NamedTuple):
   rules: rounds_lib.RoundRules
   learners_wait: bool = False  # Learners wait for fragment p at send step + tau.
 
+  def schedule(self) -> protocol_lib.Schedule:
+    return protocol_lib.Schedule(self.offsets, self.sync_every, self.overlap, self.learners_wait)
+
 
 class World(NamedTuple):
   """Everything outside the algorithm: step times, network, failures."""
@@ -82,8 +86,11 @@ class World(NamedTuple):
   shrink_batch: bool = True  # On fewer slices: smaller batch, same step time (else slower).
 
 
-class Backend(typing.Protocol):
-  """What the simulator needs of whoever holds the learners' and syncer's state."""
+class Backend(protocol_lib.Merger, typing.Protocol):
+  """What the simulator needs of whoever holds the learners' and syncer's state.
+
+  The syncer's half is the protocol's `Merger`.
+  """
 
   def inner_step(self, m: int, share: float):
     """Learner m's next inner step on `share` of its batch; returns its loss (or None)."""
@@ -93,24 +100,6 @@ class Backend(typing.Protocol):
 
     None if the learner diverged and recovered from the global model instead.
     """
-
-  def validate(self, c: Contribution):
-    """A token for `admit`, or None if the syncer rejects `c`."""
-
-  def admit(self, token, rnd: int) -> None:
-    """Adds a validated contribution to round `rnd` of its fragment."""
-
-  def discard(self, c: Contribution, reason: str) -> None:
-    """A valid contribution the late policy turned away (`late_dropped`, `late_rejected`)."""
-
-  def contributors(self, p: int, rnd: int) -> int:
-    """Contributions admitted to round `rnd` of fragment p."""
-
-  def merge(self, p: int, rnd: int) -> Publication | None:
-    """Closes round `rnd` of fragment p; None if nothing to merge."""
-
-  def publication(self, p: int) -> Publication:
-    """A full copy of the current global fragment p."""
 
   def deliver(self, m: int, pub: Publication) -> str:
     """Learner m receives `pub` ("applied", "stale" or "full_copy")."""
@@ -122,12 +111,10 @@ class Backend(typing.Protocol):
 class _Learner:
   """The simulator's view of one learner (its algorithm state is the backend's)."""
 
-  def __init__(self, num_fragments: int):
-    self.step = 0
-    self.phase = 0  # Added to `step` for the schedule position.
-    self.inbox: list[Publication] = []
-    self.awaiting: dict[int, int] = {}  # fragment -> send step (when learners wait).
-    self.last_send = np.zeros(num_fragments, np.int64)
+  def __init__(self, schedule: protocol_lib.Schedule):
+    self.schedule = protocol_lib.LearnerSchedule(schedule)
+    self.inbox: list[Publication | protocol_lib.Notice] = []
+    self.last_send = np.zeros(len(schedule.offsets), np.int64)
     self.waiting_since: float | None = None
     self.down = False
     self.segment = 0
@@ -149,15 +136,11 @@ class Simulation:
     self.backend, self.protocol, self.world = backend, protocol, world
     self.budget = budget
     self.num_learners = len(world.step_seconds)
-    self.learners = [_Learner(num_fragments) for _ in range(self.num_learners)]
-    self._due = [[] for _ in range(protocol.sync_every)]  # position mod H -> fragments due.
-    for p, offset in enumerate(protocol.offsets):
-      self._due[offset % protocol.sync_every].append(p)
-    every = protocol.sync_every
-    first = [rounds_lib.round_of(o if o > 0 else every, o, every) for o in protocol.offsets]
-    self.rounds = rounds_lib.Rounds(num_fragments, self.num_learners, protocol.rules,
-                                    step_s=float(np.mean(world.step_seconds)),
-                                    sync_s=world.syncer_seconds, first_rounds=first)
+    schedule = protocol.schedule()
+    self.learners = [_Learner(schedule) for _ in range(self.num_learners)]
+    self.syncer = protocol_lib.SyncerProtocol(
+        backend, schedule, protocol.rules, self.num_learners,
+        step_s=float(np.mean(world.step_seconds)), sync_s=world.syncer_seconds)
     self.now = 0.0
     self.total_steps = 0
     # Inner steps' work in parts of a learner's full batch, one part per slice it
@@ -173,8 +156,7 @@ class Simulation:
     self.losses: list = []
     self.merges = np.zeros(num_fragments, np.int64)
     self.contributors_per_merge: list[int] = []
-    self.counts = {"late_joined": 0, "late_dropped": 0, "late_rejected": 0, "rephases": 0,
-                   "full_copies": 0, "recoveries": 0}
+    self.counts = {"full_copies": 0, "recoveries": 0}
     self._computing = 0
     self._advancing_s = 0.0
     self._last_t = 0.0
@@ -315,14 +297,13 @@ class Simulation:
     ln.span = None
     if ln.down:
       self._rejoin(m)
-    if ln.inbox:
-      self._align_inbox(m)
-    if self.protocol.learners_wait and any(s <= ln.step - self.protocol.overlap
-                                           for s in ln.awaiting.values()):
+    if ln.inbox or ln.schedule.held:
+      self._take_inbox(m)
+    if ln.schedule.waiting():
       ln.waiting_since = self.now
       return
     full = world.slices_per_learner
-    duration = world.step_seconds[m] * self._noise(m, ln.step)
+    duration = world.step_seconds[m] * self._noise(m, ln.schedule.step)
     if not world.shrink_batch:
       duration = duration * full / up
     chips = up * world.chips_per_slice
@@ -336,20 +317,34 @@ class Simulation:
   def _done(self, m: int, duration: float, chips: int, share: float) -> None:
     ln = self.learners[m]
     self._computing -= 1
-    ln.step += 1
+    sends = ln.schedule.stepped()
+    step = ln.schedule.step
     self.total_steps += 1
     self.batch_parts += round(share * self.world.slices_per_learner)
     ln.busy_s += duration
     ln.useful_chip_s += duration * chips
-    ln.step_ema = float(duration) if ln.step == 1 else ln.step_ema + 0.1 * (duration - ln.step_ema)
+    ln.step_ema = float(duration) if step == 1 else ln.step_ema + 0.1 * (duration - ln.step_ema)
     self.losses.append(self.backend.inner_step(m, share))
     if self._log:
-      self.log("step", learner=m, step=ln.step, seconds=round(duration, 9))
-    position = ln.step + ln.phase
-    for p in self._due[position % self.protocol.sync_every]:
-      self._send(m, p, rounds_lib.round_of(position, self.protocol.offsets[p],
-                                           self.protocol.sync_every))
+      self.log("step", learner=m, step=step, seconds=round(duration, 9))
+    self._perform_learner(m, sends)
     self._push(self.now, START, m)
+
+  def _perform_learner(self, m: int, effects) -> None:
+    """Performs learner m's protocol effects: sends, alignments, log lines."""
+    for e in effects:
+      if isinstance(e, protocol_lib.Send):
+        self._send(m, e.fragment, e.round)
+      elif isinstance(e, protocol_lib.Align):
+        pub = e.publication
+        outcome = self.backend.deliver(m, pub)
+        if outcome == "full_copy":
+          self.counts["full_copies"] += 1
+        if self._log:
+          self.log("align", learner=m, fragment=pub.fragment, version=pub.version,
+                   outcome=outcome)
+      else:
+        self.log(e.event, learner=m, **e.fields)
 
   def _send(self, m: int, p: int, rnd: int) -> None:
     ln = self.learners[m]
@@ -359,9 +354,8 @@ class Simulation:
       self.log("recover", learner=m, fragment=p, round=rnd)
       return
     c = c._replace(sent_at=self.now, step_seconds=ln.step_ema)
-    ln.last_send[p] = ln.step
-    if self.protocol.learners_wait:
-      ln.awaiting[p] = ln.step
+    ln.last_send[p] = ln.schedule.step
+    ln.schedule.sent(p, rnd)
     if self._log:
       self.log("send", learner=m, fragment=p, round=rnd, base_version=c.base_version,
                bytes=c.nbytes)
@@ -371,162 +365,87 @@ class Simulation:
     ln = self.learners[m]
     ln.lost_s += seconds
     ln.lost_chip_s["lost_steps"] += seconds * chips
-    self.log("lost_step", learner=m, step=ln.step + 1, seconds=round(seconds, 9))
+    self.log("lost_step", learner=m, step=ln.schedule.step + 1, seconds=round(seconds, 9))
     self._start(m)
 
   def _go_down(self, m: int) -> None:
     """All slices lost: the learner's parameters and unsent progress are gone."""
     ln = self.learners[m]
+    step = ln.schedule.step
     ln.down = True
     ln.inbox.clear()
-    if ln.step:
-      unsent_steps = float(np.mean(ln.step - ln.last_send))
-      unsent = unsent_steps * ln.useful_chip_s / ln.step
+    if step:
+      unsent_steps = float(np.mean(step - ln.last_send))
+      unsent = unsent_steps * ln.useful_chip_s / step
       ln.lost_chip_s["unsent_work"] += unsent
       ln.useful_chip_s -= unsent
-    self.log("down", learner=m, step=ln.step)
-    self.rounds.set_live(m, False)
-    for p in range(len(self.merges)):  # A round may have waited for it only.
-      self._decide(p)
+    self.log("down", learner=m, step=step)
+    self._perform_syncer(self.syncer.set_live(m, False, self.now))
 
   def _rejoin(self, m: int) -> None:
     """Back from zero slices: restart from the global fragments at the live position."""
     ln = self.learners[m]
     ln.down = False
-    live = [o for o in self.learners if not o.down and o is not ln]
-    # Never behind its own position: it would send rounds it has sent already.
-    ln.phase = max([o.step + o.phase for o in live] + [ln.step + ln.phase]) - ln.step
-    schedule_step = max([o.step for o in live] + [ln.step])
-    self.log("rejoin", learner=m, step=ln.step, phase=ln.phase)
+    live = [o.schedule for o in self.learners if not o.down and o is not ln]
+    own = ln.schedule
+    position = protocol_lib.rejoin_position(
+        own.position, [o.position for o in live], dict(enumerate(self.syncer.published.tolist())),
+        self.syncer.schedule)
+    schedule_step = max([o.step for o in live] + [own.step])
+    own.rejoin(position)
+    self.log("rejoin", learner=m, step=own.step, phase=own.phase)
     self.backend.rejoin(m, schedule_step)
-    ln.awaiting.clear()
-    position, proto = ln.step + ln.phase, self.protocol
-    self.rounds.rejoin(m, [rounds_lib.round_of(position, o, proto.sync_every)
-                           for o in proto.offsets])
-    for p in range(len(self.merges)):  # Rounds it skipped no longer wait for it.
-      self._decide(p)
+    self._perform_syncer(self.syncer.rejoined(m, position, self.now))
 
-  def _align_inbox(self, m: int) -> None:
+  def _take_inbox(self, m: int) -> None:
+    """What landed at learner m since its last step: aligned, or held until due."""
     ln = self.learners[m]
-    for pub in ln.inbox:
-      if not self.protocol.learners_wait and pub.round >= 0:
-        self._rephase_if_behind(m, pub)
-      outcome = self.backend.deliver(m, pub)
-      if outcome == "full_copy":
-        self.counts["full_copies"] += 1
-      if ln.awaiting:
-        ln.awaiting.pop(pub.fragment, None)
-      if self._log:
-        self.log("align", learner=m, fragment=pub.fragment, version=pub.version,
-                 outcome=outcome)
+    for message in ln.inbox:
+      if isinstance(message, Notice):
+        self._perform_learner(m, ln.schedule.noticed(message))
+      else:
+        self._perform_learner(m, ln.schedule.landed(message, self.now))
     ln.inbox.clear()
-
-  def _rephase_if_behind(self, m: int, pub: Publication) -> None:
-    """If round `pub.round` closed before learner m reached its send: re-phase it."""
-    ln, proto = self.learners[m], self.protocol
-    position = ln.step + ln.phase
-    moved = rounds_lib.rephase(position, pub.fragment, pub.round, proto.offsets,
-                               proto.sync_every, since_s=self.now - pub.started_at,
-                               step_s=pub.step_seconds)
-    if moved is None:
-      return
-    target, skipped = moved
-    for q in sorted(skipped):  # Their work since the last alignment is not lost.
-      self._send(m, q, skipped[q])
-    ln.phase += target - position
-    self.counts["rephases"] += 1
-    self.log("rephase", learner=m, fragment=pub.fragment, round=pub.round,
-             position=position, to=target, sent=sorted(skipped))
+    if ln.schedule.held:
+      self._perform_learner(m, ln.schedule.due())
 
   # --- the syncer --------------------------------------------------------------------
 
   def _arrive_syncer(self, c: Contribution) -> None:
-    p = c.fragment
-    token = self.backend.validate(c)
-    if token is None:
-      self.rounds.mark_reported(c.learner, p, c.round)  # It will not send this round again.
-      self.log("reject", learner=c.learner, fragment=p, round=c.round)
-      self._decide(p)
-      return
-    verdict = self.rounds.arrive(c.learner, p, c.round, sent_at=c.sent_at,
-                                 step_s=c.step_seconds)
-    if verdict.status == "late" and self.protocol.learners_wait:
-      self._release(c.learner, p)  # No publication answers a round already closed.
-    if verdict.round < 0:
-      self.counts["late_dropped" if verdict.status == "dropped" else "late_rejected"] += 1
-      self.backend.discard(c, verdict.status)
-      self.log("late", learner=c.learner, fragment=p, round=c.round, outcome=verdict.status)
-    else:
-      self.backend.admit(token, verdict.round)
-      if verdict.status == "late":
-        self.counts["late_joined"] += 1
-      if self._log:
-        self.log("arrive", learner=c.learner, fragment=p, round=c.round,
-                 joins=verdict.round, status=verdict.status,
-                 contributors=self.rounds.senders(p))
-    self._decide(p)
-
-  def _release(self, m: int, p: int) -> None:
-    """Learner m stops waiting for fragment p (its send came after its round closed)."""
-    ln = self.learners[m]
-    if ln.down or ln.awaiting.pop(p, None) is None or ln.waiting_since is None:
-      return
-    ln.waiting_s += self.now - ln.waiting_since
-    ln.lost_chip_s["waiting"] += self._up_chip_seconds(m, ln.waiting_since, self.now)
-    ln.waiting_since = None
-    self._start(m)
-
-  def _decide(self, p: int) -> None:
-    """Closes fragment p's open round if the rules say so, or sets its timer."""
-    while True:
-      d = self.rounds.decide(p, self.now)
-      if d.grace_s is not None and self._log:
-        r = self.rounds
-        self.log("grace", fragment=p, round=r.open[p], seconds=round(d.grace_s, 9),
-                 xi_step=round(r.xi_step, 9), xi_quorum=round(r.xi_quorum, 9),
-                 xi_sync=round(r.xi_sync, 9))
-      if not d.close:
-        if d.grace_s is not None and d.deadline is not None:
-          self._push(d.deadline, MERGE, (p, self.rounds.open[p]))
-        return
-      self._close(p)
+    self._perform_syncer(self.syncer.arrive(c, self.now))
 
   def _merge_timer(self, p: int, rnd: int) -> None:
-    if self.rounds.open[p] == rnd and self.rounds.deadline[p] is not None:
-      self._decide(p)
+    self._perform_syncer(self.syncer.timer(p, rnd, self.now))
 
-  def _close(self, p: int) -> None:
-    rnd = self.rounds.open[p]
-    n = self.backend.contributors(p, rnd)
-    passengers = self.rounds.passengers[p]
-    started = min(self.rounds.on_time[p].get(rnd, {}).values(), default=self.now)
-    pub = self.backend.merge(p, rnd)
-    if pub is not None:
-      pub = pub._replace(started_at=started, step_seconds=self.rounds.xi_step)
-    self.rounds.close(p)
-    if pub is None:
-      if not self.protocol.learners_wait:
-        return
-      pub = self.backend.publication(p)  # Waiting learners must not wait forever.
-    else:
-      self.merges[p] += 1
-      self.contributors_per_merge.append(n)
-      if self._log:
-        self.log("merge", fragment=p, round=rnd, version=pub.version, contributors=n,
-                 late=passengers, bytes=pub.nbytes)
-    sync_s = self.world.syncer_seconds + self._transfer_s(pub.nbytes)
-    self.rounds.observe_sync(sync_s)
+  def _perform_syncer(self, effects) -> None:
+    """Performs the syncer's protocol effects: publications, timers, log lines."""
+    for e in effects:
+      if isinstance(e, protocol_lib.Publish):
+        self._publish(e.message, e.contributors)
+      elif isinstance(e, protocol_lib.Timer):
+        self._push(e.at, MERGE, (e.fragment, e.round))
+      else:
+        self.log(e.event, **e.fields)
+
+  def _publish(self, message: Publication | Notice, contributors: int) -> None:
+    nbytes = 0
+    if isinstance(message, Publication):
+      self.merges[message.fragment] += 1
+      self.contributors_per_merge.append(contributors)
+      nbytes = message.nbytes
+    sync_s = self.world.syncer_seconds + self._transfer_s(nbytes)
+    self.syncer.rounds.observe_sync(sync_s)
     if self._log:
-      self.log("publish", fragment=p, version=pub.version,
+      self.log("publish", fragment=message.fragment, version=message.version,
                arrives=round(self.now + sync_s, 9))
-    self._push(self.now + sync_s, ARRIVE_LEARNER, pub)  # Every link alike: one event.
+    self._push(self.now + sync_s, ARRIVE_LEARNER, message)  # Every link alike: one event.
 
-  def _arrive_learner(self, pub: Publication) -> None:
-    """The publication lands at every learner that is up; a down one misses it."""
+  def _arrive_learner(self, message: Publication | Notice) -> None:
+    """The message lands at every learner that is up; a down one misses it."""
     for m, ln in enumerate(self.learners):
       if ln.down:
         continue
-      ln.inbox.append(pub)
+      ln.inbox.append(message)
       if ln.waiting_since is not None:
         ln.waiting_s += self.now - ln.waiting_since
         ln.lost_chip_s["waiting"] += self._up_chip_seconds(m, ln.waiting_since, self.now)
@@ -546,10 +465,12 @@ class Simulation:
     heap = [(t, kind, seq, messages.ref(data) if kind in _MESSAGE_EVENTS else data)
             for t, kind, seq, data in self._heap]
     learners = [{**vars(ln), "inbox": [messages.ref(pub) for pub in ln.inbox],
-                 "awaiting": list(ln.awaiting.items()), "last_send": ln.last_send.tolist()}
+                 "schedule": ln.schedule.state(),
+                 "held": [messages.ref(pub) for pub in ln.schedule.held],
+                 "last_send": ln.last_send.tolist()}
                 for ln in self.learners]
     return serialization.to_json({"heap": heap, "learners": learners,
-                                  "rounds": self.rounds.state(),
+                                  "syncer": self.syncer.state(),
                                   "fields": {name: getattr(self, name) for name in _FIELDS},
                                   "merges": self.merges.tolist()})
 
@@ -564,11 +485,13 @@ class Simulation:
                    else tuple(data) if isinstance(data, list) else data)
                   for t, kind, seq, data in s["heap"]]  # Same list, same heap order.
     for ln, saved in zip(self.learners, s["learners"]):
+      saved = dict(saved)
+      ln.schedule.load_state(saved.pop("schedule"),
+                             [messages.message(ref) for ref in saved.pop("held")])
       vars(ln).update(saved, inbox=[messages.message(ref) for ref in saved["inbox"]],
-                      awaiting=dict(saved["awaiting"]),
-                      last_send=np.array(saved["last_send"], np.int64),
+                      schedule=ln.schedule, last_send=np.array(saved["last_send"], np.int64),
                       span=None if saved["span"] is None else tuple(saved["span"]))
-    self.rounds.load_state(s["rounds"])
+    self.syncer.load_state(s["syncer"])
     vars(self).update(s["fields"])
     self.merges = np.array(s["merges"], np.int64)
 
@@ -611,9 +534,12 @@ class Simulation:
         "merges_per_fragment": self.merges.tolist(),
         "mean_contributors_per_merge": (float(np.mean(self.contributors_per_merge))
                                         if self.contributors_per_merge else 0.0),
-        "protocol": {**self.counts, "xi_step": self.rounds.xi_step,
-                     "xi_quorum": self.rounds.xi_quorum, "xi_sync": self.rounds.xi_sync},
-        "learners": [{"steps": ln.step, "busy_s": ln.busy_s, "waiting_s": ln.waiting_s,
+        "protocol": {**self.syncer.counts, "rephases": sum(ln.schedule.rephases
+                                                            for ln in self.learners),
+                     **self.counts, "xi_step": self.syncer.rounds.xi_step,
+                     "xi_quorum": self.syncer.rounds.xi_quorum,
+                     "xi_sync": self.syncer.rounds.xi_sync},
+        "learners": [{"steps": ln.schedule.step, "busy_s": ln.busy_s, "waiting_s": ln.waiting_s,
                       "down_s": ln.down_s - (max(ln.span[0] - self.now, 0.0)
                                              if ln.span and ln.span[2] == "down" else 0.0),
                       "stopped_s": ln.stopped_s - (max(ln.span[0] - self.now, 0.0)
