@@ -3,7 +3,8 @@
 Each actor has its own fake clock; a discrete-event loop runs them in time
 order, the way the simulator orders its events at one instant: a learner's
 sends go up when its step ends (then the syncer polls), then learners that
-may step start their next step. A learner's step takes its own
+may step start their next step (sends made then, a re-phase's, go up at once,
+and the syncer polls again). A learner's step takes its own
 `dist.min_step_s` of fake time (the runtime sleeps it on its clock). Nothing
 sleeps in real time and no thread runs, so a run is deterministic.
 """
@@ -57,6 +58,7 @@ class InProcessRun:
     self.next_start = [math.inf] * num
     self.upload_at = [math.inf] * num
     self.polls: list[float] = []  # Extra syncer polls (a lease to expire).
+    self.actions: list[tuple[float, object]] = []  # (time, callable) run at that instant.
     self.done = [False] * num
     self.waiting: set[int] = set()  # Learners that wait for a publication (lock-step).
     self.finished = False
@@ -89,8 +91,21 @@ class InProcessRun:
     self.waiting.discard(m)
     return rt
 
-  def kill(self, m: int) -> None:
-    """Learner m dies now (kill -9): what it had not uploaded is lost."""
+  def at(self, t: float, action) -> None:
+    """Runs `action()` at fake time `t`, before anything else of that instant."""
+    self.actions.append((t, action))
+
+  def kill(self, m: int, *, detected: bool = False) -> None:
+    """Learner m dies now (kill -9): what it had not uploaded is lost.
+
+    `detected`: its lease is expired at once, as an orchestrator that saw the
+    host die would (the syncer then learns of it at its next poll, not after
+    `dist.lease_s`: the simulator's failure detector).
+    """
+    rt = self.learners[m]
+    if detected and rt is not None and rt._courier:  # pylint: disable=protected-access
+      courier = rt._courier  # pylint: disable=protected-access
+      courier.mailbox.release(courier.lease)
     self.learners[m] = None
     self.next_start[m] = self.upload_at[m] = math.inf
     self.waiting.discard(m)
@@ -105,12 +120,17 @@ class InProcessRun:
     """Processes the next instant at which anything happens."""
     deadline = self.syncer.next_deadline()
     times = [*self.upload_at, *(t for t, rt in zip(self.next_start, self.learners) if rt),
-             *self.polls, deadline if deadline is not None else math.inf]
+             *self.polls, *(t for t, _ in self.actions),
+             deadline if deadline is not None else math.inf]
     t = min(times)
     if t == math.inf:
       raise RuntimeError("nothing can happen: every learner waits and no round can close")
     self.now = max(self.now, t)
     self.polls = [p for p in self.polls if p > self.now]
+    due = [a for a in self.actions if a[0] <= self.now]
+    self.actions = [a for a in self.actions if a[0] > self.now]
+    for _, action in sorted(due, key=lambda a: a[0]):
+      action()
     for m, rt in enumerate(self.learners):
       if rt is not None and self.upload_at[m] <= self.now:
         self.clocks[m].now = self.now
@@ -134,6 +154,8 @@ class InProcessRun:
         continue
       self.waiting.discard(m)
       rt.train_step()
+      rt.upload(until=self.now)  # Sends made before the step (a re-phase's) go up now.
+      self._syncer_step()
       self.next_start[m] = self.upload_at[m] = self.clocks[m].now
 
   def run_until(self, condition, max_instants: int = 100_000) -> None:

@@ -2,23 +2,15 @@
 
 Each learner has its own clock, a step-time model (speed factor x lognormal
 noise), a failure timeline (`chaos.elastic_timeline`) and a link with latency
-and bandwidth. The syncer follows the round rules of `algorithm/rounds.py`
-(numbered rounds, quorum of live learners by identity, grace window, late
-policy; Decoupled DiLoCo, https://arxiv.org/abs/2604.21428). What a step, a
+and bandwidth. Every rule of the round protocol (rounds, quorum, grace, late
+verdicts, releases, re-phase, rejoin placement; Decoupled DiLoCo,
+https://arxiv.org/abs/2604.21428) is `algorithm/protocol.py`'s: the simulator
+feeds it events in virtual time and performs the effects it returns, as the
+real runtime (runtime/dist/) does in wall time. What a step, a
 pseudo-gradient or a merge *does* is the backend's business (`Backend`):
 `JaxBackend` (runtime/decoupled.py) trains a real model, `AnalyticBackend`
 (runtime/goodput.py) only counts, so the same protocol runs compute-free for
 millions of simulated chips.
-
-A learner's place in the fragment schedule is its *position*, its inner step
-plus a phase. A learner that falls so far behind that a round closes before
-it even reached that round's send is re-phased when the publication lands:
-it sends at once the fragments whose sends it skips (late: the late policy
-decides), then takes up the live learners' position: the round's send
-position plus the steps taken since its first send at the syncer's mean step
-time (a publication carries both), which is never past the leader's, so
-re-phasing cannot push the schedule ahead of the learners that set it. A learner back from a full outage takes up the furthest live
-learner's position.
 
 A run's budget (`run`) is global batches of data by default (`budget="tokens"`:
 an inner step on `share` of a learner's batch is that share of its full-batch
@@ -133,7 +125,7 @@ class Simulation:
                log_path: str | None = None, budget: str = "inner_steps"):
     if budget not in BUDGETS:
       raise ValueError(f"budget={budget!r} is unknown; choose from {BUDGETS}.")
-    self.backend, self.protocol, self.world = backend, protocol, world
+    self.protocol, self.world = protocol, world
     self.budget = budget
     self.num_learners = len(world.step_seconds)
     schedule = protocol.schedule()
@@ -164,6 +156,15 @@ class Simulation:
       self._schedule_failure_notes(world.outages)
     for m in range(self.num_learners):
       self._push(0.0, START, m)
+
+  @property
+  def backend(self) -> Backend:
+    return self.syncer.merger
+
+  @backend.setter
+  def backend(self, backend: Backend) -> None:
+    """Swaps the backend (a test restoring a copied one); the protocol drives it too."""
+    self.syncer.merger = backend
 
   # --- plumbing --------------------------------------------------------------
 

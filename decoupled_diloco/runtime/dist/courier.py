@@ -90,15 +90,20 @@ class Courier:
       self._landed = [(msg, t) for msg, t in self._landed
                       if isinstance(msg, Notice) or msg.version > versions[msg.fragment]]
 
-  def pump_uploads(self) -> None:
-    """Uploads everything queued, on this thread (in-process use; see module docstring)."""
-    while self._upload_one(timeout_s=None):
-      pass
+  def pump_uploads(self, until: float | None = None) -> None:
+    """Uploads what is queued, on this thread (in-process use; see module docstring):
+    everything, or the contributions sent by `until` (the rest was sent later)."""
+    while True:
+      with self._outbox.mutex:
+        head = self._outbox.queue[0] if self._outbox.queue else None
+      if head is None or (until is not None and head.sent_at > until):
+        return
+      self._upload_one(timeout_s=None)
 
   def pump(self) -> None:
-    """Uploads everything queued, then polls once, on this thread."""
+    """Uploads everything queued, then polls and beats, on this thread."""
     self.pump_uploads()
-    self._poll_once()
+    self._poll_once(beat=True)
 
   def close(self, timeout_s: float) -> bool:
     """Uploads what is queued (up to `timeout_s` of wall time), then stops; True if all went out."""
@@ -159,10 +164,10 @@ class Courier:
       self._outbox.task_done()
     return True
 
-  def _poll_once(self) -> None:
+  def _poll_once(self, beat: bool = False) -> None:
     now = self.clock()
     try:
-      if now >= self._next_beat:
+      if beat or now >= self._next_beat:
         self._apply_link()
         self.beat()
         self._next_beat = now + self.ttl_s / 4

@@ -133,10 +133,11 @@ class LearnerRuntime:
     self._take_landed()
     return not self.schedule.waiting()
 
-  def upload(self) -> None:
-    """Uploads the queued sends now (threaded=False; a thread does it otherwise)."""
+  def upload(self, until: float | None = None) -> None:
+    """Uploads the queued sends (sent by `until`) now (threaded=False; a thread does it
+    otherwise)."""
     if self.primary and self._courier:
-      self._courier.pump_uploads()
+      self._courier.pump_uploads(until)
 
   def _wait(self) -> None:
     dist = self.cfg.dist
