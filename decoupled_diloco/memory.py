@@ -17,7 +17,7 @@ from decoupled_diloco import config as config_lib
 from decoupled_diloco.models import transformer
 
 
-def num_params(c: transformer.ModelConfig) -> int:
+def num_params(c: config_lib.ModelConfig) -> int:
   shapes = jax.eval_shape(lambda: transformer.init_params(c, jax.random.key(0)))
   return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 

@@ -110,7 +110,7 @@ def main(argv):
           " tok/s", flush=True)
   ref, ref_m = statistics.median(hand), statistics.median(hand_m)
   print(f"\ndevices: {jax.devices()}  preset={_PRESET.value}  batch={_BATCH.value}"
-        f"x{transformer.PRESETS[_PRESET.value]['seq_len']}  steps/run={_STEPS.value}"
+        f"x{config_lib.PRESETS[_PRESET.value]['seq_len']}  steps/run={_STEPS.value}"
         f"  rounds={_ROUNDS.value} (medians)")
   print(f"hand loop (1 replica, global batch): {ref:.0f} tok/s;"
         f" 4 hand replicas (batch/4 each, no sync): {ref_m:.0f} tok/s")

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from decoupled_diloco import config as config_lib
 from decoupled_diloco import islands as islands_lib
 from decoupled_diloco.algorithm import codecs, fragments, merge
 from decoupled_diloco.algorithm.learner import Learner
@@ -17,7 +18,7 @@ FP32 = codecs.make_codec("fp32")
 
 
 def tiny_flat():
-  c = transformer.ModelConfig(**transformer.PRESETS["tiny"])
+  c = config_lib.ModelConfig(**config_lib.PRESETS["tiny"])
   return fragments.flatten(transformer.init_params(c, jax.random.key(0)))
 
 

@@ -197,7 +197,8 @@ def test_paper_chaos_config_never_stops_and_beats_non_elastic_data_parallel():
   offsets = fragments.sync_offsets(10, 10)
   backend = goodput.AnalyticBackend(4, [1000] * 10, [1000] * 10)
   sim = simulated.Simulation(backend, scenario.protocol(cfg, offsets),
-                             scenario.world(cfg, seconds, horizon), 10)
+                             scenario.world(cfg, seconds, horizon), 10,
+                             budget="inner_steps")
   merge_times = []
   merge = sim._close
 

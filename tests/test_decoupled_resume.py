@@ -47,7 +47,7 @@ def test_simulation_resumes_exactly_from_a_snapshot(tmp_path, wait):
     return simulated.Simulation(
         goodput.AnalyticBackend(4, [100] * 3, [100] * 3),
         scenario.protocol(cfg, fragments.sync_offsets(3, 6)),
-        scenario.world(cfg, seconds, horizon), 3, str(log))
+        scenario.world(cfg, seconds, horizon), 3, str(log), budget="inner_steps")
 
   straight = simulation(tmp_path / "straight.jsonl")
   straight.run(600)

@@ -6,13 +6,14 @@ import numpy as np
 import optax
 import pytest
 
+from decoupled_diloco import config as config_lib
 from decoupled_diloco import islands as islands_lib
 from decoupled_diloco import steps
 from decoupled_diloco.models import transformer
 
 
 def test_tiny_preset_shapes_and_size():
-  c = transformer.ModelConfig(**transformer.PRESETS["tiny"])
+  c = config_lib.ModelConfig(**config_lib.PRESETS["tiny"])
   params = transformer.init_params(c, jax.random.key(0))
   n = transformer.num_params(params)
   assert 400_000 < n < 600_000, n
@@ -22,7 +23,7 @@ def test_tiny_preset_shapes_and_size():
 
 
 def test_loss_at_init_is_near_uniform():
-  c = transformer.ModelConfig(seq_len=16)
+  c = config_lib.ModelConfig(seq_len=16)
   params = transformer.init_params(c, jax.random.key(0))
   batch = jax.random.randint(jax.random.key(1), (4, 17), 0, 256)
   loss = transformer.loss_fn(params, transformer.Transformer(c), batch)
@@ -30,7 +31,7 @@ def test_loss_at_init_is_near_uniform():
 
 
 def test_causal_masking():
-  c = transformer.ModelConfig(seq_len=8, num_layers=1, d_model=32, num_heads=2, mlp_dim=64)
+  c = config_lib.ModelConfig(seq_len=8, num_layers=1, d_model=32, num_heads=2, mlp_dim=64)
   params = transformer.init_params(c, jax.random.key(0))
   m = transformer.Transformer(c)
   x = jnp.arange(8)[None] % 256
@@ -43,7 +44,7 @@ def test_causal_masking():
 @pytest.mark.parametrize("field,value", [("d_model", 130), ("num_layers", 0), ("dtype", "fp16")])
 def test_bad_model_config(field, value):
   with pytest.raises(ValueError, match=f"model.{field}"):
-    transformer.ModelConfig(**{field: value})
+    config_lib.ModelConfig(**{field: value})
 
 
 def test_two_islands_of_four_devices():
@@ -58,7 +59,7 @@ def test_two_islands_of_four_devices():
 
 
 def test_replicated_and_fsdp_placement():
-  c = transformer.ModelConfig(seq_len=16)
+  c = config_lib.ModelConfig(seq_len=16)
   params = transformer.init_params(c, jax.random.key(0))
   rep, fsdp = islands_lib.make_islands(2)[0], islands_lib.make_islands(2, fsdp=True)[0]
   p_rep = rep.put(params)
@@ -72,7 +73,7 @@ def test_replicated_and_fsdp_placement():
 
 
 def test_fsdp_step_matches_replicated_step():
-  c = transformer.ModelConfig(seq_len=16)
+  c = config_lib.ModelConfig(seq_len=16)
   params = transformer.init_params(c, jax.random.key(0))
   # Plain SGD: Adam's first step g/|g| is ill-conditioned for tiny gradients.
   tx = optax.sgd(0.5)

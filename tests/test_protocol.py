@@ -32,7 +32,7 @@ def compute_free(variant: str):
   backend = goodput.AnalyticBackend(cfg.diloco.num_learners, [1000] * num, [1000] * num)
   sim = simulated.Simulation(backend, scenario.protocol(cfg, fragments.sync_offsets(num, every)),
                              scenario.world(cfg, seconds, scenario.chaos_horizon(cfg, seconds)),
-                             num)
+                             num, budget="inner_steps")
   sim.run(cfg.train.steps * cfg.diloco.num_learners)
   return sim, backend, cfg
 

@@ -19,9 +19,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from decoupled_diloco import checkpointing, config as config_lib, divergence, train
+from decoupled_diloco import checkpointing, config as config_lib, divergence, optim, train
 from decoupled_diloco import workdir as workdir_lib
+from decoupled_diloco.algorithm import codecs, fragments, learner, merge, rounds, syncer
 from decoupled_diloco.data import corpus as corpus_lib
+from decoupled_diloco.runtime import simulated
 from tests.helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -379,6 +381,37 @@ def test_resuming_with_another_config_shape_names_the_fields(tmp_path, no_data, 
 def test_bad_values_are_refused_at_parse_time(field, value, match):
   with pytest.raises(ValueError, match=match):
     config_lib.parse(tiny_config(**{field: value}))
+
+
+def test_every_choice_is_a_literal_with_the_names_its_module_knows():
+  """config.py imports none of these modules, so their names are compared here."""
+  assert config_lib.choice_fields() == {
+      "runtime": ("data_parallel", "lockstep", "decoupled"),
+      "model.dtype": ("float32", "bfloat16"),
+      "outer.name": optim.OUTER_OPTIMIZERS,
+      "diloco.fragmentation": fragments.STRATEGIES,
+      "diloco.merge": merge.MERGE_RULES,
+      "diloco.weighting": merge.WEIGHTINGS,
+      "diloco.late": rounds.LATE_POLICIES,
+      "diloco.staleness_weighting": syncer.STALENESS_WEIGHTINGS,
+      "diloco.norm_bound": syncer.NORM_BOUNDS,
+      "codec.up": codecs.CODEC_NAMES,
+      "codec.down": codecs.CODEC_NAMES,
+      "codec.feedback_restart": learner.FEEDBACK_RESTARTS,
+      "codec.topk_values": codecs.TOPK_VALUE_DTYPES,
+      "sim.budget": simulated.BUDGETS,
+      "chaos.rejoin_optimizer": ("fresh", "kept"),
+      "chaos.elastic_batch": ("shrink", "keep"),
+  }
+
+  def strings(tree, prefix=""):
+    for name, value in tree.items():
+      if isinstance(value, dict):
+        yield from strings(value, f"{prefix}{name}.")
+      elif isinstance(value, str):
+        yield prefix + name
+  free_text = set(strings(config_lib.base_config().to_dict())) - set(config_lib.choice_fields())
+  assert free_text == {"data.path"}  # Any other string would be a choice nobody checks.
 
 
 def test_every_numeric_field_has_a_range_and_refuses_nan():

@@ -4,38 +4,11 @@ Shapes are named in variables: B batch, L sequence, D model width, H heads,
 K head width, F MLP width, V vocabulary.
 """
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  vocab_size: int = 256
-  seq_len: int = 128
-  num_layers: int = 2
-  d_model: int = 128
-  num_heads: int = 4
-  mlp_dim: int = 512
-  dtype: str = "float32"  # Compute dtype; parameters stay float32.
-
-  def __post_init__(self):
-    for name in ("vocab_size", "seq_len", "num_layers", "d_model", "num_heads", "mlp_dim"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"model.{name}={getattr(self, name)} must be positive.")
-    if self.d_model % self.num_heads:
-      raise ValueError(f"model.d_model={self.d_model} must be divisible by"
-                       f" model.num_heads={self.num_heads}.")
-    if self.dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"model.dtype={self.dtype!r} must be float32 or bfloat16.")
-
-
-PRESETS = {
-    "tiny": dict(num_layers=2, d_model=128, num_heads=4, mlp_dim=512, seq_len=128),
-    "small": dict(num_layers=6, d_model=384, num_heads=6, mlp_dim=1536, seq_len=256),
-}
+from decoupled_diloco.config import ModelConfig
 
 
 class Block(nn.Module):

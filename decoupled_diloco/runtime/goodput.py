@@ -63,7 +63,8 @@ def simulate_decoupled(model: chaos.FailureModel, *, num_chips: int, num_learner
       chips_per_slice=model.chips_per_slice, timelines=timelines, outages=None, seed=seed)
   backend = AnalyticBackend(num_learners, [fragment_bytes] * num_fragments,
                             [fragment_bytes] * num_fragments)
-  sim = simulated.Simulation(backend, protocol, machines, num_fragments)
+  sim = simulated.Simulation(backend, protocol, machines, num_fragments,
+                             budget="inner_steps")
   sim.run(steps_per_learner * num_learners)
   report = sim.report()
   report["failures"] = int(np.sum((outages.start < sim.now)

@@ -15,11 +15,12 @@ import numpy as np
 from decoupled_diloco import divergence
 from decoupled_diloco import islands as islands_lib
 from decoupled_diloco import optim, steps
+from decoupled_diloco.algorithm import codecs
 from decoupled_diloco.algorithm import fragments as fragments_lib
 from decoupled_diloco.algorithm.learner import Learner
 from decoupled_diloco.algorithm.messages import Contribution, Publication
 from decoupled_diloco.algorithm.syncer import Syncer, all_finite
-from decoupled_diloco.config import Config, make_codec
+from decoupled_diloco.config import CodecConfig, Config
 from decoupled_diloco.data.loader import ShardIterator
 from decoupled_diloco.models import transformer
 
@@ -216,6 +217,12 @@ class Team:
 def learner_batch(cfg: Config) -> int:
   """Sequences in one learner's full batch: the global batch split over the learners."""
   return cfg.data.batch_size // cfg.diloco.num_learners
+
+
+def make_codec(c: CodecConfig, direction: str) -> codecs.Codec:
+  """The codec of one direction (`up` or `down`) with the section's options."""
+  return codecs.make_codec(getattr(c, direction), block_size=c.block_size,
+                           topk_fraction=c.topk_fraction, topk_values=c.topk_values)
 
 
 def make_learner(cfg: Config, m: int, island, inner_step, params, opt_state,

@@ -109,7 +109,7 @@ def on_link(c) -> dict:
       timelines=None, outages=None, seed=c.seed)
   up, down = c.params * c.up_bits / 8 / p, c.params * c.down_bits / 8 / p
   backend = _CountingBackend(m, [int(up)] * p, [int(down)] * p)
-  sim = simulated.Simulation(backend, protocol, world, p)
+  sim = simulated.Simulation(backend, protocol, world, p, budget="inner_steps")
   sim.run(c.steps * m)
   report = sim.report()
   busy = sum(lr["busy_s"] for lr in report["learners"]) / (m * report["virtual_seconds"])

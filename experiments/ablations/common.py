@@ -7,7 +7,7 @@ RDA, tokens^2/steps weights; 300 steps of 32 x 128 bytes = 1.2M tokens).
 host (the `small` model, 5000 steps, P = H = 24), as `config.use_small_run`.
 """
 
-from decoupled_diloco.models.transformer import PRESETS
+from decoupled_diloco.config import PRESETS
 from experiments.sweep import cell
 
 DECOUPLED = "experiments/decoupled_diloco.py"
