@@ -13,6 +13,8 @@ setuptools.setup(
         "flax>=0.11.0",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11.0",
+        "tensorstore>=0.1.86",  # runtime/mailbox.py (also under orbax).
+        "ml-dtypes>=0.7.0",  # runtime/mailbox.py (also under jax).
         "ml-collections>=1.0.0",
         "absl-py>=2.1.0",
         "numpy>=1.26",
@@ -20,7 +22,7 @@ setuptools.setup(
         "matplotlib>=3.8",  # experiments/report.py figures (Agg, headless).
     ],
     extras_require={
-        "test": ["pytest>=8.0"],
+        "test": ["pytest>=8.0", "import-linter>=2.17"],  # .importlinter, run by .ci/run.
         "cuda": ["jax[cuda12]>=0.7.0"],
         "tpu": ["jax[tpu]>=0.7.0"],
     },
