@@ -342,6 +342,7 @@ class LearnerSchedule:
     self.awaiting: dict[int, tuple[int, int]] = {}  # Learners that wait: p -> (round, send step).
     self.held: list[Publication] = []  # Learners that wait: landed, not yet due.
     self.answered = np.full(len(schedule.offsets), -1, np.int64)  # Newest round landed, per p.
+    self.aligned = np.full(len(schedule.offsets), -1, np.int64)  # Step of p's last alignment.
     self.rephases = 0
 
   @property
@@ -373,7 +374,11 @@ class LearnerSchedule:
     effects = []
     if pub.round >= 0:
       effects += self._rephase_if_behind(pub, now)
-    return effects + [Align(pub)]
+    return effects + [self._align(pub)]
+
+  def _align(self, pub: Publication) -> Align:
+    self.aligned[pub.fragment] = self.step
+    return Align(pub)
 
   def noticed(self, notice: Notice) -> list:
     """Round `notice.round` closed with nothing merged: it answers that round."""
@@ -393,7 +398,7 @@ class LearnerSchedule:
       if rnd is not None and pub.round >= rnd and self.step < sent + self.schedule.overlap:
         keep.append(pub)
         continue
-      effects.append(Align(pub))
+      effects.append(self._align(pub))
       if rnd is not None and pub.round >= rnd:
         del self.awaiting[pub.fragment]
     self.held = keep
@@ -410,6 +415,9 @@ class LearnerSchedule:
     self.phase += target - position
     self.rephases += 1
     # Their work since the last alignment is not lost: they go out at once, late.
+    # A fragment aligned at this very step has none (its next send carries what
+    # comes).
+    skipped = {q: r for q, r in skipped.items() if self.aligned[q] != self.step}
     return [*(Send(q, skipped[q]) for q in sorted(skipped)),
             Log("rephase", {"fragment": pub.fragment, "round": pub.round, "position": position,
                             "to": target, "sent": sorted(skipped)})]
@@ -424,11 +432,13 @@ class LearnerSchedule:
     """JSON-able state, publications held aside (they go through the runtime's table)."""
     return {"step": self.step, "phase": self.phase,
             "awaiting": sorted([p, r, s] for p, (r, s) in self.awaiting.items()),
-            "answered": self.answered.tolist(), "rephases": self.rephases}
+            "answered": self.answered.tolist(), "aligned": self.aligned.tolist(),
+            "rephases": self.rephases}
 
   def load_state(self, s: dict, held: list[Publication]) -> None:
     self.step, self.phase = int(s["step"]), int(s["phase"])
     self.awaiting = {int(p): (int(r), int(st)) for p, r, st in s["awaiting"]}
     self.answered = np.array(s["answered"], np.int64)
+    self.aligned = np.array(s["aligned"], np.int64)
     self.rephases = int(s["rephases"])
     self.held = list(held)

@@ -75,6 +75,25 @@ def round_of(position: int, offset: int, sync_every: int) -> int:
   return (position - offset) // sync_every
 
 
+def place(pending: dict[int, list], entry, contribution, rnd: int, of=lambda e: e) -> None:
+  """Adds `entry` (made of `contribution`) to round `rnd` of a fragment's `pending`.
+
+  A newer contribution from the same learner measured from the same base
+  holds all of the older one's work: if the older one still waits in a
+  round, the newer one takes its place there (the earliest round gets the
+  freshest work, as a learner ahead of the others would want). `of(e)` is
+  the contribution a pending entry was made of.
+  """
+  key = (contribution.learner, contribution.base_version)
+  for r in sorted(pending):
+    entries = pending[r]
+    for i, e in enumerate(entries):
+      if (of(e).learner, of(e).base_version) == key:
+        entries[i] = entry
+        return
+  pending.setdefault(rnd, []).append(entry)
+
+
 def grace_window(*, overlap: int, step_s: float, quorum_s: float, sync_s: float,
                  gamma: float, grace_max_s: float) -> float:
   """Seconds to wait for more learners once the quorum is reached (module docstring)."""

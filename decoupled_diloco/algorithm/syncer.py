@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from decoupled_diloco.algorithm import codecs, merge
+from decoupled_diloco.algorithm import codecs, merge, rounds
 from decoupled_diloco.algorithm.messages import FULL, Contribution, Publication
 
 STALENESS_WEIGHTINGS = ("none", "inverse")
@@ -330,23 +330,10 @@ class Syncer:
     return Accepted(deltas, scale)
 
   def admit(self, c: Contribution, accepted: Accepted, rnd: int) -> None:
-    """Adds a validated contribution to round `rnd` of its fragment.
-
-    A newer contribution from the same learner measured from the same base
-    holds all of the older one's work: if the older one still waits in a
-    round, the newer one takes its place there (the earliest round gets the
-    freshest work, as a learner ahead of the others would want).
-    """
-    pending, key = self.pending[c.fragment], (c.learner, c.base_version)
+    """Adds a validated contribution to round `rnd` of its fragment (`rounds.place`)."""
     entry = Entry(c, accepted.deltas, int(self.version[c.fragment] - c.base_version),
                   accepted.scale)
-    for r in sorted(pending):
-      entries = pending[r]
-      for i, e in enumerate(entries):
-        if (e.contribution.learner, e.contribution.base_version) == key:
-          entries[i] = entry
-          return
-    pending.setdefault(rnd, []).append(entry)
+    rounds.place(self.pending[c.fragment], entry, c, rnd, of=lambda e: e.contribution)
 
   def receive(self, c: Contribution, rnd: int, checked: Checked | None = None) -> bool:
     """`validate` then `admit` to round `rnd`; False if rejected."""

@@ -9,9 +9,10 @@ Streaming DiLoCo (https://arxiv.org/abs/2501.18512).
 
 import numpy as np
 
-from decoupled_diloco.algorithm import codecs, fragments as fragments_lib, rounds
+from decoupled_diloco.algorithm import codecs
 from decoupled_diloco.algorithm.messages import Publication
 from decoupled_diloco.config import Config
+from decoupled_diloco.runtime import team as team_lib
 from decoupled_diloco.runtime.team import Team
 
 
@@ -22,7 +23,8 @@ class LockStep:
     self.team = Team(cfg, train_tokens)
     self.model, self.eval_island = self.team.model, self.team.eval_island
     self.tokens_per_step = self.team.tokens_per_step
-    self.sync_every, self.overlap = cfg.diloco.sync_every, cfg.diloco.overlap
+    self.schedule = team_lib.schedule(cfg, self.team.offsets)
+    self.overlap = cfg.diloco.overlap
     self.step = 0
     self.peak_bytes_per_step = 0
     # At most one publication per fragment is in flight (tau < H): slot p holds
@@ -51,8 +53,7 @@ class LockStep:
     self.step += 1
     self._merge_sent()  # Last step's fragments, while this step computes.
     step_bytes = 0
-    for p in fragments_lib.due(self.step, team.offsets, self.sync_every):
-      rnd = rounds.round_of(self.step, team.offsets[p], self.sync_every)
+    for p, rnd in self.schedule.due(self.step):
       contributions = [team.send(m, p, rnd) for m in range(team.num_learners)]
       step_bytes += sum(c.nbytes for c in contributions)
       checks = [team.syncer.check(c) for c in contributions]

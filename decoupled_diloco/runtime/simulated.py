@@ -122,7 +122,7 @@ class Simulation:
   """Runs the protocol over a backend; see module docstring."""
 
   def __init__(self, backend: Backend, protocol: Protocol, world: World, num_fragments: int,
-               log_path: str | None = None, budget: str = "inner_steps"):
+               log_path: str | None = None, *, budget: str):
     if budget not in BUDGETS:
       raise ValueError(f"budget={budget!r} is unknown; choose from {BUDGETS}.")
     self.protocol, self.world = protocol, world
