@@ -1,8 +1,11 @@
 """Small configs, simulations and checks shared by the tests."""
 
 import copy
+import functools
 import json
 import math
+import os
+import tempfile
 from typing import Any, NamedTuple
 
 import jax
@@ -11,14 +14,26 @@ import orbax.checkpoint as ocp
 import pytest
 
 from decoupled_diloco import config as config_lib
-from decoupled_diloco.algorithm import rounds
-from decoupled_diloco.runtime import goodput, serialization, simulated
+from decoupled_diloco.algorithm import fragments, rounds
+from decoupled_diloco.data import corpus as corpus_lib
+from decoupled_diloco.runtime import goodput, scenario, serialization, simulated
+from decoupled_diloco.runtime.team import Team
+
+CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "corpus")
+"""The tests' own text (tests/fixtures/README.md): the same bytes on every Python."""
+
+
+@functools.cache
+def corpus() -> corpus_lib.Corpus:
+  """The fixture corpus, read once per test session (its arrays are read-only)."""
+  return corpus_lib.load(CORPUS)
 
 
 def tiny_config(runtime="data_parallel", steps=20, **overrides):
-  """A small, fast model and run; `overrides` are dotted field paths."""
+  """A small, fast model and run on the fixture corpus; `overrides` are dotted field paths."""
   c = config_lib.base_config()
   c.runtime = runtime
+  c.data.path = CORPUS
   c.model.update(num_layers=1, d_model=64, num_heads=2, mlp_dim=128, seq_len=32)
   c.data.batch_size = 16
   c.train.update(steps=steps, log_every=5, eval_every=0, eval_batches=2,
@@ -65,12 +80,90 @@ def preempt(monkeypatch, runtime_cls, at_step: int, config, workdir) -> None:
       train.train_and_evaluate(config, str(workdir))
 
 
+def make_runtime(config, workdir=None):
+  """`config`'s runtime on the fixture corpus, to drive step by step outside train.py.
+
+  `workdir` (default: a fresh temporary folder) is where a decoupled runtime
+  writes its event log when `sim.event_log` is on.
+  """
+  from decoupled_diloco import train  # pylint: disable=g-import-not-at-top
+  return train.make_runtime(config_lib.parse(config), corpus(),
+                            str(workdir or tempfile.mkdtemp(prefix="runtime_")))
+
+
+def initial_eval_loss(config) -> float:
+  """The eval loss of `config`'s model before its first step, as train.py evaluates it."""
+  from decoupled_diloco import steps  # pylint: disable=g-import-not-at-top
+  from decoupled_diloco.data import loader  # pylint: disable=g-import-not-at-top
+  cfg, rt = config_lib.parse(config), make_runtime(config)
+  batches = loader.eval_batches(corpus().eval, batch_size=cfg.data.batch_size,
+                                seq_len=cfg.model.seq_len, num_batches=cfg.train.eval_batches)
+  return steps.evaluate(steps.make_eval_loss(rt.model, rt.eval_island), rt.eval_island,
+                        rt.eval_params(), batches)
+
+
+def count_model_eval_loss(config, context: int) -> float:
+  """The eval loss of byte counts: what a model that learned only byte frequencies scores.
+
+  Counts of the fixture's train split, each byte given the `context` (0 or 1)
+  bytes before it, add-one smoothed, scored on the windows train.py evaluates
+  `config` on. A model below the context-0 loss uses the bytes before; below
+  the context-1 loss, more than the one before.
+  """
+  from decoupled_diloco.data import loader  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.parse(config)
+  windows = np.concatenate(loader.eval_batches(
+      corpus().eval, batch_size=cfg.data.batch_size, seq_len=cfg.model.seq_len,
+      num_batches=cfg.train.eval_batches))
+  train = np.asarray(corpus().train, np.int64)
+  if context == 0:
+    counts = np.bincount(train, minlength=256) + 1.0
+    return float(-np.log(counts[windows[:, 1:]] / counts.sum()).mean())
+  if context != 1:
+    raise ValueError(f"context={context}: 0 or 1.")
+  counts = np.ones((256, 256))
+  np.add.at(counts, (train[:-1], train[1:]), 1.0)
+  p = counts / counts.sum(axis=1, keepdims=True)
+  return float(-np.log(p[windows[:, :-1], windows[:, 1:]]).mean())
+
+
+def make_team(steps=20, **overrides) -> Team:
+  """A `Team` of two decoupled learners on the fixture corpus; `overrides` as tiny_config's."""
+  c = tiny_config("decoupled", steps=steps, **{"diloco.num_learners": 2, **overrides})
+  return Team(config_lib.parse(c), corpus().train)
+
+
+class ArraysRuntime:
+  """The smallest runtime a `Checkpointer` saves: a few arrays drawn from `seed`."""
+
+  def __init__(self, seed=0):
+    rng = np.random.default_rng(seed)
+    self.tree = {"w": rng.normal(size=(64, 64)).astype(np.float32),
+                 "b": rng.normal(size=(64,)).astype(np.float32), "step": np.int64(seed)}
+
+  def state(self):
+    return self.tree
+
+  def load_state(self, tree):
+    self.tree = {k: np.asarray(v) for k, v in tree.items()}
+
+  def extra_state(self):
+    return [], None
+
+  def load_extra_state(self, payloads, meta):
+    del payloads, meta
+
+
 # --- Decoupled DiLoCo -----------------------------------------------------------
 
 
 def simulation(seconds, *, quorum, grace_gamma=0.0, grace_max_s=100.0, overlap=0,
                num_fragments=1, sync_every=1, timelines=None, latency_s=0.0, wait=False,
                max_staleness=-1, late="next", log_path=None, backend=None):
+  """A compute-free simulation of a world given by hand: learner m steps in `seconds[m]`.
+
+  `compute_free` builds one from a config instead.
+  """
   m = len(seconds)
   backend = backend or goodput.AnalyticBackend(m, [100] * num_fragments, [100] * num_fragments,
                                                max_staleness)
@@ -86,8 +179,34 @@ def simulation(seconds, *, quorum, grace_gamma=0.0, grace_max_s=100.0, overlap=0
   return simulated.Simulation(backend, protocol, world, num_fragments, log_path)
 
 
+def compute_free(config, log_path=None, *, budget="inner_steps", fragment_bytes=100):
+  """`config`'s decoupled run in the simulator, compute-free, as `runtime.Decoupled` builds it.
+
+  The world (step times, failure draws, network) and the protocol follow from
+  the ConfigDict `config`; the `budget` is explicit (`sim.budget` is not read);
+  an `AnalyticBackend` stands in for the model, every fragment `fragment_bytes`
+  each way.
+  """
+  cfg = config_lib.parse(config)
+  d = cfg.diloco
+  seconds = scenario.step_seconds(cfg)
+  sizes = [fragment_bytes] * d.num_fragments
+  return simulated.Simulation(
+      goodput.AnalyticBackend(d.num_learners, sizes, sizes),
+      scenario.protocol(cfg, fragments.sync_offsets(d.num_fragments, d.sync_every)),
+      scenario.world(cfg, seconds, scenario.chaos_horizon(cfg, seconds)), d.num_fragments,
+      None if log_path is None else str(log_path), budget=budget)
+
+
 def events(path, kind):
   return [e for e in map(json.loads, open(path)) if e["event"] == kind]
+
+
+def diloco_config(steps=6, **overrides):
+  """Lock-step DiLoCo: M = 2 learners, P = 1, H = 3, tau = 0: syncs after steps 3 and 6."""
+  base = {"diloco.num_learners": 2, "diloco.num_fragments": 1, "diloco.sync_every": 3,
+          "diloco.overlap": 0, "diloco.alpha": 0.0}
+  return tiny_config("lockstep", steps=steps, **{**base, **overrides})
 
 
 def decoupled_config(steps=6, **overrides):
@@ -102,6 +221,13 @@ def chaos_overrides():
           "chaos.reconfiguration_s": 0.5, "chaos.restart_s": 1.0, "sim.noise": 0.1,
           "diloco.quorum": 1, "diloco.overlap": 1, "diloco.grace_gamma": 1.0,
           "chaos.seed": 3}  # Both learners lose every slice within the run.
+
+
+def busy_config(steps=100, **overrides):
+  """Four learners, P = 3, H = 6, failing slices, latency and syncer time: many events."""
+  return tiny_config("decoupled", steps=steps, **{
+      **chaos_overrides(), "diloco.num_learners": 4, "diloco.num_fragments": 3,
+      "diloco.sync_every": 6, "sim.latency_s": 0.4, "sim.syncer_seconds": 0.3, **overrides})
 
 
 class Snapshot(NamedTuple):

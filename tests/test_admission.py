@@ -10,13 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from decoupled_diloco import config as config_lib
 from decoupled_diloco.algorithm import codecs
 from decoupled_diloco.algorithm.messages import Contribution
 from decoupled_diloco.algorithm.syncer import Syncer, cap_shares
-from decoupled_diloco.data import corpus as corpus_lib
-from decoupled_diloco.runtime.team import Team
-from tests.helpers import tiny_config
+from tests.helpers import make_team
 
 N = 64
 FP32, INT4 = codecs.make_codec("fp32"), codecs.make_codec("int4", block_size=32)
@@ -129,8 +126,7 @@ def test_a_huge_delta_is_clipped_or_rejected_once_norms_are_known(bound):
 
 
 def test_a_spoofed_nan_message_does_not_reset_a_healthy_learner():
-  cfg = config_lib.parse(tiny_config("decoupled", **{"diloco.num_learners": 2}))
-  team = Team(cfg, corpus_lib.load("embedded").train)
+  team = make_team()
   team.inner_step(1)
   params = jax.device_get(team.learners[1].params)
   real = team.send(1, 0, 0)

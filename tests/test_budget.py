@@ -8,30 +8,20 @@ the run it is compared with (BUILD.md, "Decoupled DiLoCo").
 import pytest
 
 from decoupled_diloco import config as config_lib
-from decoupled_diloco.algorithm import fragments
-from decoupled_diloco.data import corpus as corpus_lib
-from decoupled_diloco.runtime import goodput, scenario, simulated
-from decoupled_diloco.runtime.decoupled import Decoupled
-from tests.helpers import chaos_overrides, restore, snapshot, tiny_config
+from decoupled_diloco.runtime import simulated
+from tests.helpers import (busy_config, chaos_overrides, compute_free, make_runtime, restore,
+                           snapshot, tiny_config)
 
 
-def compute_free(tmp_path, name, budget, **overrides):
+def chaotic(tmp_path, name, budget, **overrides):
   """A chaotic 4-learner run, compute-free, logging to tmp_path/name.jsonl."""
-  cfg = config_lib.parse(tiny_config("decoupled", steps=100, **{
-      **chaos_overrides(), "diloco.num_learners": 4, "diloco.num_fragments": 3,
-      "diloco.sync_every": 6, "sim.latency_s": 0.4, "sim.syncer_seconds": 0.3, **overrides}))
-  seconds = scenario.step_seconds(cfg)
-  return simulated.Simulation(
-      goodput.AnalyticBackend(4, [100] * 3, [100] * 3),
-      scenario.protocol(cfg, fragments.sync_offsets(3, 6)),
-      scenario.world(cfg, seconds, scenario.chaos_horizon(cfg, seconds)), 3,
-      str(tmp_path / f"{name}.jsonl"), budget=budget)
+  return compute_free(busy_config(**overrides), tmp_path / f"{name}.jsonl", budget=budget)
 
 
 def test_full_batches_stop_at_the_same_event_under_either_budget(tmp_path):
   runs = {}
   for budget in simulated.BUDGETS:
-    sim = compute_free(tmp_path, budget, budget, **{"chaos.elastic_batch": "keep"})
+    sim = chaotic(tmp_path, budget, budget, **{"chaos.elastic_batch": "keep"})
     sim.run(400)
     sim.close()
     runs[budget] = (sim.report(), (tmp_path / f"{budget}.jsonl").read_text())
@@ -40,8 +30,8 @@ def test_full_batches_stop_at_the_same_event_under_either_budget(tmp_path):
 
 
 def test_shrunken_steps_count_as_their_share_of_a_batch(tmp_path):
-  tokens = compute_free(tmp_path, "tokens", "tokens")
-  steps = compute_free(tmp_path, "steps", "inner_steps")
+  tokens = chaotic(tmp_path, "tokens", "tokens")
+  steps = chaotic(tmp_path, "steps", "inner_steps")
   tokens.run(400)
   steps.run(400)
   assert steps.total_steps == 400 and steps.batch_parts < 400 * 2  # Some steps on 1 of 2 slices.
@@ -50,13 +40,13 @@ def test_shrunken_steps_count_as_their_share_of_a_batch(tmp_path):
 
 
 def test_tokens_budget_resumes_exactly(tmp_path):
-  straight = compute_free(tmp_path, "straight", "tokens")
+  straight = chaotic(tmp_path, "straight", "tokens")
   straight.run(150)
   snap = snapshot(straight, tmp_path / "straight.jsonl")
   straight.run(400)
   straight.close()
   (tmp_path / "resumed.jsonl").write_text(snap.log)
-  resumed = compute_free(tmp_path, "resumed", "tokens")
+  resumed = chaotic(tmp_path, "resumed", "tokens")
   restore(resumed, snap)
   resumed.run(400)
   resumed.close()
@@ -67,16 +57,14 @@ def test_tokens_budget_resumes_exactly(tmp_path):
 
 def test_chaos_run_trains_on_steps_times_the_global_batch():
   """Real training, slices failing often: tokens budget vs the inner-steps one."""
-  corpus = corpus_lib.load("embedded")
   steps, batch_size, seq_len, num_learners = 12, 16, 32, 2
   budget_tokens = steps * batch_size * seq_len
   learner_batch = batch_size // num_learners * seq_len
   trained = {}
   for budget in simulated.BUDGETS:
-    cfg = config_lib.parse(tiny_config("decoupled", steps=steps, **{
+    rt = make_runtime(tiny_config("decoupled", steps=steps, **{
         **chaos_overrides(), "chaos.mtbi_chip_hours": 0.002, "diloco.num_learners": 2,
         "diloco.sync_every": 3, "sim.event_log": False, "sim.budget": budget}))
-    rt = Decoupled(cfg, corpus.train, "/tmp/unused")
     for _ in range(steps):
       rt.train_step()
     summary = rt.summary()

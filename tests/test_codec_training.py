@@ -12,17 +12,10 @@ from decoupled_diloco import config as config_lib
 from decoupled_diloco import train
 from decoupled_diloco.algorithm import fragments
 from decoupled_diloco.algorithm.syncer import Syncer
-from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.models import transformer
 from decoupled_diloco.runtime.lockstep import LockStep
-from tests.helpers import assert_trees_equal, final_checkpoint, preempt, tiny_config
-
-
-def diloco_config(steps=6, **overrides):
-  """M = 2 learners, P = 1, H = 3, tau = 0: syncs after steps 3 and 6."""
-  base = {"diloco.num_learners": 2, "diloco.num_fragments": 1, "diloco.sync_every": 3,
-          "diloco.overlap": 0, "diloco.alpha": 0.0}
-  return tiny_config("lockstep", steps=steps, **{**base, **overrides})
+from tests.helpers import (assert_trees_equal, diloco_config, final_checkpoint, make_runtime,
+                           preempt)
 
 
 def tensor_sizes(c) -> list[int]:
@@ -90,8 +83,7 @@ def test_error_feedback_residual_is_checkpointed_and_resumes_bitwise(tmp_path, m
 
 def test_nan_learner_is_rejected_and_never_merged():
   # A lossy block codec with error feedback: NaN must survive encoding and the residual.
-  cfg = config_lib.parse(diloco_config(**{"codec.up": "int2", "codec.error_feedback": True}))
-  rt = LockStep(cfg, corpus_lib.load("embedded").train)
+  rt = make_runtime(diloco_config(**{"codec.up": "int2", "codec.error_feedback": True}))
   syncer = rt.team.syncer
   # A shadow syncer that only ever sees the healthy learner 0.
   shadow = Syncer(syncer.global_flat(), rt.team.fragments, outer_tx=syncer.tx,

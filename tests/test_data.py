@@ -7,6 +7,7 @@ import pytest
 
 from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.data import loader
+from tests.helpers import CORPUS, corpus
 
 
 def _write(tmp_path, files):
@@ -25,6 +26,13 @@ def test_embedded_split_is_deterministic_and_by_file():
   with open(sorted(held_out)[0], "rb") as f:
     first = f.read()
   assert a.eval[:len(first)].tobytes() == first  # Whole files, in sorted order.
+
+
+def test_the_tests_corpus_is_what_its_readme_says():
+  c = corpus()  # tests/fixtures/README.md
+  assert c.description == f"{CORPUS}: 65 train / 6 eval files"
+  assert len(c.train) + len(c.eval) == 707_263 and c.vocab_size == 256
+  assert not c.train.flags.writeable  # Shared by every test of the session.
 
 
 def test_text_directory_and_glob(tmp_path):

@@ -7,12 +7,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from decoupled_diloco import checkpointing, config as config_lib, train
-from decoupled_diloco.algorithm import fragments
-from decoupled_diloco.runtime import goodput, scenario, serialization, simulated
+from decoupled_diloco import checkpointing, train
+from decoupled_diloco.runtime import serialization, simulated
 from decoupled_diloco.runtime.decoupled import Decoupled
-from tests.helpers import (assert_trees_equal, chaos_overrides, final_checkpoint, preempt,
-                           restore, snapshot, tiny_config)
+from tests.helpers import (ArraysRuntime, assert_trees_equal, busy_config, chaos_overrides,
+                           compute_free, final_checkpoint, preempt, restore, snapshot,
+                           tiny_config)
 
 
 def checkpoint_meta(workdir, step):
@@ -36,18 +36,8 @@ def test_snapshot_keeps_numpy_floats_apart_from_python_floats():
 @pytest.mark.parametrize("wait", [False, True])
 def test_simulation_resumes_exactly_from_a_snapshot(tmp_path, wait):
   """Compute-free, over many events: snapshot after 600 steps in all, go on to 2000."""
-  cfg = config_lib.parse(tiny_config("decoupled", steps=500, **{
-      **chaos_overrides(), "diloco.num_learners": 4, "diloco.num_fragments": 3,
-      "diloco.sync_every": 6, "sim.latency_s": 0.4, "sim.syncer_seconds": 0.3,
-      "sim.learners_wait": wait}))
-  seconds = scenario.step_seconds(cfg)
-  horizon = scenario.chaos_horizon(cfg, seconds)
-
-  def simulation(log):
-    return simulated.Simulation(
-        goodput.AnalyticBackend(4, [100] * 3, [100] * 3),
-        scenario.protocol(cfg, fragments.sync_offsets(3, 6)),
-        scenario.world(cfg, seconds, horizon), 3, str(log), budget="inner_steps")
+  config = busy_config(steps=500, **{"sim.learners_wait": wait})
+  simulation = lambda log: compute_free(config, log)
 
   straight = simulation(tmp_path / "straight.jsonl")
   straight.run(600)
@@ -104,30 +94,11 @@ def test_interrupted_run_resumes_exactly_with_messages_in_flight(tmp_path, monke
     assert resumed[key] == straight[key], key
 
 
-class Counter:
-  """The smallest runtime a `Checkpointer` can save."""
-
-  def __init__(self):
-    self.count = np.int64(0)
-
-  def state(self):
-    return {"count": self.count}
-
-  def load_state(self, s):
-    self.count = s["count"]
-
-  def extra_state(self):
-    return [], None
-
-  def load_extra_state(self, payloads, meta):
-    del payloads, meta
-
-
 def test_checkpoint_of_another_runtime_is_a_clear_error(tmp_path):
   ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1, runtime="lockstep")
-  ckpt.save(1, Counter())
+  ckpt.save(1, ArraysRuntime())
   ckpt.close()
   ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1, runtime="decoupled")
   with pytest.raises(ValueError, match="runtime='lockstep', not runtime='decoupled'"):
-    ckpt.restore(1, Counter())
+    ckpt.restore(1, ArraysRuntime())
   ckpt.close()

@@ -15,26 +15,20 @@ from decoupled_diloco.algorithm import codecs, fragments, merge
 from decoupled_diloco.algorithm.learner import Learner
 from decoupled_diloco.algorithm.rounds import RoundRules, Rounds, grace_window
 from decoupled_diloco.algorithm.syncer import Syncer
-from decoupled_diloco.data import corpus as corpus_lib
-from decoupled_diloco.runtime import chaos, goodput, scenario, simulated
-from decoupled_diloco.runtime.team import Team
-from tests.helpers import simulation, tiny_config
+from decoupled_diloco.runtime import chaos, goodput
+from tests.helpers import compute_free, make_team, simulation
 
 FP32 = codecs.make_codec("fp32")
 
 
-def compute_free(variant: str):
-  """A variant of experiments/decoupled_diloco.py, compute-free; returns (sim, backend)."""
+def paper_run(variant: str):
+  """A variant of experiments/decoupled_diloco.py run compute-free; (sim, backend, cfg)."""
   from experiments import decoupled_diloco  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.parse(decoupled_diloco.get_config(variant))
-  seconds = scenario.step_seconds(cfg)
-  num, every = cfg.diloco.num_fragments, cfg.diloco.sync_every
-  backend = goodput.AnalyticBackend(cfg.diloco.num_learners, [1000] * num, [1000] * num)
-  sim = simulated.Simulation(backend, scenario.protocol(cfg, fragments.sync_offsets(num, every)),
-                             scenario.world(cfg, seconds, scenario.chaos_horizon(cfg, seconds)),
-                             num, budget="inner_steps")
+  c = decoupled_diloco.get_config(variant)
+  cfg = config_lib.parse(c)
+  sim = compute_free(c, fragment_bytes=1000)
   sim.run(cfg.train.steps * cfg.diloco.num_learners)
-  return sim, backend, cfg
+  return sim, sim.backend, cfg
 
 
 # --- 1. Rounds follow the schedule ------------------------------------------------------
@@ -42,7 +36,7 @@ def compute_free(variant: str):
 
 @pytest.mark.parametrize("variant", ["hetero_k1", "hetero_k1_grace", "chaos"])
 def test_out_of_phase_learners_create_no_extra_outer_steps(variant):
-  sim, _, cfg = compute_free(variant)
+  sim, _, cfg = paper_run(variant)
   # The schedule's rounds: how far the furthest learner's position got.
   furthest = max(ln.step + ln.phase for ln in sim.learners)
   scheduled = furthest / cfg.diloco.sync_every
@@ -51,7 +45,7 @@ def test_out_of_phase_learners_create_no_extra_outer_steps(variant):
 
 
 def test_slow_learners_are_rephased_and_their_late_work_is_merged():
-  sim, backend, _ = compute_free("hetero_k1")
+  sim, backend, _ = paper_run("hetero_k1")
   report = sim.report()["protocol"]
   assert report["rephases"] > 0 and report["late_joined"] > 0
   # Every learner's work reaches merges: the slow ones (2, 3) too.
@@ -129,8 +123,7 @@ def test_simulated_k_equals_m_merges_without_a_learner_that_went_down(tmp_path):
 
 
 def test_rejoin_resets_the_inner_optimizer_and_keeps_the_schedule():
-  cfg = config_lib.parse(tiny_config("decoupled", **{"diloco.num_learners": 2}))
-  team = Team(cfg, corpus_lib.load("embedded").train)
+  team = make_team()
   for _ in range(3):
     team.inner_step(1)
   mu = lambda learner: jax.tree.leaves(learner.opt_state[1][0].mu)
@@ -242,8 +235,7 @@ def test_tokens2_per_step_weights_a_shrunken_learner_lower():
 
 
 def test_team_shrinks_the_batch_on_fewer_slices():
-  cfg = config_lib.parse(tiny_config("decoupled", **{"diloco.num_learners": 2}))
-  team = Team(cfg, corpus_lib.load("embedded").train)
+  team = make_team()
   team.inner_step(0, share=1.0)
   team.inner_step(1, share=0.5)
   assert team.tokens.tolist() == [8 * 32, 4 * 32]
@@ -290,7 +282,7 @@ def test_simulator_logs_the_window_and_its_inputs_each_round(tmp_path):
 
 
 def test_every_lost_chip_second_has_a_cause():
-  sim, _, cfg = compute_free("chaos")
+  sim, _, cfg = paper_run("chaos")
   r = sim.report()
   lost = r["lost_chip_s"]
   assert r["useful_chip_s"] + sum(lost.values()) == pytest.approx(r["allocated_chip_s"])

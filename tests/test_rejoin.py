@@ -7,9 +7,7 @@ import optax
 
 from decoupled_diloco import config as config_lib
 from decoupled_diloco import optim
-from decoupled_diloco.data import corpus as corpus_lib
-from decoupled_diloco.runtime.team import Team
-from tests.helpers import assert_trees_equal, tiny_config
+from tests.helpers import assert_trees_equal, make_team
 
 
 def test_restart_rewarms_the_learning_rate_from_the_global_step_by_hand():
@@ -53,9 +51,7 @@ def test_without_a_restart_the_inner_optimizer_is_plain_adamw():
 
 
 def test_a_rejoined_learners_first_inner_step_takes_the_rewarmup_learning_rate():
-  cfg = config_lib.parse(tiny_config("decoupled", steps=40, **{
-      "diloco.num_learners": 2, "chaos.rewarmup_steps": 4}))
-  team = Team(cfg, corpus_lib.load("embedded").train)
+  team = make_team(steps=40, **{"chaos.rewarmup_steps": 4})
   for _ in range(12):
     team.inner_step(1)
   team.restart(1, fresh_optimizer=True, schedule_step=12)

@@ -24,7 +24,7 @@ from decoupled_diloco import workdir as workdir_lib
 from decoupled_diloco.algorithm import codecs, fragments, learner, merge, rounds, syncer
 from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.runtime import simulated
-from tests.helpers import tiny_config
+from tests.helpers import ArraysRuntime, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,31 +163,10 @@ def test_kill_after_checkpoint_keeps_every_metrics_record(tmp_path, straight):
 
 # Finding 6: a bad checkpoint falls back to the one before it.
 
-class Arrays:
-  """The smallest runtime a `Checkpointer` saves: a few arrays."""
-
-  def __init__(self, seed):
-    rng = np.random.default_rng(seed)
-    self.tree = {"w": rng.normal(size=(64, 64)).astype(np.float32),
-                 "b": rng.normal(size=(64,)).astype(np.float32), "step": np.int64(seed)}
-
-  def state(self):
-    return self.tree
-
-  def load_state(self, tree):
-    self.tree = {k: np.asarray(v) for k, v in tree.items()}
-
-  def extra_state(self):
-    return [], None
-
-  def load_extra_state(self, payloads, meta):
-    del payloads, meta
-
-
 def _two_checkpoints(workdir) -> checkpointing.Checkpointer:
   ckpt = checkpointing.Checkpointer(str(workdir), keep=2, runtime="data_parallel")
-  ckpt.save(1, Arrays(1))
-  ckpt.save(2, Arrays(2))
+  ckpt.save(1, ArraysRuntime(1))
+  ckpt.save(2, ArraysRuntime(2))
   return ckpt
 
 
@@ -211,7 +190,7 @@ def _flip_bit(path):
 
 def _rewrite_one_value(step_dir):
   """A flipped bit that decodes fine: the stored `w` differs in one bit, the meta not."""
-  tree = Arrays(2).tree
+  tree = ArraysRuntime(2).tree
   tree["w"] = tree["w"].copy()
   tree["w"].view(np.uint32)[3, 5] ^= 1 << 7
   shutil.rmtree(os.path.join(step_dir, "default"))
@@ -235,10 +214,10 @@ def test_bad_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, dama
     _truncate(_largest_file(os.path.join(step_dir, "meta")))
 
   ckpt = checkpointing.Checkpointer(str(tmp_path), keep=2, runtime="data_parallel")
-  rt = Arrays(0)
+  rt = ArraysRuntime(0)
   with caplog.at_level(logging.WARNING):
     ckpt.restore_latest(rt)
-  np.testing.assert_array_equal(rt.tree["w"], Arrays(1).tree["w"])
+  np.testing.assert_array_equal(rt.tree["w"], ArraysRuntime(1).tree["w"])
   assert int(rt.tree["step"]) == 1
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert len(warnings) == 1 and "checkpoint 2:" in warnings[0], warnings
@@ -246,7 +225,7 @@ def test_bad_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, dama
     assert "fail their checksum" in warnings[0] and "/w" in warnings[0]
   assert ckpt.latest_step() == 1  # The bad one is moved aside: step 2 can be written again.
   assert os.listdir(tmp_path / "checkpoints_failed") == ["2"]
-  ckpt.save(2, Arrays(2))
+  ckpt.save(2, ArraysRuntime(2))
   ckpt.close()
 
 
@@ -256,7 +235,7 @@ def test_no_intact_checkpoint_is_one_clear_error(tmp_path):
     _truncate(_largest_file(str(tmp_path / "checkpoints" / step / "default")))
   ckpt = checkpointing.Checkpointer(str(tmp_path), keep=2, runtime="data_parallel")
   with pytest.raises(checkpointing.BadCheckpointError, match="no checkpoint .* is intact"):
-    ckpt.restore_latest(Arrays(0))
+    ckpt.restore_latest(ArraysRuntime(0))
   ckpt.close()
 
 
@@ -325,7 +304,7 @@ def test_lock_of_a_live_process_is_respected_without_flock(tmp_path, monkeypatch
 
 # Finding 8: resuming with a config of another shape names the fields.
 
-class Unloadable(Arrays):
+class Unloadable(ArraysRuntime):
   def __init__(self):
     super().__init__(0)
 
