@@ -21,6 +21,7 @@ import time
 import pytest
 
 from launch import common, gpu
+from tests import helpers
 
 SECRET = "file-s3cret-never-printed-1234"
 ENV_SECRET = "env-s3cret-never-printed-5678"
@@ -375,17 +376,15 @@ def test_status_reads_leases_and_versions_from_the_mailbox():
   assert lines[5] == "learner 1: never seen"
 
 
-RUNTIME = os.path.join(common.REPO, "decoupled_diloco", "runtime", "distributed.py")
 # tests/helpers.tiny_config and decoupled_config, as --set flags.
-TINY = ["model.num_layers=1", "model.d_model=64", "model.num_heads=2", "model.mlp_dim=128",
-        "model.seq_len=32", "data.batch_size=16", "train.steps=12", "train.log_every=5",
-        "train.eval_every=0", "train.eval_batches=2", "train.checkpoint_every=0",
-        "inner.warmup_steps=2", "diloco.sync_every=3", "diloco.num_fragments=1"]
+TINY = [f"data.path={helpers.CORPUS}", "model.num_layers=1", "model.d_model=64",
+        "model.num_heads=2", "model.mlp_dim=128", "model.seq_len=32", "data.batch_size=16",
+        "train.steps=12", "train.log_every=5", "train.eval_every=0", "train.eval_batches=2",
+        "train.checkpoint_every=0", "inner.warmup_steps=2", "diloco.sync_every=3",
+        "diloco.num_fragments=1"]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(RUNTIME), reason="needs the real runtime"
-                    " (decoupled_diloco/runtime/distributed.py, issue 11)")
 def test_tpu_run_local_trains_two_learners_and_a_syncer(tmp_path):
   args = ["run", "--local", "--run_name=e2e", "--accelerator_types=v5p-8,v6e-8",
           f"--workdir={tmp_path}", "--config=experiments/decoupled_diloco.py:nochaos",

@@ -16,7 +16,12 @@ def test_tiny_preset_shapes_and_size():
   c = config_lib.ModelConfig(**config_lib.PRESETS["tiny"])
   params = transformer.init_params(c, jax.random.key(0))
   n = transformer.num_params(params)
-  assert 400_000 < n < 600_000, n
+  v, l, d, f = c.vocab_size, c.seq_len, c.d_model, c.mlp_dim
+  # A block: two LayerNorms (scale and bias), q, k, v and out projections without
+  # bias (D x D each), and the MLP's two biased dense layers.
+  block = 2 * 2 * d + 4 * d * d + (d * f + f) + (f * d + d)
+  # Token and position embeddings, the blocks, the final LayerNorm, the biased head.
+  assert n == v * d + l * d + c.num_layers * block + 2 * d + (d * v + v) == 477_952, n
   logits = transformer.Transformer(c).apply({"params": params}, jnp.zeros((3, 128), jnp.int32))
   assert logits.shape == (3, 128, 256) and logits.dtype == jnp.float32
   assert params["embed"]["embedding"].shape == (256, 128)
