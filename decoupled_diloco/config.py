@@ -174,7 +174,7 @@ class IslandsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistConfig:
-  """The real runtime: learner and syncer processes over a mailbox (runtime/distributed.py)."""
+  """The real runtime: learner and syncer processes over a mailbox (runtime/dist/)."""
   lease_s: float = 10.0  # Lease lifetime: a process silent this long is taken as down.
   poll_s: float = 0.05  # Seconds between two polls of the mailbox (learners' courier, syncer).
   startup_s: float = 120.0  # A learner never seen counts as live this long after the syncer starts.

@@ -176,7 +176,8 @@ def simulation(seconds, *, quorum, grace_gamma=0.0, grace_max_s=100.0, overlap=0
       step_seconds=np.asarray(seconds, float), noise=0.0, latency_s=latency_s,
       bytes_per_s=math.inf, syncer_seconds=0.0, slices_per_learner=2, chips_per_slice=1,
       timelines=timelines, outages=None, seed=0)
-  return simulated.Simulation(backend, protocol, world, num_fragments, log_path)
+  return simulated.Simulation(backend, protocol, world, num_fragments, log_path,
+                              budget="inner_steps")
 
 
 def compute_free(config, log_path=None, *, budget="inner_steps", fragment_bytes=100):

@@ -190,13 +190,13 @@ def test_paper_chaos_config_never_stops_and_beats_non_elastic_data_parallel():
   horizon = scenario.chaos_horizon(cfg, scenario.step_seconds(cfg))
   sim = compute_free(c, fragment_bytes=1000)
   merge_times = []
-  merge = sim._close
+  publish = sim._publish
 
-  def timed_merge(p):
+  def timed_publish(message, contributors):
     merge_times.append(sim.now)
-    merge(p)
+    publish(message, contributors)
 
-  sim._close = timed_merge
+  sim._publish = timed_publish
   sim.run(cfg.train.steps * 4)
   report = sim.report()
   assert all(l["down_s"] > 0 for l in report["learners"])  # Everyone went down...

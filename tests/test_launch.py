@@ -361,8 +361,8 @@ def test_slurm_scripts_run_one_learner_per_job(tmp_path):
 
 
 def test_status_reads_leases_and_versions_from_the_mailbox():
-  mailbox_lib = pytest.importorskip("decoupled_diloco.runtime.mailbox")
-  distributed = pytest.importorskip("decoupled_diloco.runtime.distributed")
+  mailbox_lib = pytest.importorskip("decoupled_diloco.runtime.dist.mailbox")
+  distributed = pytest.importorskip("decoupled_diloco.runtime.dist.learner")
   url = "memory://launch-status"
   box = mailbox_lib.Mailbox(url, SECRET.encode())
   box.acquire(distributed.SYNCER_LEASE, "syncer-host:12", 60.0)

@@ -38,7 +38,7 @@ def paper_run(variant: str):
 def test_out_of_phase_learners_create_no_extra_outer_steps(variant):
   sim, _, cfg = paper_run(variant)
   # The schedule's rounds: how far the furthest learner's position got.
-  furthest = max(ln.step + ln.phase for ln in sim.learners)
+  furthest = max(ln.schedule.position for ln in sim.learners)
   scheduled = furthest / cfg.diloco.sync_every
   outer_steps = sim.merges.mean()
   assert abs(outer_steps - scheduled) <= 0.05 * scheduled, (outer_steps, scheduled)
@@ -222,7 +222,7 @@ def test_tokens2_per_step_weights_a_shrunken_learner_lower():
   backend = goodput.AnalyticBackend(2, [100], [100], tokens_per_step=64)
   sim = simulation([1.0, 1.0], quorum=2, sync_every=4, timelines=[full, half], backend=backend)
   sim.run(16)
-  assert sim.learners[1].step == 8  # Same step time on fewer slices...
+  assert sim.learners[1].schedule.step == 8  # Same step time on fewer slices...
   last = backend.merged[-1]
   assert [(c.learner, c.steps, c.tokens) for c in last] == [(0, 4, 256), (1, 4, 128)]
   steps, tokens = [c.steps for c in last], [c.tokens for c in last]

@@ -9,9 +9,8 @@ import math
 
 import numpy as np
 
-from decoupled_diloco.algorithm import rounds
 from decoupled_diloco.config import Config
-from decoupled_diloco.runtime import baselines, chaos, simulated
+from decoupled_diloco.runtime import baselines, chaos, simulated, team
 
 
 def failure_model(cfg: Config) -> chaos.FailureModel:
@@ -33,10 +32,9 @@ def step_seconds(cfg: Config, measured: float | None = None) -> np.ndarray:
 
 def protocol(cfg: Config, offsets) -> simulated.Protocol:
   d = cfg.diloco
-  rules = rounds.RoundRules(quorum=d.quorum or d.num_learners, grace_gamma=d.grace_gamma,
-                            grace_max_s=d.grace_max_s, overlap=d.overlap, late=d.late)
   return simulated.Protocol(offsets=tuple(offsets), sync_every=d.sync_every,
-                            overlap=d.overlap, rules=rules, learners_wait=cfg.sim.learners_wait)
+                            overlap=d.overlap, rules=team.round_rules(cfg),
+                            learners_wait=cfg.sim.learners_wait)
 
 
 def world(cfg: Config, seconds: np.ndarray, horizon_s: float) -> simulated.World:

@@ -17,6 +17,7 @@ from decoupled_diloco import islands as islands_lib
 from decoupled_diloco import optim, steps
 from decoupled_diloco.algorithm import codecs
 from decoupled_diloco.algorithm import fragments as fragments_lib
+from decoupled_diloco.algorithm import protocol, rounds
 from decoupled_diloco.algorithm.learner import Learner
 from decoupled_diloco.algorithm.messages import Contribution, Publication
 from decoupled_diloco.algorithm.syncer import Syncer, all_finite
@@ -212,6 +213,26 @@ class Team:
             "dp_allreduce_bytes": dp, "bytes_reduction_vs_dp": dp / max(sent, 1),
             "outer_steps": int(self.syncer.merges.sum()),
             "rejected": int(sum(self.syncer.rejected.values()))}
+
+
+def global_model(cfg: Config):
+  """(params, fragments, offsets): what every process derives from the config alone."""
+  d = cfg.diloco
+  params = transformer.init_params(cfg.model, jax.random.key(cfg.seed))
+  fragments = fragments_lib.partition(fragments_lib.flatten(params), d.num_fragments,
+                                      d.fragmentation)
+  return params, fragments, fragments_lib.sync_offsets(d.num_fragments, d.sync_every)
+
+
+def round_rules(cfg: Config) -> rounds.RoundRules:
+  d = cfg.diloco
+  return rounds.RoundRules(quorum=d.quorum or d.num_learners, grace_gamma=d.grace_gamma,
+                           grace_max_s=d.grace_max_s, overlap=d.overlap, late=d.late)
+
+
+def schedule(cfg: Config, offsets) -> protocol.Schedule:
+  d = cfg.diloco
+  return protocol.Schedule(tuple(offsets), d.sync_every, d.overlap, cfg.sim.learners_wait)
 
 
 def learner_batch(cfg: Config) -> int:
