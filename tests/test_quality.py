@@ -1,9 +1,11 @@
 """DiLoCo trains almost as well as data-parallel, and a broken outer step shows.
 
-CI-sized (the `tiny` model, 1.2M tokens, 4 learners, H = 25): DiLoCo's eval
-loss must be within 25% of data-parallel's at the same tokens and global
-batch, and the same check must catch a deliberately broken outer step (a
-no-op, or the pseudo-gradient's sign flipped) by a factor of at least 2.
+CI-sized (the `tiny` model, 1.2M tokens of the tests' corpus, 4 learners,
+H = 25): DiLoCo's eval loss must be within 25% of data-parallel's at the same
+tokens and global batch, and the same check must catch a deliberately broken
+outer step: a no-op leaves the evaluated global model exactly at its init, a
+flipped pseudo-gradient sign pushes it above its init, to at least twice
+DiLoCo's loss.
 """
 
 import optax
@@ -11,9 +13,11 @@ import pytest
 
 from decoupled_diloco import divergence, optim, train
 from experiments import data_parallel, diloco
+from tests.helpers import CORPUS, count_model_eval_loss, initial_eval_loss
 
 
 def final_loss(config, workdir, steps=None) -> float:
+  config.data.path = CORPUS
   config.train.update(eval_every=0, checkpoint_every=0)
   if steps is not None:
     config.train.steps = steps
@@ -28,8 +32,15 @@ def test_diloco_is_within_25_percent_of_data_parallel_and_catches_broken_outer_s
     tmp_path, monkeypatch):
   dp = final_loss(data_parallel.get_config(), tmp_path / "dp")
   ok = final_loss(diloco.get_config(), tmp_path / "diloco")
-  assert dp < 2.3, dp  # Data-parallel itself learned (about 1.9).
-  assert ok <= 1.25 * dp, (ok, dp)
+  # Data-parallel itself learned more than byte pairs: it beats the train split's
+  # byte-pair frequencies on the same eval windows (2.86 nats; it gets about 2.58).
+  c = data_parallel.get_config()
+  c.data.path = CORPUS
+  assert dp < count_model_eval_loss(c, context=1), dp
+  assert ok <= 1.25 * dp, (ok, dp)  # About 2.77.
+  c = diloco.get_config()
+  c.data.path = CORPUS
+  at_init = initial_eval_loss(c)
 
   real = optim.outer_optimizer
   broken = {
@@ -44,5 +55,8 @@ def test_diloco_is_within_25_percent_of_data_parallel_and_catches_broken_outer_s
     # rounds is the one after twelve; a flipped one has already pushed it far above
     # the loss of its init.
     bad = final_loss(c, tmp_path / name, 2 * c.diloco.sync_every)
-    assert bad >= 2 * ok, (name, bad, ok)
+    if name == "no-op":
+      assert bad == at_init, (bad, at_init)
+    else:
+      assert bad > at_init and bad >= 2 * ok, (bad, at_init, ok)  # About 8.7.
     assert bad > 1.25 * dp  # The same check would have failed it.
