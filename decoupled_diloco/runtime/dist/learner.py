@@ -143,8 +143,6 @@ class LearnerRuntime:
     dist = self.cfg.dist
     t0 = self.clock()
     while self.schedule.waiting():
-      if self.primary and self._courier.lost:
-        raise RuntimeError(f"learner {self.m}: {self._courier.lost}")
       if self.clock() - t0 > dist.startup_s:
         raise TimeoutError(f"learner {self.m} waited {dist.startup_s:.0f} s for fragments"
                            f" {sorted(self.schedule.awaiting)}: is the syncer running?")
@@ -153,9 +151,16 @@ class LearnerRuntime:
     self.waiting_s += self.clock() - t0
 
   def _take_landed(self) -> None:
-    """Hands what landed since the last call to the schedule (the same on every process)."""
+    """Hands what landed since the last call to the schedule (the same on every process).
+
+    Raises:
+      RuntimeError: if another process took this learner's lease: it must not train on.
+    """
     if self.primary and not self.threaded:
       self._courier.pump()
+    if self.primary and self._courier.lost:
+      raise RuntimeError(f"learner {self.m}: {self._courier.lost}; another process runs"
+                         " this learner, so this one stops")
     landed = multihost.share_landed(self._courier.take() if self.primary else None)
     for message, landed_at in landed:
       if isinstance(message, Notice):

@@ -147,16 +147,17 @@ class Mailbox:
       latency_s, plus len(value) / bytes_per_s when it moves a value. Both
       are attributes, so a chaos test can throttle a running learner's link.
     clock: wall-clock seconds, for leases (tests pass a fake one).
+    sleep: how the slow link waits (tests pass their fake clock's).
   """
 
   def __init__(self, url: str, secret: bytes, *, latency_s: float = 0.0,
-               bytes_per_s: float = math.inf, clock=time.time):
+               bytes_per_s: float = math.inf, clock=time.time, sleep=time.sleep):
     if not isinstance(secret, bytes) or not secret:
       raise ValueError("The mailbox secret must be non-empty bytes.")
     spec = kvstore_spec(url)
     context = _MEMORY if spec["driver"] == "memory" else ts.Context()
     self._kv = ts.KvStore.open(spec, context=context).result()
-    self.url, self._secret, self._clock = url, secret, clock
+    self.url, self._secret, self._clock, self._sleep = url, secret, clock, sleep
     self.latency_s, self.bytes_per_s = latency_s, bytes_per_s
     self._lock = threading.Lock()
     self.rejected = collections.Counter()
@@ -170,7 +171,7 @@ class Mailbox:
   def _link(self, nbytes: int = 0) -> None:
     delay = self.latency_s + nbytes / self.bytes_per_s
     if delay > 0:
-      time.sleep(delay)
+      self._sleep(delay)
 
   def _read(self, key: str) -> "_Read":
     result = self._kv.read(key).result()

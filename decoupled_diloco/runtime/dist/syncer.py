@@ -71,6 +71,7 @@ class SyncerService:
     self.incarnations = [None] * self.num_learners
     self.live = [None] * self.num_learners
     self.commits = np.zeros(self.num_fragments, np.int64)
+    self._write_s = 0.0  # How long the latest commit's writes took.
     self.counts = dict.fromkeys(_SERVICE_COUNTS, 0)
     self.holder = f"{socket.gethostname()}:{os.path.abspath(workdir)}:{os.getpid()}:{id(self)}"
     self.lease: Lease | None = None
@@ -170,21 +171,28 @@ class SyncerService:
       self.counts["recoveries"] += 1
       logging.info("syncer: recovered versions %s from the mailbox",
                    self.syncer.version.tolist())
-    self.log("recovered", versions=self.syncer.version.tolist())
+    self.log("recovered", versions=self.syncer.version.tolist(),
+             merges=self.syncer.merges.tolist(), open=list(self.protocol.rounds.open))
 
   def _commit(self, pub: Publication) -> None:
-    """Writes the outer state, then the publication; raises `Fenced` if it lost the race."""
+    """Writes the outer state, then the publication; raises `Fenced` if it lost the race.
+
+    The sync time is observed before the write (with the previous write's duration), so
+    the state committed with the version holds it: a syncer that recovers from it has
+    the estimates of the one it replaces.
+    """
     p = pub.fragment
     full = self.syncer.publication(p) if self.syncer.held is not None and pub.round >= 0 else None
+    # The publication lands at the learners about one poll later, as they measure it.
+    latencies = [i.get("latency_s", 0.0) for i in self.learners_info.values()]
+    self.protocol.rounds.observe_sync(
+        self._write_s + (float(np.median(latencies)) if latencies else 0.0))
     t0 = self.clock()
     if not self.mailbox.publish(pub, lease=self.lease, outer=self._fragment_state(p), full=full,
                                 written_at=t0):
       raise Fenced(f"version {pub.version} of fragment {p} was published by another syncer")
+    self._write_s = self.clock() - t0
     self.commits[p] += 1
-    # The publication lands at the learners about one poll later, as they measure it.
-    latencies = [i.get("latency_s", 0.0) for i in self.learners_info.values()]
-    self.protocol.rounds.observe_sync(
-        self.clock() - t0 + (float(np.median(latencies)) if latencies else 0.0))
     self.log("publish", fragment=p, version=pub.version, round=pub.round, bytes=pub.nbytes)
     if self.commits[p] % self.cfg.dist.gc_every == 0:
       self._collect(p)
