@@ -1,7 +1,10 @@
 """The real runtime: learner and syncer processes over a file:// mailbox.
 
-Every process a test starts has a timeout, a mailbox of its own (under
-tmp_path), and is stopped by its pid when the test ends, pass or fail.
+What a process adds to the in-process runs (tests/test_dist_inprocess.py,
+tests/test_dist_runtime.py): real kill -9s, wall time, threads, orbax
+checkpoints, and one learner spanning two processes. Every process a test
+starts has a timeout, a mailbox of its own (under tmp_path), and is stopped by
+its pid when the test ends, pass or fail.
 """
 
 import json
@@ -10,14 +13,9 @@ import signal
 import socket
 import time
 
-import jax
-import numpy as np
 import pytest
 
 from decoupled_diloco import config as config_lib, metrics
-from decoupled_diloco.algorithm import fragments as fragments_lib
-from decoupled_diloco.data import corpus as corpus_lib
-from decoupled_diloco.runtime.lockstep import LockStep
 from launch import local
 from tests import helpers
 
@@ -76,36 +74,6 @@ def _step(box, m: int) -> int:
   return lease.info.get("step", 0) if lease else 0
 
 
-def test_lockstep_mode_matches_the_in_process_lockstep_runtime_bitwise(start_run):
-  """K = M, no grace, learners wait: the two clocks drive one algorithm, to the bit."""
-  overrides = {"diloco.num_learners": 2, "diloco.num_fragments": 2, "diloco.sync_every": 3,
-               "diloco.quorum": 0, "diloco.grace_gamma": 0.0, "sim.learners_wait": True}
-  # Islands of 4 fake devices each, in both runtimes (8 devices split in two here).
-  config = helpers.tiny_config("decoupled", steps=9, **overrides)
-  run = start_run(config, devices_per_learner=4)
-
-  cfg = config_lib.parse(helpers.tiny_config("lockstep", steps=9, **overrides))
-  corpus = corpus_lib.load(cfg.data.path, cfg.data.eval_percent)
-  ref = LockStep(cfg, corpus.train)
-  for _ in range(cfg.train.steps):
-    ref.train_step()
-  expected = jax.device_get(ref.eval_params())
-  _finish(run)
-
-  box = run.mailbox()
-  got = {}
-  for p, keys in enumerate(ref.team.fragments):
-    v = box.latest_version(p)
-    assert v == ref.team.syncer.version[p]
-    pub = box.full_copy(p, v)
-    got.update({k: t["values"] for k, t in zip(keys, pub.payload)})
-  flat = fragments_lib.flatten(expected)
-  for key, value in flat.items():
-    np.testing.assert_array_equal(np.ravel(got[key]), np.ravel(value), err_msg=key)
-  summary = json.load(open(os.path.join(run.workdir, "syncer", "summary.json")))
-  assert summary["versions"] == ref.team.syncer.version.tolist()
-
-
 def _chaos_config(steps):
   return helpers.tiny_config(
       "decoupled", steps=steps, **{"diloco.num_learners": 2, "diloco.num_fragments": 2,
@@ -115,9 +83,17 @@ def _chaos_config(steps):
 
 
 def test_kill_9_of_a_learner_then_of_the_syncer_never_stops_the_run(start_run):
-  """One run, two real faults: each is survived, and nothing is lost or applied twice."""
+  """One run, two real faults: each is survived, and nothing is lost or applied twice.
+
+  The learner comes back from its checkpoint (step 25 or a later multiple), more than
+  `dist.resume_max_versions` behind: it resumes, then rejoins. The syncer comes back with
+  the state it had committed: the versions, merge counts and open rounds the mailbox
+  holds, which are its last publications'.
+  """
   steps = 500
-  run = start_run(_chaos_config(steps=steps))
+  config = _chaos_config(steps=steps)
+  cfg = config_lib.parse(config)
+  run = start_run(config)
   box = run.mailbox()
   versions = lambda: [box.latest_version(p) for p in range(2)]
 
@@ -140,6 +116,8 @@ def test_kill_9_of_a_learner_then_of_the_syncer_never_stops_the_run(start_run):
   syncer_killed_at = time.time()
   run.syncer.wait(10)
   committed, progress = versions(), [_step(box, m) for m in range(2)]
+  outer = [box.outer_state(p, v)[0] for p, v in enumerate(committed)]
+  rounds = [box.publication(p, v)[0].round for p, v in enumerate(committed)]
   time.sleep(3)  # At most one heartbeat (lease_s / 4) behind the learners' steps.
   assert any(_step(box, m) > s and s < steps for m, s in enumerate(progress))
   assert versions() == committed
@@ -150,9 +128,15 @@ def test_kill_9_of_a_learner_then_of_the_syncer_never_stops_the_run(start_run):
   after = [e for e in events if e["event"] == "arrive" and e["learner"] == 1
            and e["t"] > learner_killed_at]
   assert after, "learner 1 never contributed after its restart"
-  starts = [e for e in _events(os.path.join(run.workdir, "learner1", "events.jsonl"))
-            if e["event"] == "start"]
-  assert len(starts) == 2 and starts[0]["incarnation"] != starts[1]["incarnation"]
+  learner1 = _events(os.path.join(run.workdir, "learner1", "events.jsonl"))
+  starts = [i for i, e in enumerate(learner1) if e["event"] == "start"]
+  assert len(starts) == 2 and learner1[starts[0]]["incarnation"] != learner1[starts[1]]["incarnation"]
+  killed_at_step = max(e["step"] for e in learner1[:starts[1]] if e["event"] == "step")
+  resumed = [e for e in learner1[starts[1]:] if e["event"] == "resume"]
+  rejoined = [e for e in learner1[starts[1]:] if e["event"] == "rejoin"]
+  assert [e["step"] % 25 for e in resumed] == [0] and 0 < resumed[0]["step"] < killed_at_step
+  assert len(rejoined) == 1 and rejoined[0]["versions_behind"] > cfg.dist.resume_max_versions
+  assert not [e for e in learner1[:starts[1]] if e["event"] in ("resume", "rejoin")]
   for m in range(2):
     summary = json.load(open(os.path.join(run.workdir, f"learner{m}", "summary.json")))
     assert summary["steps"] == steps
@@ -163,9 +147,24 @@ def test_kill_9_of_a_learner_then_of_the_syncer_never_stops_the_run(start_run):
     assert mine == list(range(mine[0], mine[-1] + 1)), f"fragment {p} skipped a version"
     assert mine[-1] > committed[p]
   recovered = [e for e in events if e["event"] == "recovered" and e["t"] > syncer_killed_at]
-  assert recovered and recovered[0]["versions"] == committed
+  assert len(recovered) == 1 and recovered[0]["versions"] == committed
+  assert recovered[0]["merges"] == committed  # One merge per version, none lost or redone.
+  assert recovered[0]["open"] == [o["open"] for o in outer]
+  for p in range(2):
+    # The commit the mailbox holds is the killed syncer's last publication (or, killed
+    # between writing it and logging it, the one after its last logged).
+    last = [e for e in events if e["event"] == "publish" and e["fragment"] == p
+            and e["t"] < syncer_killed_at][-1]
+    assert last["version"] in (committed[p], committed[p] - 1)
+    assert outer[p]["published"] == rounds[p] and outer[p]["open"] > rounds[p]
+    if last["version"] == committed[p]:
+      assert last["round"] == rounds[p]
+    first = [e for e in events if e["event"] == "publish" and e["fragment"] == p
+             and e["t"] > syncer_killed_at and e["round"] >= 0][0]
+    assert first["version"] == committed[p] + 1 and first["round"] >= outer[p]["open"]
   summary = json.load(open(os.path.join(run.workdir, "syncer", "summary.json")))
   assert summary["epoch"] == 2 and summary["protocol"]["recoveries"] == 1
+  assert summary["merges_per_fragment"] == summary["versions"]
 
 
 def test_a_learner_spanning_two_processes_trains_and_contributes(start_run, tmp_path):
