@@ -66,17 +66,22 @@ class Run(InProcessRun):
     return Mailbox(self.url, SECRET, clock=clock, sleep=clock.sleep)
 
   def checkpoint(self, m: int) -> dict:
-    """Learner m's state now, as its checkpoint holds it (host copies)."""
-    return _host(self.learners[m].state())
+    """Learner m's state now, as its checkpoint holds it (host copies; `extra`: its
+    `extra_state()`, the schedule)."""
+    rt = self.learners[m]
+    return {**_host(rt.state()), "extra": rt.extra_state()}
 
   def restart(self, m: int, state=None):
     """As the harness's, with `state` put on the new learner's devices as orbax restores it."""
     rt = super().restart(m)
     if state is not None:
+      state = dict(state)
+      payloads, meta = state.pop("extra")
       target = rt.state()
       rt.load_state(jax.tree.map(
           lambda t, x: jax.device_put(x, t.sharding) if isinstance(t, jax.Array) else x,
           target, state))
+      rt.load_extra_state(payloads, meta)
     return rt
 
   def events(self, name: str, kind=None) -> list[dict]:
@@ -243,7 +248,7 @@ def test_a_restarted_learner_resumes_within_the_threshold_and_rejoins_beyond_it(
   rt = run.restart(1, saved)
   assert rt.ready()  # Connects: resumes.
   assert rt.counts["rejoins"] == 0 and not run.events("learner1", "rejoin")
-  assert rt.step == 3 and rt.position == int(saved["phase"]) + 3
+  assert rt.step == 3 and rt.position == saved["extra"][1]["schedule"]["phase"] + 3
   helpers.assert_trees_equal(_host(rt.learner.opt_state), saved["learner"]["opt_state"])
 
   run.kill(1)

@@ -83,13 +83,6 @@ class Courier:
     with self._lock:
       self._want_full.add(p)
 
-  def rebase(self, versions) -> None:
-    """The learner now holds `versions` (it rejoined from full copies)."""
-    with self._lock:
-      self.fetched[:] = versions
-      self._landed = [(msg, t) for msg, t in self._landed
-                      if isinstance(msg, Notice) or msg.version > versions[msg.fragment]]
-
   def pump_uploads(self, until: float | None = None) -> None:
     """Uploads what is queued, on this thread (in-process use; see module docstring):
     everything, or the contributions sent by `until` (the rest was sent later)."""

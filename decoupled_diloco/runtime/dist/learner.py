@@ -34,7 +34,7 @@ from decoupled_diloco.algorithm import syncer as syncer_lib
 from decoupled_diloco.algorithm.messages import Notice, Publication
 from decoupled_diloco.config import Config
 from decoupled_diloco.models import transformer
-from decoupled_diloco.runtime import team as team_lib
+from decoupled_diloco.runtime import serialization, team as team_lib
 from decoupled_diloco.runtime.dist import multihost, wire
 from decoupled_diloco.runtime.dist.courier import Courier, EventLog
 from decoupled_diloco.runtime.dist.mailbox import Lease, Mailbox
@@ -291,7 +291,7 @@ class LearnerRuntime:
     if jax.process_count() > 1:
       learner = multihost.host_copies(learner)
     return {"learner": learner, "data_position": np.int64(self.data.position),
-            "phase": np.int64(self.schedule.phase), "busy_s": np.float64(self.busy_s)}
+            "busy_s": np.float64(self.busy_s)}
 
   def load_state(self, s: dict) -> None:
     learner = s["learner"]
@@ -302,15 +302,21 @@ class LearnerRuntime:
                                ("params", "opt_state", "base", "residual") if k in learner}}
     self.learner.load_state(learner)
     self.data.position = int(s["data_position"])
-    self.schedule.step, self.schedule.phase = self.learner.step, int(s["phase"])
     self.busy_s = float(s["busy_s"])
     self.log("resume", step=self.learner.step)
 
   def extra_state(self):
-    return [], None  # Queued uploads are work a crash loses (counted as such).
+    """Its place in the schedule, and the publications a lock-step learner holds.
+
+    Queued uploads are not kept: they are work a crash loses (counted as such).
+    """
+    messages = serialization.MessageTable()
+    return messages.payloads, {"schedule": self.schedule.state(),
+                               "held": [messages.ref(pub) for pub in self.schedule.held]}
 
   def load_extra_state(self, payloads, meta) -> None:
-    del payloads, meta
+    messages = serialization.MessageTable(payloads)
+    self.schedule.load_state(meta["schedule"], [messages.message(r) for r in meta["held"]])
 
   def comm_metrics(self) -> dict:
     c = self._courier  # None before the first step; False off process 0.

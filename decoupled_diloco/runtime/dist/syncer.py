@@ -163,6 +163,7 @@ class SyncerService:
     if newest is not None:
       meta, proto = newest[1], self.protocol
       self.syncer.clipped = meta["clipped"]
+      self.syncer.rejected.clear()
       self.syncer.rejected.update(meta["rejected"])
       for name, value in meta["counts"].items():
         (self.counts if name in _SERVICE_COUNTS else proto.counts)[name] = value
