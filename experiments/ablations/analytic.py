@@ -27,7 +27,6 @@ B bytes per direction over a run of T seconds at bandwidth W runs at most at
 W*T/B of its speed.
 """
 
-import json
 import math
 import os
 
@@ -36,6 +35,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from decoupled_diloco import metrics
 from decoupled_diloco.algorithm import rounds
 from decoupled_diloco.runtime import baselines, chaos, goodput, simulated
 
@@ -154,8 +154,7 @@ def main(argv):
   summary = evaluate(flags.FLAGS.config)
   workdir = flags.FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2, sort_keys=True)
+  metrics.write_summary(workdir, summary)  # Atomic: a killed run leaves none, never half.
   print({k: v for k, v in summary.items() if k != "config"})
 
 
