@@ -234,8 +234,9 @@ def test_calibrated_model_reproduces_the_paper_within_3_points():
   for chips, (paper_ne, paper_el) in paper.items():
     n = model.num_slices(chips)
     o = chaos.sample_outages(model, n, horizon_s, seed=0)
-    ne = 100 * baselines.non_elastic(o, model, n, horizon_s).goodput
-    el = 100 * baselines.elastic(o, model, n, horizon_s).goodput
+    step = chaos.CALIBRATION_STEP_S
+    ne = 100 * baselines.non_elastic(o, model, n, horizon_s, step_seconds=step).goodput
+    el = 100 * baselines.elastic(o, model, n, horizon_s, step_seconds=step).goodput
     assert abs(ne - paper_ne) <= 3, (chips, ne)
     assert abs(el - paper_el) <= 3, (chips, el)
 
@@ -311,6 +312,32 @@ def test_elastic_losses_by_hand():
   assert r.lost_chip_s["reconfiguration"] == pytest.approx(2 * (9 * 10 + 10 * 10))
   assert sum(r.lost_chip_s.values()) == pytest.approx(
       r.lost_chip_s["slices_down"] + r.lost_chip_s["reconfiguration"])
+
+
+def test_baselines_lose_the_step_a_stop_cuts_by_hand():
+  one = _outages((3, 100.0, 400.0))
+  # Non-elastic, 9 job slices of 2 chips: steps of 30 s from 0 (3 done, 10 s cut
+  # at the failure at 100) and from the restart's end at 150 (28 done by 990,
+  # 10 s still running at the horizon).
+  model = chaos.FailureModel(chips_per_slice=2, restart_s=50.0, spare_fraction=0.1)
+  r = baselines.non_elastic(one, model, 10, 1000.0, step_seconds=30.0)
+  _assert_accounts_for_everything(r)
+  assert r.lost_chip_s["lost_steps"] == pytest.approx(2 * 9 * 10)
+  assert r.lost_chip_s["in_progress"] == pytest.approx(2 * 9 * 10)
+  assert r.useful_chip_s == pytest.approx(2 * 9 * (90 + 840))
+  assert r.uptime == pytest.approx(0.94) and r.stopped_s == pytest.approx(50.0)
+  # Elastic, 10 s reconfigurations: spans [0, 100) on 10 slices, [110, 400) on 9
+  # (9 steps, 20 s cut), [410, 1000) on 10 (19 steps, 20 s in progress).
+  model = chaos.FailureModel(chips_per_slice=2, reconfiguration_s=10.0)
+  r = baselines.elastic(one, model, 10, 1000.0, step_seconds=30.0)
+  _assert_accounts_for_everything(r)
+  assert r.lost_chip_s["lost_steps"] == pytest.approx(2 * (10 * 10 + 9 * 20))
+  assert r.lost_chip_s["in_progress"] == pytest.approx(2 * 10 * 20)
+  assert r.uptime == pytest.approx((1000 - 20 - 10 - 20) / 1000)
+  # Without a step model (the default) no step is lost.
+  assert baselines.elastic(one, model, 10, 1000.0).lost_chip_s["lost_steps"] == 0.0
+  with pytest.raises(ValueError, match="step_seconds=-1.0"):
+    baselines.elastic(one, model, 10, 1000.0, step_seconds=-1.0)
 
 
 @pytest.mark.parametrize("chips,seed", [(150_000, 0), (1_200_000, 1)])

@@ -29,18 +29,22 @@ uses for learners; useful + the sum of the causes = allocated, exactly):
   reconfiguration  healthy chips of the job idle while it stops: elastic
                    reconfigurations (and restarts from zero slices), or the
                    non-elastic job's restarts, the one after a wait included.
-  lost_steps       work in flight when a failure interrupts a step. The
-                   baselines have no step model: the fitted `restart_s` and
-                   `reconfiguration_s` are the whole cost of an event,
-                   redoing the interrupted step (and, non-elastic, the steps
-                   since the last in-memory checkpoint) included, so it is 0
-                   here and that work is counted in `reconfiguration`.
+  lost_steps       work in flight when a stop interrupts a step: the
+                   all-reduce of the step never completes, so its compute is
+                   redone. Steps of `step_seconds` run back to back from
+                   the start of each running span (as a learner's do in the
+                   simulator); the part of a step that a stop cuts off, on
+                   every chip of the job, is lost.
   unsent_work      0: a data-parallel job has no unsent local progress (the
                    learners' cost of losing every slice before sending).
   waiting          non-elastic: healthy chips of the job idle while it waits
                    for repairs because the spares ran dry.
   idle_spares      non-elastic: healthy hot spares, allocated and idle.
-  in_progress      0: steps running when the run stops (learners only).
+  in_progress      the part of a step still running at the horizon, when
+                   the run stops (as the simulator's learners).
+
+With `step_seconds=0` there is no step model: every running second counts as
+useful, and lost_steps and in_progress are 0.
 """
 
 import heapq
@@ -69,7 +73,8 @@ class BaselineReport(NamedTuple):
 
 
 def non_elastic(outages: chaos.Outages, model: chaos.FailureModel,
-                num_slices: int, horizon_s: float) -> BaselineReport:
+                num_slices: int, horizon_s: float, *,
+                step_seconds: float = 0.0) -> BaselineReport:
   """Goodput of fixed-size data-parallel with hot spares and restarts.
 
   Args:
@@ -77,6 +82,8 @@ def non_elastic(outages: chaos.Outages, model: chaos.FailureModel,
     model: supplies `restart_s` and `spare_fraction`.
     num_slices: slices allocated; the job runs on all but the spares.
     horizon_s: length of the run, in seconds.
+    step_seconds: time of one training step; a failure loses the step it
+      cuts (`lost_steps`). 0: no step model.
 
   Returns:
     The report; `num_stops` counts restarts.
@@ -84,6 +91,7 @@ def non_elastic(outages: chaos.Outages, model: chaos.FailureModel,
   Raises:
     ValueError: if the spares leave no slice to run on.
   """
+  _check_step(step_seconds)
   num_spares = round(model.spare_fraction * num_slices)
   job_size = num_slices - num_spares
   if job_size < 1:
@@ -98,17 +106,20 @@ def non_elastic(outages: chaos.Outages, model: chaos.FailureModel,
   num_down = 0
   # State: running; restarting until resume_at; or waiting (resume_at = inf).
   running, resume_at = True, math.inf
+  run_start = 0.0  # Where the running span (and its step grid) began.
   num_stops = 0
-  # Slice-seconds by state of the slice (multiplied by chips at the end).
-  slice_s = dict.fromkeys(("useful", "restart", "wait", "down", "spare"), 0.0)
+  # Slice-seconds by state of the slice (multiplied by chips at the end);
+  # "running" includes the cut steps, moved to "cut"/"tail" at the end.
+  slice_s = dict.fromkeys(("running", "restart", "wait", "down", "spare", "cut", "tail"),
+                          0.0)
   last = 0.0
 
   def advance(t: float) -> None:
     """Integrates the slice states from `last` to t (resuming on the way)."""
-    nonlocal running, resume_at
+    nonlocal running, resume_at, run_start
     if not running and resume_at <= t:  # The restart ends before t.
       _integrate(resume_at)
-      running, resume_at = True, math.inf
+      running, resume_at, run_start = True, math.inf, resume_at
     _integrate(t)
 
   def _integrate(t: float) -> None:
@@ -117,7 +128,7 @@ def non_elastic(outages: chaos.Outages, model: chaos.FailureModel,
     if dt <= 0:
       return
     members = job_size - missing  # Healthy by construction.
-    state = ("useful" if running else "restart" if resume_at < math.inf
+    state = ("running" if running else "restart" if resume_at < math.inf
              else "wait")
     slice_s[state] += members * dt
     slice_s["down"] += num_down * dt
@@ -151,32 +162,37 @@ def non_elastic(outages: chaos.Outages, model: chaos.FailureModel,
     if running:
       running = False
       num_stops += 1
+      slice_s["cut"] += job_size * float(_cut_short(t - run_start, step_seconds))
     if fill():
       resume_at = math.inf  # Wait for repairs.
     elif resume_at == math.inf:
       resume_at = t + model.restart_s
   advance(horizon_s)
+  if running:
+    slice_s["tail"] = job_size * float(_cut_short(horizon_s - run_start, step_seconds))
   chips = model.chips_per_slice
   lost = dict.fromkeys(LOSS_CAUSES, 0.0)
   lost["slices_down"] = chips * slice_s["down"]
   lost["reconfiguration"] = chips * slice_s["restart"]
+  lost["lost_steps"] = chips * slice_s["cut"]
   lost["waiting"] = chips * slice_s["wait"]
   lost["idle_spares"] = chips * slice_s["spare"]
+  lost["in_progress"] = chips * slice_s["tail"]
   allocated = chips * num_slices * horizon_s
-  useful = chips * slice_s["useful"]
-  uptime = slice_s["useful"] / job_size
+  useful = chips * (slice_s["running"] - slice_s["cut"] - slice_s["tail"])
+  running_s = slice_s["running"] / job_size
   return BaselineReport(
       goodput=useful / allocated,
-      uptime=uptime / horizon_s,
+      uptime=(slice_s["running"] - slice_s["cut"]) / job_size / horizon_s,
       num_failures=int(np.sum(outages.start < horizon_s)),
       num_stops=num_stops,
-      stopped_s=horizon_s - uptime,
+      stopped_s=horizon_s - running_s,
       allocated_chip_s=allocated, useful_chip_s=useful, lost_chip_s=lost)
 
 
 def elastic(outages: chaos.Outages, model: chaos.FailureModel,
             num_slices: int, horizon_s: float,
-            slices: range | None = None) -> BaselineReport:
+            slices: range | None = None, *, step_seconds: float = 0.0) -> BaselineReport:
   """Goodput of elastic data-parallel over every slice.
 
   Args:
@@ -189,10 +205,13 @@ def elastic(outages: chaos.Outages, model: chaos.FailureModel,
     slices: the job's slices, `range(num_slices)` by default; a learner's
       block (`chaos.slices_of_learner`) gives the elastic job of that
       learner's size on the same draws.
+    step_seconds: time of one training step; a reconfiguration loses the
+      step it cuts (`lost_steps`). 0: no step model.
 
   Returns:
     The report; `num_stops` counts reconfigurations.
   """
+  _check_step(step_seconds)
   if slices is None:
     slices = range(num_slices)
   if len(slices) != num_slices:
@@ -200,21 +219,48 @@ def elastic(outages: chaos.Outages, model: chaos.FailureModel,
   line = chaos.elastic_timeline(outages, slices, horizon_s, model)
   seconds = line.end - line.start
   advancing = line.running & (line.slices_up > 0)
+  # Each running segment ends in a stop (or at the horizon) and has a step grid
+  # of its own, as a learner's in the simulator.
+  cut = np.where(advancing, _cut_short(seconds, step_seconds), 0.0)
+  stopped = line.end < horizon_s
   chips = model.chips_per_slice
   lost = dict.fromkeys(LOSS_CAUSES, 0.0)
   lost["slices_down"] = chips * float(np.sum(seconds * (num_slices - line.slices_up)))
   lost["reconfiguration"] = chips * float(np.sum(seconds * line.slices_up * ~line.running))
-  useful = chips * float(np.sum(seconds * line.slices_up * line.running))
+  lost["lost_steps"] = chips * float(np.sum(cut * line.slices_up * stopped))
+  lost["in_progress"] = chips * float(np.sum(cut * line.slices_up * ~stopped))
+  useful = chips * float(np.sum((seconds * line.running - cut) * line.slices_up))
   allocated = chips * num_slices * horizon_s
   return BaselineReport(
       goodput=useful / allocated,
-      uptime=float(np.sum(seconds * advancing) / horizon_s),
+      uptime=float(np.sum((seconds - cut * stopped) * advancing) / horizon_s),
       num_failures=int(np.sum((outages.start < horizon_s)
                               & (outages.slice >= slices.start)
                               & (outages.slice < slices.stop))),
       num_stops=line.num_reconfigurations,
       stopped_s=float(np.sum(seconds * ~line.running)),
       allocated_chip_s=allocated, useful_chip_s=useful, lost_chip_s=lost)
+
+
+def _check_step(step_seconds) -> None:
+  if (isinstance(step_seconds, bool)
+      or not isinstance(step_seconds, (int, float, np.number))
+      or not math.isfinite(step_seconds) or step_seconds < 0):
+    raise ValueError(f"step_seconds={step_seconds!r} must be a finite number >= 0.")
+
+
+def _cut_short(seconds, step_seconds: float):
+  """Seconds of the step still running `seconds` into a span of back-to-back steps.
+
+  A step that ends within a millionth of a step of the span's end completes
+  (the simulator adds step times one by one, so its clock drifts from
+  span start + k * step by round-off).
+  """
+  seconds = np.asarray(seconds, float)
+  if not step_seconds:
+    return np.zeros_like(seconds)
+  done = np.floor(seconds / step_seconds + 1e-6)
+  return np.maximum(seconds - done * step_seconds, 0.0)
 
 
 def _events(outages: chaos.Outages, horizon_s: float):

@@ -35,14 +35,16 @@ def simulate_decoupled(model: chaos.FailureModel, *, num_chips: int, num_learner
   same reconfiguration as a repaired slice coming back).
 
   Besides the simulator's report, `report["baselines"]` holds, on the same
-  draws and over the same virtual time (`baselines.BaselineReport._asdict()`):
-  `non_elastic` and `elastic`, the data-parallel baselines on every slice of
-  the system, and `elastic_per_learner`, for each learner the elastic
-  data-parallel job of its own size (its own block of slices). A learner
-  runs on its block exactly as that job does (`chaos.elastic_timeline`), so
-  it loses the same chip-time to slices down and reconfigurations; what it
-  loses beyond is what the protocol adds (lost in-flight steps, unsent work,
-  waiting, steps in progress at the end).
+  draws, over the same virtual time and with steps of the same
+  `step_seconds` (`baselines.BaselineReport._asdict()`): `non_elastic` and
+  `elastic`, the data-parallel baselines on every slice of the system, and
+  `elastic_per_learner`, for each learner the elastic data-parallel job of
+  its own size (its own block of slices). A learner runs on its block
+  exactly as that job does (`chaos.elastic_timeline`, steps back to back
+  from the start of each running span), so it loses the same chip-time to
+  slices down, reconfigurations, steps a stop cuts and the step running at
+  the end; what it loses beyond is what the protocol adds (unsent work when
+  it loses every slice, waiting for the syncer).
   """
   slices = model.num_slices(num_chips) // num_learners
   if slices < 1:
@@ -72,11 +74,14 @@ def simulate_decoupled(model: chaos.FailureModel, *, num_chips: int, num_learner
   now = max(sim.now, 1e-12)
   total = model.num_slices(num_chips)
   report["baselines"] = {
-      "non_elastic": baselines.non_elastic(outages, model, total, now)._asdict(),
-      "elastic": baselines.elastic(outages, model, total, now)._asdict(),
+      "non_elastic": baselines.non_elastic(outages, model, total, now,
+                                           step_seconds=step_seconds)._asdict(),
+      "elastic": baselines.elastic(outages, model, total, now,
+                                   step_seconds=step_seconds)._asdict(),
       "elastic_per_learner": [
           baselines.elastic(outages, model, slices, now,
-                            slices=chaos.slices_of_learner(m, slices))._asdict()
+                            slices=chaos.slices_of_learner(m, slices),
+                            step_seconds=step_seconds)._asdict()
           for m in range(num_learners)],
   }
   return report
