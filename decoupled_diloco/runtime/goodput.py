@@ -119,15 +119,11 @@ class AnalyticBackend:
       return None
     return c
 
+  last_rejection = "stale"  # The only reason `validate` rejects.
+
   def admit(self, c, rnd) -> None:
     """As `Syncer.admit`: a fresher delta from the same base takes the older one's place."""
-    pending = self.pending[c.fragment]
-    for r in sorted(pending):
-      for i, old in enumerate(pending[r]):
-        if (old.learner, old.base_version) == (c.learner, c.base_version):
-          pending[r][i] = c
-          return
-    pending.setdefault(rnd, []).append(c)
+    rounds.place(self.pending[c.fragment], c, c, rnd)
 
   def discard(self, c, reason) -> None:
     del c, reason
@@ -145,8 +141,8 @@ class AnalyticBackend:
     self.version[p] += 1
     return Publication(p, self.version[p], (), self.bytes_down[p], round=rnd)
 
-  def publication(self, p):
-    return Publication(p, self.version[p], (), self.bytes_down[p])
+  def current_version(self, p) -> int:
+    return self.version[p]
 
   def deliver(self, m, pub) -> str:
     self.sent += pub.nbytes

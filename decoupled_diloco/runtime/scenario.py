@@ -67,16 +67,22 @@ def data_parallel_baselines(cfg: Config, ideal_s: float, end_s: float,
   so failure-free it needs `ideal_s`. Non-elastic: any failure stalls it until
   the slice is repaired, then it restarts; elastic: it goes on with the slices
   that are up after a reconfiguration, at a speed proportional to them.
-  Returns, for each, the virtual seconds it needs for the same tokens (None if
-  more than the sampled horizon) and the share of them done by `end_s`, when
-  the decoupled run finished.
+  Each loses the step in flight at a failure, as the learners do. Returns,
+  for each, the virtual seconds it needs for the same tokens (None if more
+  than the sampled horizon) and the share of them done by `end_s`, when the
+  decoupled run finished.
   """
   model = failure_model(cfg)
   num_slices = cfg.chaos.slices_per_learner * cfg.diloco.num_learners
   outages = chaos.sample_outages(model, num_slices, horizon_s, cfg.chaos.seed)
-  work = {
-      "non_elastic": lambda h: baselines.non_elastic(outages, model, num_slices, h).uptime * h,
-      "elastic": lambda h: baselines.elastic(outages, model, num_slices, h).goodput * h,
+  # Its steps are those of the learners at full strength, and a failure cuts the
+  # step in flight as it cuts a learner's (`baselines`, "lost_steps").
+  step_s = ideal_s / cfg.train.steps
+  work = {  # Useful seconds by `h` (the failure model holds no spares here).
+      "non_elastic": lambda h: baselines.non_elastic(outages, model, num_slices, h,
+                                                     step_seconds=step_s).goodput * h,
+      "elastic": lambda h: baselines.elastic(outages, model, num_slices, h,
+                                             step_seconds=step_s).goodput * h,
   }
   out = {}
   for name, done in work.items():

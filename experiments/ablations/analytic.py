@@ -134,7 +134,7 @@ def under_failures(c) -> dict:
   horizon = c.horizon_hours * chaos.HOUR_S
   outages = chaos.sample_outages(model, n, horizon, c.seed)
   run = {"dp_non_elastic": baselines.non_elastic, "dp_elastic": baselines.elastic}[c.method]
-  r = run(outages, model, n, horizon)
+  r = run(outages, model, n, horizon, step_seconds=c.step_seconds)  # Cut steps lost, as above.
   return {"goodput": r.goodput, "uptime": r.uptime, "virtual_seconds": horizon,
           "failures": r.num_failures}
 
