@@ -467,7 +467,9 @@ def test_contributions_past_the_rounds_ahead_bound_are_read_once_the_round_catch
   s.step(3.0)
   assert s.svc.syncer.version[0] == 1 and s.svc.seen[0, 1] == -1
   s.send(0, 0, open0 + 1, base_version=1)  # Closes the next: now within the bound.
-  s.step(4.0)
+  s.step(4.0)  # Read, then decided as one batch: the deferred key is read at the next poll.
+  assert s.svc.seen[0, 1] == -1
+  s.step(4.5)
   arrived = [(e["learner"], e["round"], e["status"]) for e in s.events("arrive")]
   assert arrived == [(0, open0, "on_time"), (0, open0 + 1, "on_time"), (1, ahead, "future")]
   assert s.svc.seen[0, 1] == ahead

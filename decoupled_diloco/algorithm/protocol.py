@@ -210,21 +210,28 @@ class SyncerProtocol:
     """A contribution this far ahead of the open round is not read yet (or is rejected)."""
     return rnd > self.rounds.open[p] + rounds_lib.MAX_ROUNDS_AHEAD
 
-  def unreadable(self, m: int, p: int, rnd: int, now: float, reason: str) -> list:
+  def unreadable(self, m: int, p: int, rnd: int, now: float, reason: str, *,
+                 decide: bool = True) -> list:
     """A message that names (m, p, rnd) but cannot be used: m reported that round."""
     self.rounds.mark_reported(m, p, rnd)
     return [Log("reject", {"learner": m, "fragment": p, "round": rnd, "reason": reason}),
-            *self._decide(p, now)]
+            *(self._decide(p, now) if decide else [])]
 
-  def arrive(self, c: Contribution, now: float) -> list:
-    """A contribution arrived: validate, place it in a round, close what the rules say."""
+  def arrive(self, c: Contribution, now: float, *, decide: bool = True) -> list:
+    """A contribution arrived: validate, place it in a round, close what the rules say.
+
+    The fragment is decided after every batch of arrivals: messages that are
+    there together are placed together (a real syncer's poll reads what came
+    since the last one: `decide=False` for each, then `decide(p, now)`), so one
+    read before another is not taken for one that came first.
+    """
     p = c.fragment
     token = self.merger.validate(c)
     if token is None:  # It will not send this round again.
       self.rounds.mark_reported(c.learner, p, c.round)
       return [Log("reject", {"learner": c.learner, "fragment": p, "round": c.round,
                              "reason": self.merger.last_rejection}),
-              *self._decide(p, now)]
+              *(self._decide(p, now) if decide else [])]
     verdict = self.rounds.arrive(c.learner, p, c.round, sent_at=c.sent_at,
                                  step_s=c.step_seconds)
     if np.isfinite(c.step_seconds) and c.step_seconds > 0:
@@ -240,7 +247,11 @@ class SyncerProtocol:
       effects = [Log("arrive", {"learner": c.learner, "fragment": p, "round": c.round,
                                 "joins": verdict.round, "status": verdict.status,
                                 "contributors": self.rounds.senders(p)})]
-    return effects + self._decide(p, now)
+    return effects + (self._decide(p, now) if decide else [])
+
+  def decide(self, p: int, now: float) -> list:
+    """Closes what the rules say of fragment p's rounds now (after a batch of arrivals)."""
+    return self._decide(p, now)
 
   def timer(self, p: int, rnd: int, now: float) -> list:
     """A `Timer` fired: decide fragment p if round `rnd` is still open in its window."""

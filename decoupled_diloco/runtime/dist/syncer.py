@@ -267,9 +267,10 @@ class SyncerService:
       got = self.mailbox.receive(p, rnd, m)
       if got is None:
         self.counts["rejected_mailbox"] += 1
-        self._perform(self.protocol.unreadable(m, p, rnd, now, "message"))
+        self._perform(self.protocol.unreadable(m, p, rnd, now, "message", decide=False))
       else:
-        self._perform(self.protocol.arrive(got[0], now))
+        self._perform(self.protocol.arrive(got[0], now, decide=False))
+    self._perform(self.protocol.decide(p, now))  # What this poll read came together.
 
   def step(self, now: float) -> bool:
     """One poll: liveness, new contributions, timers; True once every learner is done
