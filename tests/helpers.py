@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from decoupled_diloco import config as config_lib
-from decoupled_diloco.algorithm import fragments, rounds
+from decoupled_diloco.algorithm import fragments, protocol as protocol_lib, rounds
 from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.runtime import goodput, scenario, serialization, simulated
 from decoupled_diloco.runtime.team import Team
@@ -169,9 +169,9 @@ def simulation(seconds, *, quorum, grace_gamma=0.0, grace_max_s=100.0, overlap=0
                                                max_staleness)
   rules = rounds.RoundRules(quorum=quorum, grace_gamma=grace_gamma, grace_max_s=grace_max_s,
                             overlap=overlap, late=late)
-  protocol = simulated.Protocol(
-      offsets=tuple(p * sync_every // num_fragments for p in range(num_fragments)),
-      sync_every=sync_every, overlap=overlap, rules=rules, learners_wait=wait)
+  protocol = simulated.Protocol(protocol_lib.Schedule(
+      tuple(p * sync_every // num_fragments for p in range(num_fragments)), sync_every,
+      overlap, wait), rules)
   world = simulated.World(
       step_seconds=np.asarray(seconds, float), noise=0.0, latency_s=latency_s,
       bytes_per_s=math.inf, syncer_seconds=0.0, slices_per_learner=2, chips_per_slice=1,

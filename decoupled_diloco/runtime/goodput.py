@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from decoupled_diloco.algorithm.messages import Contribution, Publication
-from decoupled_diloco.algorithm import rounds
+from decoupled_diloco.algorithm import protocol as protocol_lib, rounds
 from decoupled_diloco.runtime import baselines, chaos, simulated
 
 
@@ -56,9 +56,9 @@ def simulate_decoupled(model: chaos.FailureModel, *, num_chips: int, num_learner
                                       model) for m in range(num_learners)]
   rules = rounds.RoundRules(quorum=quorum, grace_gamma=grace_gamma, grace_max_s=grace_max_s,
                             overlap=overlap)
-  protocol = simulated.Protocol(
-      offsets=tuple(p * sync_every // num_fragments for p in range(num_fragments)),
-      sync_every=sync_every, overlap=overlap, rules=rules)
+  protocol = simulated.Protocol(protocol_lib.Schedule(
+      tuple(p * sync_every // num_fragments for p in range(num_fragments)), sync_every,
+      overlap), rules)
   machines = simulated.World(
       step_seconds=np.full(num_learners, step_seconds), noise=0.0, latency_s=0.0,
       bytes_per_s=math.inf, syncer_seconds=0.0, slices_per_learner=slices,

@@ -31,10 +31,7 @@ def step_seconds(cfg: Config, measured: float | None = None) -> np.ndarray:
 
 
 def protocol(cfg: Config, offsets) -> simulated.Protocol:
-  d = cfg.diloco
-  return simulated.Protocol(offsets=tuple(offsets), sync_every=d.sync_every,
-                            overlap=d.overlap, rules=team.round_rules(cfg),
-                            learners_wait=cfg.sim.learners_wait)
+  return simulated.Protocol(team.schedule(cfg, offsets), team.round_rules(cfg))
 
 
 def world(cfg: Config, seconds: np.ndarray, horizon_s: float) -> simulated.World:

@@ -53,14 +53,8 @@ LOSS_CAUSES = ("slices_down", "reconfiguration", "lost_steps", "unsent_work", "w
 
 class Protocol(NamedTuple):
   """The algorithm's schedule and round rules (see DESIGN.md section 2)."""
-  offsets: tuple[int, ...]  # Per-fragment sync offsets.
-  sync_every: int  # H.
-  overlap: int  # tau.
+  schedule: protocol_lib.Schedule
   rules: rounds_lib.RoundRules
-  learners_wait: bool = False  # Learners wait for fragment p at send step + tau.
-
-  def schedule(self) -> protocol_lib.Schedule:
-    return protocol_lib.Schedule(self.offsets, self.sync_every, self.overlap, self.learners_wait)
 
 
 class World(NamedTuple):
@@ -128,7 +122,7 @@ class Simulation:
     self.protocol, self.world = protocol, world
     self.budget = budget
     self.num_learners = len(world.step_seconds)
-    schedule = protocol.schedule()
+    schedule = protocol.schedule
     self.learners = [_Learner(schedule) for _ in range(self.num_learners)]
     self.syncer = protocol_lib.SyncerProtocol(
         backend, schedule, protocol.rules, self.num_learners,

@@ -36,7 +36,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from decoupled_diloco import metrics
-from decoupled_diloco.algorithm import rounds
+from decoupled_diloco.algorithm import protocol as protocol_lib, rounds
 from decoupled_diloco.runtime import baselines, chaos, goodput, simulated
 
 METHODS = ("decoupled", "diloco", "streaming", "data_parallel", "dp_non_elastic",
@@ -100,9 +100,8 @@ def on_link(c) -> dict:
   rules = rounds.RoundRules(quorum=c.quorum if c.method == "decoupled" else m,
                             grace_gamma=c.grace_gamma if c.method == "decoupled" else 0.0,
                             grace_max_s=10 * c.step_seconds, overlap=overlap)
-  protocol = simulated.Protocol(
-      offsets=tuple(i * c.sync_every // p for i in range(p)), sync_every=c.sync_every,
-      overlap=overlap, rules=rules, learners_wait=lockstep)
+  protocol = simulated.Protocol(protocol_lib.Schedule(
+      tuple(i * c.sync_every // p for i in range(p)), c.sync_every, overlap, lockstep), rules)
   world = simulated.World(
       step_seconds=np.full(m, c.step_seconds), noise=0.0, latency_s=c.latency_s,
       bytes_per_s=bytes_per_s, syncer_seconds=0.0, slices_per_learner=1, chips_per_slice=1,
