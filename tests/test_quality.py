@@ -1,8 +1,9 @@
 """DiLoCo trains almost as well as data-parallel, and a broken outer step shows.
 
-CI-sized (the `tiny` model, 1.2M tokens of the tests' corpus, 4 learners,
-H = 25): DiLoCo's eval loss must be within 25% of data-parallel's at the same
-tokens and global batch, and the same check must catch a deliberately broken
+CI-sized (the experiments' configs with a one-layer, 64-wide model over
+64-byte windows: 300 steps of 32 sequences, 0.6M tokens of the tests' corpus,
+4 learners, H = 25): DiLoCo's eval loss must be within 25% of data-parallel's
+at the same tokens and global batch, and the same check must catch a deliberately broken
 outer step: a no-op leaves the evaluated global model exactly at its init, a
 flipped pseudo-gradient sign pushes it above its init, to at least twice
 DiLoCo's loss.
@@ -16,8 +17,15 @@ from experiments import data_parallel, diloco
 from tests.helpers import CORPUS, count_model_eval_loss, initial_eval_loss
 
 
-def final_loss(config, workdir, steps=None) -> float:
+def small(config):
+  """`config` with the one-layer model (the experiments' `tiny` takes four times as long)."""
   config.data.path = CORPUS
+  config.model.update(num_layers=1, d_model=64, num_heads=2, mlp_dim=256, seq_len=64)
+  return config
+
+
+def final_loss(config, workdir, steps=None) -> float:
+  small(config)
   config.train.update(eval_every=0, checkpoint_every=0)
   if steps is not None:
     config.train.steps = steps
@@ -33,14 +41,10 @@ def test_diloco_is_within_25_percent_of_data_parallel_and_catches_broken_outer_s
   dp = final_loss(data_parallel.get_config(), tmp_path / "dp")
   ok = final_loss(diloco.get_config(), tmp_path / "diloco")
   # Data-parallel itself learned more than byte pairs: it beats the train split's
-  # byte-pair frequencies on the same eval windows (2.86 nats; it gets about 2.58).
-  c = data_parallel.get_config()
-  c.data.path = CORPUS
-  assert dp < count_model_eval_loss(c, context=1), dp
-  assert ok <= 1.25 * dp, (ok, dp)  # About 2.77.
-  c = diloco.get_config()
-  c.data.path = CORPUS
-  at_init = initial_eval_loss(c)
+  # byte-pair frequencies on the same eval windows (2.88 nats; it gets about 2.76).
+  assert dp < count_model_eval_loss(small(data_parallel.get_config()), context=1), dp
+  assert ok <= 1.25 * dp, (ok, dp)  # About 2.91.
+  at_init = initial_eval_loss(small(diloco.get_config()))
 
   real = optim.outer_optimizer
   broken = {
@@ -58,5 +62,5 @@ def test_diloco_is_within_25_percent_of_data_parallel_and_catches_broken_outer_s
     if name == "no-op":
       assert bad == at_init, (bad, at_init)
     else:
-      assert bad > at_init and bad >= 2 * ok, (bad, at_init, ok)  # About 8.7.
+      assert bad > at_init and bad >= 2 * ok, (bad, at_init, ok)  # About 7.3.
     assert bad > 1.25 * dp  # The same check would have failed it.
