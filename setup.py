@@ -22,7 +22,8 @@ setuptools.setup(
         "matplotlib>=3.8",  # experiments/report.py figures (Agg, headless).
     ],
     extras_require={
-        "test": ["pytest>=8.0", "import-linter>=2.17"],  # .importlinter, run by .ci/run.
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5",  # Two test processes on two cores (.ci/run).
+                 "import-linter>=2.17"],  # .importlinter, run by .ci/run.
         "cuda": ["jax[cuda12]>=0.7.0"],
         "tpu": ["jax[tpu]>=0.7.0"],
     },
