@@ -22,7 +22,9 @@ import ml_collections
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The transformer's shape (models/transformer.py), checked on construction too."""
+  """The model's shape (models/), checked on construction too; the task reads what it uses."""
+  # Which model the task builds: `gpt` or `llama` for `lm_bytes`; `vit` for `digits_vit`.
+  name: str = "gpt"
   vocab_size: int = 256  # Tokens in the vocabulary (256: bytes).
   seq_len: int = 128  # Tokens in one training sequence.
   num_layers: int = 2  # Transformer blocks.
@@ -30,6 +32,13 @@ class ModelConfig:
   num_heads: int = 4  # Attention heads; each is d_model / num_heads wide.
   mlp_dim: int = 512  # Hidden width of each block's MLP.
   dtype: Literal["float32", "bfloat16"] = "float32"  # Compute dtype; parameters stay float32.
+  num_kv_heads: int = 0  # llama: key/value heads of grouped-query attention (0: num_heads).
+  tie_embeddings: bool = False  # llama: the output layer is the embedding table, transposed.
+  qk_norm: bool = False  # llama: RMS-normalise queries and keys per head.
+  rope_theta: float = 10000.0  # llama: base of the rotary position embedding's frequencies.
+  patch_size: int = 4  # vit: side of a square image patch, in pixels.
+  pool: Literal["cls", "mean"] = "mean"  # vit: classify from a class token or the mean token.
+  posemb: Literal["learned", "sincos"] = "learned"  # vit: learned or fixed 2-D sin/cos positions.
 
   def __post_init__(self):
     for name, hint in typing.get_type_hints(ModelConfig).items():
@@ -37,6 +46,16 @@ class ModelConfig:
     if self.d_model % self.num_heads:
       raise ValueError(f"model.d_model={self.d_model} must be divisible by"
                        f" model.num_heads={self.num_heads}.")
+    if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide"
+                       f" model.num_heads={self.num_heads}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """What is trained: a task (model, loss, data) by name; tasks/."""
+  name: str = "lm_bytes"  # `lm_bytes` (a byte-level language model on data.path) or `digits_vit`.
+  module: str = ""  # A dotted module outside the package to import first (it registers its task).
 
 
 PRESETS = {  # Model sizes for `use_preset`.
@@ -103,6 +122,8 @@ class DilocoConfig:
   max_weight_share: float = 0.5
   max_norm_ratio: float = 10.0  # A delta's norm may be this many times the median of the other learners' latest ones (0: off).
   norm_bound: Literal["clip", "reject"] = "clip"  # Past `max_norm_ratio`: `clip` the delta to it, or `reject` it.
+  # Parameter roles (tasks/base.py ROLES) that `merge=rda` keeps on the weighted mean.
+  mean_roles: tuple[str, ...] = ("embed",)
 
 
 # Codecs of algorithm/codecs.py (its CODEC_NAMES).
@@ -189,6 +210,7 @@ class Config:
   seed: int = 0  # Seeds parameter init and data order.
   # `data_parallel`, `lockstep` (DiLoCo family) or `decoupled` (event-driven).
   runtime: Literal["data_parallel", "lockstep", "decoupled"] = "data_parallel"
+  task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -260,7 +282,9 @@ _AT_LEAST_0, _AT_LEAST_1, _POSITIVE = "[0, inf)", "[1, inf)", "(0, inf)"
 RANGES = {
     "seed": _AT_LEAST_0,
     **{f"model.{name}": _AT_LEAST_1 for name in ("vocab_size", "seq_len", "num_layers",
-                                                 "d_model", "num_heads", "mlp_dim")},
+                                                 "d_model", "num_heads", "mlp_dim",
+                                                 "patch_size")},
+    "model.num_kv_heads": _AT_LEAST_0, "model.rope_theta": _POSITIVE,
     "data.eval_percent": "(0, 100)", "data.batch_size": _AT_LEAST_1,
     "train.steps": _AT_LEAST_1, "train.log_every": _AT_LEAST_1,
     "train.eval_every": _AT_LEAST_0, "train.eval_batches": _AT_LEAST_1,

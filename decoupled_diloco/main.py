@@ -76,14 +76,13 @@ def _parse_flags(argv):
 def run_syncer(config, workdir: str, mailbox) -> dict:
   """`--role=syncer`: leads (or stands by), merges until the learners are done."""
   from decoupled_diloco import metrics, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  from decoupled_diloco.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from decoupled_diloco import tasks  # pylint: disable=g-import-not-at-top
   from decoupled_diloco.runtime.dist.syncer import SyncerService  # pylint: disable=g-import-not-at-top
   cfg = config_lib.parse(config)
   workdir_lib.check_writable(workdir)
   with workdir_lib.Lock(workdir):
     mailbox.put_config(config.to_json(sort_keys=True))
-    corpus = corpus_lib.load(cfg.data.path, cfg.data.eval_percent)
-    summary = SyncerService(cfg, corpus, workdir, mailbox).run()
+    summary = SyncerService(cfg, tasks.build(cfg), workdir, mailbox).run()
     path = metrics.write_summary(workdir, {**summary, "config": config.to_dict()})
     logging.info("syncer: results in %s", path)
     return summary
@@ -93,7 +92,7 @@ def run_learner(config, workdir: str, mailbox, m: int) -> dict:
   """`--role=learner`: learner m trains (or resumes) in `workdir`, the train.py loop."""
   from decoupled_diloco.runtime.dist.learner import LearnerRuntime  # pylint: disable=g-import-not-at-top
   mailbox.put_config(config.to_json(sort_keys=True))
-  make = lambda cfg, corpus, wd: LearnerRuntime(cfg, corpus.train, wd, mailbox, m)
+  make = lambda cfg, task, wd: LearnerRuntime(cfg, task, wd, mailbox, m)
   return train.train_and_evaluate(config, workdir, runtime_factory=make, kind="learner")
 
 

@@ -1,11 +1,11 @@
-"""A lower bound on the memory a training step needs on each device, checked up front.
+"""The memory a training step needs on each device, read from the compiled step, checked up front.
 
-Parameter shapes come from `jax.eval_shape` of the model's init (nothing is
-allocated). Each device holds its replica's parameters, gradients and the two
-AdamW moments (divided over the island under FSDP), and the activations that
-the backward pass keeps for its share of the batch, attention scores (which
-grow with seq_len squared) included. XLA's temporaries come on top, so a
-configuration refused here cannot fit; one accepted may still not.
+As MaxText does: the inner step of one island (a learner's, or the one
+data-parallel replica's) is lowered for the task's batch and compiled from
+shapes alone (nothing is allocated), and XLA's `memory_analysis()` gives its
+arguments, outputs and temporaries per device. Islands sharing a device
+(fewer devices than learners) multiply it. Whatever the model, the check is
+the compiler's own count, so a configuration refused here cannot fit.
 """
 
 import math
@@ -14,29 +14,29 @@ import os
 import jax
 
 from decoupled_diloco import config as config_lib
-from decoupled_diloco.models import transformer
+from decoupled_diloco import islands as islands_lib
+from decoupled_diloco import optim, steps
+from decoupled_diloco.tasks.base import Task
 
 
-def num_params(c: config_lib.ModelConfig) -> int:
-  shapes = jax.eval_shape(lambda: transformer.init_params(c, jax.random.key(0)))
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
-
-
-def bytes_per_device(cfg: config_lib.Config, num_devices: int) -> dict[str, int]:
-  """Estimated bytes on each device: `state` (parameters, gradients, AdamW) and `activations`."""
-  m = cfg.model
+def bytes_per_device(cfg: config_lib.Config, task: Task) -> dict[str, int] | None:
+  """{"arguments", "outputs", "temporaries"} bytes of one inner step per device (None: unknown)."""
   learners = 1 if cfg.runtime == "data_parallel" else cfg.diloco.num_learners
-  island_size = max(num_devices // learners, 1)
-  replicas = math.ceil(learners / num_devices)  # Fewer devices than learners: they share.
-  state = 4 * 4 * num_params(m) * replicas  # float32 params, grads, mu, nu.
-  if cfg.islands.fsdp:
-    state //= island_size
-  sequences = math.ceil(cfg.data.batch_size / (learners * island_size)) * replicas
-  width = 2 if m.dtype == "bfloat16" else 4
-  per_layer = m.seq_len * (8 * m.d_model + 2 * m.mlp_dim) + 2 * m.num_heads * m.seq_len ** 2
-  logits = 2 * m.seq_len * m.vocab_size
-  activations = sequences * width * (m.num_layers * per_layer + logits)
-  return {"state": state, "activations": activations}
+  devices = jax.local_devices()
+  island = islands_lib.make_islands(learners, fsdp=cfg.islands.fsdp, devices=devices)[0]
+  tx = optim.inner_optimizer(cfg.inner, cfg.train.steps)
+  params = jax.eval_shape(task.init, jax.random.key(0))
+  opt_state = jax.eval_shape(tx.init, params)
+  step = steps.make_inner_step(task, tx, island, params, opt_state)
+  batch = task.batch_spec(cfg.data.batch_size // learners)
+  stats = step.lower(params, opt_state, batch).compile().memory_analysis()
+  if stats is None:
+    return None
+  replicas = math.ceil(learners / len(devices))  # Fewer devices than learners: they share.
+  # Donated parameters and optimizer state alias their outputs: count them once.
+  return {"arguments": replicas * stats.argument_size_in_bytes,
+          "outputs": replicas * max(stats.output_size_in_bytes - stats.alias_size_in_bytes, 0),
+          "temporaries": replicas * stats.temp_size_in_bytes}
 
 
 def device_capacity() -> tuple[int, str]:
@@ -49,19 +49,22 @@ def device_capacity() -> tuple[int, str]:
   return ram // len(devices), f"host RAM shared by {len(devices)} CPU devices"
 
 
-def check_fits(cfg: config_lib.Config) -> None:
-  """Refuses a configuration whose estimate is more than a device has.
+def check_fits(cfg: config_lib.Config, task: Task) -> None:
+  """Refuses a configuration whose compiled step needs more than a device has.
 
   Raises:
-    ValueError: naming model.seq_len and data.batch_size, with the estimate.
+    ValueError: naming data.batch_size and the task, with the compiler's count.
   """
+  need = bytes_per_device(cfg, task)
+  if need is None:  # The backend does not say; the first step will.
+    return
   capacity, where = device_capacity()
-  need = bytes_per_device(cfg, len(jax.local_devices()))
   total = sum(need.values())
   if total > capacity:
     gb = lambda n: f"{n / 2**30:.1f} GB"
     raise ValueError(
-        f"model.seq_len={cfg.model.seq_len} with data.batch_size={cfg.data.batch_size}"
-        f" needs at least {gb(total)} per device ({gb(need['state'])} parameters and"
-        f" optimizer state, {gb(need['activations'])} activations), more than the"
-        f" {gb(capacity)} of {where}; lower them or the model size.")
+        f"task {task.name!r} with data.batch_size={cfg.data.batch_size} needs"
+        f" {gb(total)} per device for one inner step ({gb(need['arguments'])} parameters,"
+        f" optimizer state and batch, {gb(need['temporaries'])} activations and other"
+        f" temporaries), more than the {gb(capacity)} of {where}; lower the batch or the"
+        " model size.")

@@ -54,11 +54,12 @@ class NullWriter:
 
 
 class Progress:
-  """Tracks throughput and prints `step, loss, tokens/s, ETA` lines."""
+  """Tracks throughput and prints `step, loss, units/s, ETA` lines (units: tokens, images)."""
 
-  def __init__(self, start_step: int, total_steps: int, tokens_per_step: int):
+  def __init__(self, start_step: int, total_steps: int, units_per_step: int,
+               unit: str = "tokens"):
     self.start_step, self.total_steps = start_step, total_steps
-    self.tokens_per_step = tokens_per_step
+    self.units_per_step, self.unit = units_per_step, unit
     self._t0 = time.perf_counter()
     self._last_step, self._last_t = start_step, self._t0
 
@@ -67,9 +68,9 @@ class Progress:
     self._t0 = self._last_t = time.perf_counter()
     self.start_step = self._last_step = step
 
-  def tokens_per_second(self, step: int) -> float:
+  def units_per_second(self, step: int) -> float:
     now = time.perf_counter()
-    rate = (step - self._last_step) * self.tokens_per_step / max(now - self._last_t, 1e-9)
+    rate = (step - self._last_step) * self.units_per_step / max(now - self._last_t, 1e-9)
     self._last_step, self._last_t = step, now
     return rate
 
@@ -77,13 +78,13 @@ class Progress:
     done = step - self.start_step
     elapsed = time.perf_counter() - self._t0
     eta = elapsed / max(done, 1) * (self.total_steps - step)
-    logging.info("step %d/%d  loss %.4f  %.0f tokens/s  ETA %s", step, self.total_steps,
-                 loss, rate, _clock(eta))
+    logging.info("step %d/%d  loss %.4f  %.0f %s/s  ETA %s", step, self.total_steps,
+                 loss, rate, self.unit, _clock(eta))
 
-  def mean_tokens_per_second(self, step: int) -> float:
+  def mean_units_per_second(self, step: int) -> float:
     """Throughput since `restart_clock` (compilation excluded)."""
     elapsed = time.perf_counter() - self._t0
-    return (step - self.start_step) * self.tokens_per_step / max(elapsed, 1e-9)
+    return (step - self.start_step) * self.units_per_step / max(elapsed, 1e-9)
 
 
 def _clock(seconds: float) -> str:

@@ -1,7 +1,8 @@
-"""The jitted per-island functions: one inner training step, and eval loss.
+"""The jitted per-island functions: one inner training step, and eval metrics.
 
 Each is compiled once per island with explicit shardings; parameters and
-optimizer state are donated so an inner step updates them in place.
+optimizer state are donated so an inner step updates them in place. A batch
+is a dict of arrays split over the island's devices along their first axis.
 """
 
 import jax
@@ -9,15 +10,15 @@ import jax.numpy as jnp
 import optax
 
 from decoupled_diloco.islands import Island
-from decoupled_diloco.models import transformer
+from decoupled_diloco.tasks.base import Task
 
 
-def make_inner_step(model: transformer.Transformer, tx: optax.GradientTransformation,
-                    island: Island, params, opt_state):
+def make_inner_step(task: Task, tx: optax.GradientTransformation, island: Island, params,
+                    opt_state):
   """Returns `step(params, opt_state, batch) -> (params, opt_state, loss)` for `island`."""
 
-  def step(params, opt_state, batch_BxL1):
-    loss, grads = jax.value_and_grad(transformer.loss_fn)(params, model, batch_BxL1)
+  def step(params, opt_state, batch):
+    (loss, _), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -27,17 +28,19 @@ def make_inner_step(model: transformer.Transformer, tx: optax.GradientTransforma
                  donate_argnums=(0, 1))
 
 
-def make_eval_loss(model: transformer.Transformer, island: Island):
-  """Returns `eval_loss(params, batch) -> mean nats/byte` on `island`."""
-  def eval_loss(params, batch_BxL1):
-    return transformer.loss_fn(params, model, batch_BxL1)
+def make_eval(task: Task, island: Island):
+  """Returns `evaluate(params, batch) -> {"loss": mean, **aux means}` on `island`."""
+  def metrics(params, batch):
+    loss, aux = task.loss(params, batch)
+    return {"loss": loss, **aux}
 
-  return jax.jit(eval_loss, in_shardings=(None, island.batch), out_shardings=island.replicated)
+  return jax.jit(metrics, in_shardings=(None, island.batch), out_shardings=island.replicated)
 
 
-def evaluate(eval_loss, island: Island, params, batches) -> float:
-  """Mean loss over fixed held-out batches (equal sizes, so a plain mean)."""
-  total = jnp.zeros(())
+def evaluate(eval_fn, island: Island, params, batches) -> dict[str, float]:
+  """Mean loss and aux metrics over fixed held-out batches (equal sizes: a plain mean)."""
+  total = None
   for b in batches:
-    total = total + eval_loss(params, jax.device_put(b, island.batch))
-  return float(total) / len(batches)
+    m = eval_fn(params, jax.device_put(b, island.batch))
+    total = m if total is None else jax.tree.map(jnp.add, total, m)
+  return {k: float(v) / len(batches) for k, v in total.items()}

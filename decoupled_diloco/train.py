@@ -15,24 +15,21 @@ import numpy as np
 from absl import logging
 
 from decoupled_diloco import checkpointing, config as config_lib, divergence, memory, metrics
-from decoupled_diloco import steps, workdir as workdir_lib
-from decoupled_diloco.data import corpus as corpus_lib
-from decoupled_diloco.data import loader
+from decoupled_diloco import steps, tasks, workdir as workdir_lib
 from decoupled_diloco.runtime import interface
 from decoupled_diloco.runtime.data_parallel import DataParallel
 from decoupled_diloco.runtime.decoupled import Decoupled
 from decoupled_diloco.runtime.lockstep import LockStep
+from decoupled_diloco.tasks import base as tasks_base
 
-BITS_PER_NAT = 1 / math.log(2)
 
-
-def make_runtime(cfg: config_lib.Config, corpus: corpus_lib.Corpus,
+def make_runtime(cfg: config_lib.Config, task: tasks_base.Task,
                  workdir: str) -> interface.Runtime:
   if cfg.runtime == "data_parallel":
-    return DataParallel(cfg, corpus.train)
+    return DataParallel(cfg, task)
   if cfg.runtime == "lockstep":
-    return LockStep(cfg, corpus.train)
-  return Decoupled(cfg, corpus.train, workdir)
+    return LockStep(cfg, task)
+  return Decoupled(cfg, task, workdir)
 
 
 class NonFiniteLossError(divergence.DivergenceError):
@@ -52,7 +49,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   as such (its summary returned, nothing written), a config whose state shape
   differs from the checkpoints' is refused, and so is a model that cannot fit.
 
-  `runtime_factory(cfg, corpus, workdir)` replaces the config's runtime (a
+  `runtime_factory(cfg, task, workdir)` replaces the config's runtime (a
   learner process of the real runtime); `kind` names its checkpoints.
   """
   cfg = config_lib.parse(config)
@@ -79,14 +76,16 @@ def _train(config: ml_collections.ConfigDict, cfg: config_lib.Config, workdir: s
     if latest is not None and latest > cfg.train.steps:
       raise ValueError(f"train.steps={cfg.train.steps} is below the step of the latest"
                        f" checkpoint in {workdir} ({latest}); raise it or use another --workdir.")
-    memory.check_fits(cfg)
-    return _train_with(config, cfg, workdir, ckpt, factory)
+    task = tasks.build(cfg)
+    tasks_base.check(task, cfg.data.batch_size, jax.random.key(cfg.seed))
+    memory.check_fits(cfg, task)
+    return _train_with(config, cfg, workdir, ckpt, factory, task)
   finally:
     ckpt.close()
 
 
 def _train_with(config, cfg: config_lib.Config, workdir: str,
-                ckpt: checkpointing.Checkpointer, factory) -> dict:
+                ckpt: checkpointing.Checkpointer, factory, task: tasks_base.Task) -> dict:
   """The loop.
 
   Checkpoints vouched for by a loss: the loss of step t is measured on the
@@ -101,17 +100,12 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
   checkpoint is written, and a resumed run trims the records past its
   checkpoint, so `metrics.jsonl` is what one uninterrupted run writes.
   """
-  corpus = corpus_lib.load(cfg.data.path, cfg.data.eval_percent)
-  if corpus.vocab_size > cfg.model.vocab_size:
-    raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the"
-                     f" data's vocabulary ({corpus.vocab_size}).")
-  logging.info("data: %s", corpus.description)
-  rt = factory(cfg, corpus, workdir)
+  logging.info("task %s: %s", task.name, getattr(task, "description", ""))
+  rt = factory(cfg, task, workdir)
   eval_island = rt.eval_island
-  eval_loss = steps.make_eval_loss(rt.model, eval_island)
-  eval_batches = loader.eval_batches(corpus.eval, batch_size=cfg.data.batch_size,
-                                     seq_len=cfg.model.seq_len,
-                                     num_batches=cfg.train.eval_batches)
+  eval_fn = steps.make_eval(task, eval_island)
+  eval_batches = task.eval_batches(cfg.data.batch_size, cfg.train.eval_batches)
+  unit = task.unit
 
   detector = divergence.SpikeDetector(cfg.train.spike_factor)  # Training losses.
   eval_detector = divergence.SpikeDetector(cfg.train.spike_factor)  # Eval losses.
@@ -120,11 +114,17 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
       detector.load_state(divergence.SpikeState(**loop["spike"]))
       eval_detector.load_state(divergence.SpikeState(**loop.get("eval_spike", {"mean": None})))
     logging.info("resumed from %s at step %d", workdir, rt.step)
+  if rt.step == 0:  # A fresh run: its loss at init must be a finite number.
+    first = next(task.train_source(0, 1, cfg.data.batch_size, cfg.seed))
+    if not math.isfinite(loss := steps.evaluate(eval_fn, eval_island, rt.eval_params(),
+                                                [first])["loss"]):
+      raise ValueError(f"task {task.name!r}: the loss at init on the first training batch is"
+                       f" {loss}; check the model's initialisation and loss.")
   primary = jax.process_index() == 0
   if primary:
     metrics.trim(workdir, rt.step)
   writer = metrics.MetricWriter(workdir) if primary else metrics.NullWriter()
-  progress = metrics.Progress(rt.step, cfg.train.steps, rt.tokens_per_step)
+  progress = metrics.Progress(rt.step, cfg.train.steps, rt.units_per_step, unit)
   start_step, t0 = rt.step, time.perf_counter()
   held = None  # A checkpoint's snapshot, written once the next step's loss passes.
 
@@ -139,13 +139,15 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
                  " inner.warmup_steps, then resume.")
 
   def run_eval() -> dict:
-    loss = steps.evaluate(eval_loss, eval_island, rt.eval_params(), eval_batches)
+    means = steps.evaluate(eval_fn, eval_island, rt.eval_params(), eval_batches)
+    loss = means["loss"]
     if rt.step < cfg.train.steps:  # The final eval is checked, not averaged in, below.
       eval_detector.check(loss)  # A spike here is the training losses' to stop.
-    scalars = {"eval_loss": loss, "eval_bits_per_byte": loss * BITS_PER_NAT}
+    named = task.eval_metrics(means) if math.isfinite(loss) else {}
+    scalars = {f"eval_{k}": v for k, v in {**means, **named}.items()}
     writer.write(rt.step, {**scalars, **rt.comm_metrics()})
-    logging.info("step %d  eval loss %.4f  (%.3f bits/byte)", rt.step, loss,
-                 scalars["eval_bits_per_byte"])
+    logging.info("step %d  eval loss %.4f  (%s)", rt.step, loss,
+                 ", ".join(f"{k} {v:.4g}" for k, v in named.items()))
     return scalars
 
   def record(step: int, out: dict) -> None:
@@ -170,7 +172,7 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
     if step == start_step + 1:
       progress.restart_clock(step)
     if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-      progress.log(step, scalars["loss"], progress.tokens_per_second(step))
+      progress.log(step, scalars["loss"], progress.units_per_second(step))
     if held is not None and step > held.step:  # This loss vouches for the held state.
       writer.flush()
       ckpt.write(held)
@@ -195,11 +197,11 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
         writer.flush()
     if pending is not None:
       record(*pending)
-    tokens_per_second = progress.mean_tokens_per_second(rt.step)
+    units_per_second = progress.mean_units_per_second(rt.step)
     if not eval_scalars or cfg.train.eval_every == 0 or rt.step % cfg.train.eval_every:
       eval_scalars = run_eval()
     # The final parameters are vouched for by their eval loss, against earlier
-    # evals' (an eval loss may sit well above the training loss on a small corpus).
+    # evals' (an eval loss may sit well above the training loss on a small dataset).
     if (why := eval_detector.reason(eval_scalars["eval_loss"])) is not None:
       finite = math.isfinite(eval_scalars["eval_loss"])
       raise stop(LossSpikeError if finite else NonFiniteLossError, f"final eval: {why}", rt.step)
@@ -212,12 +214,12 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
   final = ckpt.snapshot(rt.step, rt, loop_state()) if ckpt.latest_step() != rt.step else None
   wall = time.perf_counter() - t0
   summary = {
-      "final_eval_loss": eval_scalars["eval_loss"],
-      "final_eval_bits_per_byte": eval_scalars["eval_bits_per_byte"],
+      **{f"final_{k}": v for k, v in eval_scalars.items()},
+      "task": task.name,
       "steps": rt.step,
-      "tokens": rt.step * rt.tokens_per_step,
+      unit: rt.step * rt.units_per_step,  # "tokens", "images": the task's unit.
       "wall_seconds": wall,
-      "tokens_per_second": tokens_per_second,  # Training loop after step 1, evals included.
+      f"{unit}_per_second": units_per_second,  # Training loop after step 1, evals included.
       "resumed_from_step": start_step,
       "devices": [str(d) for d in jax.devices()],
       **rt.summary(),
@@ -227,9 +229,9 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
   path = metrics.write_summary(workdir, summary) if primary else None
   if final is not None:
     ckpt.write(final)
-  logging.info("final eval loss %.4f nats/byte (%.3f bits/byte) after %d tokens",
-               summary["final_eval_loss"], summary["final_eval_bits_per_byte"],
-               summary["tokens"])
+  logging.info("final eval loss %.4f after %d %s (%s)", summary["final_eval_loss"],
+               summary[unit], unit, ", ".join(f"{k} {v:.4g}" for k, v in eval_scalars.items()
+                                               if k != "eval_loss"))
   if "goodput" in summary:
     logging.info("goodput %.1f%%, uptime %.1f%% over %.0f virtual seconds; %d outer steps",
                  100 * summary["goodput"], 100 * summary["uptime"],

@@ -50,11 +50,9 @@ import numpy as np
 from absl import app, flags, logging
 
 from decoupled_diloco import config as config_lib
-from decoupled_diloco import islands as islands_lib, metrics, optim, steps
+from decoupled_diloco import islands as islands_lib, metrics, optim, steps, tasks
 from decoupled_diloco.algorithm import fragments as fragments_lib
 from decoupled_diloco.algorithm.messages import Contribution
-from decoupled_diloco.data import corpus as corpus_lib
-from decoupled_diloco.models import transformer
 from decoupled_diloco.runtime.dist import mailbox as mailbox_lib
 from decoupled_diloco.runtime.dist import wire
 from decoupled_diloco.runtime import team as team_lib
@@ -124,13 +122,13 @@ def plain_loop(config_path: str) -> dict:
   """The learner's inner step alone (init, data shard, jitted step): tokens/s, CPU s/step."""
   cfg = config_lib.parse(saved.get_config(config_path))
   island = islands_lib.make_islands(1)[0]
-  model = transformer.Transformer(cfg.model)
+  task = tasks.build(cfg)
   tx = optim.inner_optimizer(cfg.inner, cfg.train.steps)
-  params = transformer.init_params(cfg.model, jax.random.key(cfg.seed))
+  params = task.init(jax.random.key(cfg.seed))
   opt_state = tx.init(params)
-  step = steps.make_inner_step(model, tx, island, params, opt_state)
+  step = steps.make_inner_step(task, tx, island, params, opt_state)
   params, opt_state = island.put(params), island.put(opt_state)
-  data = team_lib.make_shard(cfg, corpus_lib.load(cfg.data.path, cfg.data.eval_percent).train, 0)
+  data = task.train_source(0, cfg.diloco.num_learners, team_lib.learner_batch(cfg), cfg.seed)
   params, opt_state, loss = step(params, opt_state, jax.device_put(next(data), island.batch))
   loss.block_until_ready()  # Compiled and warm, as the learner is after its first step.
   start, cpu = time.perf_counter(), time.process_time()
@@ -236,7 +234,7 @@ def learner_throughput(root: str, cache: str) -> dict:
 def payload_sizes() -> dict[str, int]:
   """Bytes of float32 contributions: the paper config's largest fragment, the model, 16 MiB."""
   cfg = config_lib.parse(decoupled_diloco.get_config("nochaos"))
-  flat = fragments_lib.flatten(transformer.init_params(cfg.model, jax.random.key(0)))
+  flat = fragments_lib.flatten(tasks.build(cfg).init(jax.random.key(0)))
   parts = fragments_lib.partition(flat, cfg.diloco.num_fragments, cfg.diloco.fragmentation)
   largest = max(sum(flat[k].size for k in part) for part in parts)
   return {f"largest fragment (P={cfg.diloco.num_fragments})": 4 * largest,

@@ -18,7 +18,7 @@ import jax
 from absl import app, flags
 
 from decoupled_diloco import config as config_lib
-from decoupled_diloco.data import corpus as corpus_lib
+from decoupled_diloco import tasks
 from decoupled_diloco.runtime.decoupled import Decoupled
 from experiments import decoupled_diloco as experiment
 
@@ -38,8 +38,7 @@ def main(argv):
   c.diloco.num_learners = _LEARNERS.value
   c.data.batch_size = 2 * _LEARNERS.value
   cfg = config_lib.parse(c)
-  corpus = corpus_lib.load(cfg.data.path, cfg.data.eval_percent)
-  rt = Decoupled(cfg, corpus.train, _WORKDIR.value)
+  rt = Decoupled(cfg, tasks.build(cfg), _WORKDIR.value)
   built = time.perf_counter() - _T0
   jax.block_until_ready(rt.train_step()["loss"])
   print(f"M = {_LEARNERS.value}: imports {imported:.1f} s, built {built:.1f} s, first step"

@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from decoupled_diloco import config as config_lib
-from decoupled_diloco.data import corpus as corpus_lib
+from decoupled_diloco import tasks
 from decoupled_diloco.runtime.lockstep import LockStep
 from experiments import diloco
 
@@ -40,7 +40,7 @@ def main(argv):
   c.seed = _SEED.value
   c.codec.update(up=_CODEC.value, error_feedback=True, feedback_decay=_DECAY.value)
   cfg = config_lib.parse(c)
-  rt = LockStep(cfg, corpus_lib.load(cfg.data.path, cfg.data.eval_percent).train)
+  rt = LockStep(cfg, tasks.build(cfg))
   learners, h = rt.team.learners, cfg.diloco.sync_every
   print(f"codec={_CODEC.value} decay={_DECAY.value} M={len(learners)} H={h} seed={_SEED.value}")
   print(f"{'sync':>4}{'|x_m|':>8}{'|e_m|':>8}{'|e|/|x|':>9}{'shared':>8}{'over-sent':>11}")

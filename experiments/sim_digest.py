@@ -29,7 +29,7 @@ for variant in ["chaos", "nochaos", "hetero_km", "hetero_k1", "hetero_k1_grace",
   offsets = fragments_lib.sync_offsets(d.num_fragments, d.sync_every)
   seconds = scenario.step_seconds(cfg)
   horizon = scenario.chaos_horizon(cfg, seconds)
-  backend = goodput.AnalyticBackend(d.num_learners, [1000] * d.num_fragments, [1000] * d.num_fragments, tokens_per_step=64)
+  backend = goodput.AnalyticBackend(d.num_learners, [1000] * d.num_fragments, [1000] * d.num_fragments, units_per_step=64)
   log = tempfile.mktemp()
   sim = simulated.Simulation(backend, scenario.protocol(cfg, offsets), scenario.world(cfg, seconds, horizon), d.num_fragments, log, budget=cfg.sim.budget)
   sim.run(cfg.train.steps * d.num_learners)

@@ -15,7 +15,7 @@ import math
 import os
 
 from decoupled_diloco import config as config_lib
-from decoupled_diloco import islands as islands_lib
+from decoupled_diloco import islands as islands_lib, tasks
 from decoupled_diloco.runtime.dist.learner import LearnerRuntime
 from decoupled_diloco.runtime.dist.mailbox import Mailbox
 from decoupled_diloco.runtime.dist.syncer import SyncerService
@@ -40,9 +40,9 @@ class Clock:
 class InProcessRun:
   """See module docstring. `step_seconds[m]`: learner m's step time (fake seconds)."""
 
-  def __init__(self, config, root, corpus, step_seconds, *, step_s_prior: float = 0.0):
+  def __init__(self, config, root, step_seconds, *, step_s_prior: float = 0.0):
     self.cfg = config_lib.parse(config)
-    self.root, self.corpus = str(root), corpus
+    self.root, self.task = str(root), tasks.build(self.cfg)
     self.step_seconds = list(step_seconds)
     self.url = f"memory://in_process_{os.getpid()}_{next(_RUNS)}/"
     self.now = 0.0
@@ -71,7 +71,7 @@ class InProcessRun:
   def _syncer(self, step_s_prior: float = 0.0) -> SyncerService:
     workdir = os.path.join(self.root, "syncer")
     os.makedirs(workdir, exist_ok=True)
-    return SyncerService(self.cfg, self.corpus, workdir,
+    return SyncerService(self.cfg, self.task, workdir,
                          self.mailbox(self.syncer_clock), clock=self.syncer_clock,
                          sleep=self.syncer_clock.sleep, threaded=False, step_s=step_s_prior)
 
@@ -82,7 +82,7 @@ class InProcessRun:
     clock = self.clocks[m] = Clock(self.now)
     workdir = os.path.join(self.root, f"learner{m}")
     os.makedirs(workdir, exist_ok=True)
-    rt = LearnerRuntime(cfg, self.corpus.train, workdir, self.mailbox(clock), m, clock=clock,
+    rt = LearnerRuntime(cfg, self.task, workdir, self.mailbox(clock), m, clock=clock,
                         sleep=clock.sleep, threaded=False, island=self.islands[m])
     if state is not None:
       rt.load_state(state)
@@ -118,10 +118,12 @@ class InProcessRun:
 
   def advance(self) -> None:
     """Processes the next instant at which anything happens."""
+    # A deadline already past is a round that lost its quorum (a sender went down after
+    # it was met): the syncer stepped at it, and only a new contribution can close it.
     deadline = self.syncer.next_deadline()
     times = [*self.upload_at, *(t for t, rt in zip(self.next_start, self.learners) if rt),
              *self.polls, *(t for t, _ in self.actions),
-             deadline if deadline is not None else math.inf]
+             deadline if deadline is not None and deadline > self.now else math.inf]
     t = min(times)
     if t == math.inf:
       raise RuntimeError("nothing can happen: every learner waits and no round can close")

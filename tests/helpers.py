@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from decoupled_diloco import config as config_lib
+from decoupled_diloco import tasks
 from decoupled_diloco.algorithm import fragments, protocol as protocol_lib, rounds
 from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.runtime import goodput, scenario, serialization, simulated
@@ -87,19 +88,24 @@ def make_runtime(config, workdir=None):
   writes its event log when `sim.event_log` is on.
   """
   from decoupled_diloco import train  # pylint: disable=g-import-not-at-top
-  return train.make_runtime(config_lib.parse(config), corpus(),
+  cfg = config_lib.parse(config)
+  return train.make_runtime(cfg, tasks.build(cfg),
                             str(workdir or tempfile.mkdtemp(prefix="runtime_")))
+
+
+def task(config):
+  """The task of `config` (a ConfigDict or a parsed Config)."""
+  return tasks.build(config if isinstance(config, config_lib.Config) else config_lib.parse(config))
 
 
 def initial_eval_loss(config) -> float:
   """The eval loss of `config`'s model before its first step, as train.py evaluates it."""
   from decoupled_diloco import steps  # pylint: disable=g-import-not-at-top
-  from decoupled_diloco.data import loader  # pylint: disable=g-import-not-at-top
   cfg, rt = config_lib.parse(config), make_runtime(config)
-  batches = loader.eval_batches(corpus().eval, batch_size=cfg.data.batch_size,
-                                seq_len=cfg.model.seq_len, num_batches=cfg.train.eval_batches)
-  return steps.evaluate(steps.make_eval_loss(rt.model, rt.eval_island), rt.eval_island,
-                        rt.eval_params(), batches)
+  t = task(cfg)
+  batches = t.eval_batches(cfg.data.batch_size, cfg.train.eval_batches)
+  return steps.evaluate(steps.make_eval(t, rt.eval_island), rt.eval_island,
+                        rt.eval_params(), batches)["loss"]
 
 
 def count_model_eval_loss(config, context: int) -> float:
@@ -130,7 +136,8 @@ def count_model_eval_loss(config, context: int) -> float:
 def make_team(steps=20, **overrides) -> Team:
   """A `Team` of two decoupled learners on the fixture corpus; `overrides` as tiny_config's."""
   c = tiny_config("decoupled", steps=steps, **{"diloco.num_learners": 2, **overrides})
-  return Team(config_lib.parse(c), corpus().train)
+  cfg = config_lib.parse(c)
+  return Team(cfg, task(cfg))
 
 
 class ArraysRuntime:

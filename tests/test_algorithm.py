@@ -95,10 +95,10 @@ def test_weights():
 
 
 def test_rda_rule_keeps_embeddings_on_mean():
-  assert merge.rule_for("embed/embedding", "rda") is merge.merge_mean
-  assert merge.rule_for("block_0/mlp_in/kernel", "rda") is merge.merge_rda
-  assert merge.rule_for("embed/embedding", "rda_everywhere") is merge.merge_rda
-  assert merge.rule_for("embed/embedding", "mean") is merge.merge_mean
+  assert merge.rule_for("rda", on_mean=True) is merge.merge_mean
+  assert merge.rule_for("rda", on_mean=False) is merge.merge_rda
+  assert merge.rule_for("rda_everywhere", on_mean=True) is merge.merge_rda
+  assert merge.rule_for("mean", on_mean=False) is merge.merge_mean
 
 
 def contribution(learner, fragment, deltas, *, version=0, steps=1, tokens=1):
@@ -188,7 +188,7 @@ def test_learner_pseudo_gradient_and_align():
     return jax.tree.map(lambda p: p - batch, params), opt_state, jnp.float32(0.0)
 
   learner = Learner(0, island, fake_step, params, {}, (("a",), ("b",)), alpha=0.25,
-                    up=FP32, down=FP32, error_feedback=False, tokens_per_step=8)
+                    up=FP32, down=FP32, error_feedback=False, units_per_step=8)
   learner.inner_step(jnp.float32(1.0))
   learner.inner_step(jnp.float32(0.5))
   c = learner.pseudo_gradient(0, 0)
@@ -222,7 +222,7 @@ def sign_feedback_learner(**kw):
 
   learner = Learner(0, islands_lib.make_islands(2)[0], fake_step, fragments.unflatten(flat), {},
                     (("a",),), alpha=0.0, up=SIGN4, down=FP32, error_feedback=True,
-                    tokens_per_step=8, **kw)
+                    units_per_step=8, **kw)
   return learner, make_syncer(flat, (("a",),), optax.sgd(1.0), num_learners=1, up=SIGN4)
 
 

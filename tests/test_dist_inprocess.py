@@ -24,7 +24,7 @@ def _global(run):
 
 def _lockstep_reference(steps, **overrides):
   cfg = config_lib.parse(helpers.tiny_config("lockstep", steps=steps, **overrides))
-  ref = LockStep(cfg, helpers.corpus().train)
+  ref = LockStep(cfg, helpers.task(cfg))
   for _ in range(cfg.train.steps):
     ref.train_step()
   return ref
@@ -39,7 +39,7 @@ def test_lockstep_mode_equals_the_lockstep_runtime_bitwise(tmp_path, overlap):
   """K = M, learners wait: the real runtime in-process is lock-step DiLoCo, to the bit."""
   overrides = {**_LOCKSTEP, "diloco.overlap": overlap}
   run = InProcessRun(helpers.tiny_config("decoupled", steps=9, **overrides), tmp_path,
-                     helpers.corpus(), [1.0, 1.37])
+                     [1.0, 1.37])
   run.run()
   ref = _lockstep_reference(9, **overrides)
   expected = fragments_lib.flatten(jax.device_get(ref.eval_params()))  # Merges what was sent.
@@ -91,7 +91,7 @@ def _simulated_decisions(config, log_path):
   from decoupled_diloco.runtime.decoupled import JaxBackend  # pylint: disable=g-import-not-at-top
   from decoupled_diloco.runtime.team import Team  # pylint: disable=g-import-not-at-top
   cfg = config_lib.parse(config)
-  team = Team(cfg, helpers.corpus().train)
+  team = Team(cfg, helpers.task(cfg))
   horizon = 10 * _UNTIL
 
   def timeline(outage):
@@ -120,7 +120,7 @@ def test_the_simulator_and_the_real_runtime_make_the_same_decisions(tmp_path):
   config = helpers.tiny_config("decoupled", steps=1000, **_decoupled_overrides())
   expected = _simulated_decisions(config, tmp_path / "sim.jsonl")
 
-  run = InProcessRun(config, tmp_path / "real", helpers.corpus(), _STEP_S,
+  run = InProcessRun(config, tmp_path / "real", _STEP_S,
                      step_s_prior=float(np.mean(_STEP_S)))  # The simulator's prior.
   run.at(_DIES_AT, lambda: run.kill(_KILLED, detected=True))
   run.at(_BACK_AT, lambda: run.restart(_KILLED))

@@ -93,6 +93,7 @@ class SyncerAlone:
 
   def __init__(self, config, root):
     self.cfg, self.root = config_lib.parse(config), str(root)
+    self.task = helpers.task(self.cfg)
     self.url = f"memory://syncer_alone_{uuid.uuid4().hex}/"
     self.clock = Clock()
     self.box = Mailbox(self.url, SECRET, clock=self.clock)
@@ -103,7 +104,7 @@ class SyncerAlone:
   def service(self, name: str, clock: Clock) -> SyncerService:
     workdir = os.path.join(self.root, name)
     os.makedirs(workdir, exist_ok=True)
-    return SyncerService(self.cfg, helpers.corpus(), workdir,
+    return SyncerService(self.cfg, self.task, workdir,
                          Mailbox(self.url, SECRET, clock=clock), clock=clock, sleep=clock.sleep,
                          threaded=False)
 
@@ -143,7 +144,7 @@ def test_failed_upload_is_logged_and_training_goes_on_and_a_resend_is_a_duplicat
   restarted from a checkpoint, a learner's sends already in the mailbox are duplicates,
   counted, not re-sent, and merged once."""
   run = Run(_config(**{"dist.resume_max_versions": 1000}), tmp_path,
-            helpers.corpus(), [1.0, 1.0])
+            [1.0, 1.0])
   box0 = run.learners[0].mailbox
   real_send, failed = box0.send, []
 
@@ -182,7 +183,7 @@ def test_failed_upload_is_logged_and_training_goes_on_and_a_resend_is_a_duplicat
 def test_a_learner_whose_lease_another_holder_took_stops_with_a_clear_error(tmp_path):
   """Another process took learner 0's lease (it had expired): at its next
   heartbeat the learner stops with an error that says so, and steps no further."""
-  run = Run(_config(), tmp_path, helpers.corpus(), [1.0, 1.0])
+  run = Run(_config(), tmp_path, [1.0, 1.0])
   run.run_until(lambda: run.learners[0].step >= 2)
   rt, lease_s = run.learners[0], run.cfg.dist.lease_s
   intruder = run.mailbox(Clock(run.now + lease_s + 1))  # Its clock is past the lease's expiry.
@@ -198,7 +199,7 @@ def test_the_link_throttle_in_the_workdir_is_taken_up_and_removed(tmp_path):
   """`link.json` in a learner's workdir throttles its mailbox from its next
   heartbeat (each transfer then takes latency + bytes / rate on its clock); removing the
   file lifts it. The other learner's link is untouched."""
-  run = Run(_config(), tmp_path, helpers.corpus(), [1.0, 1.0])
+  run = Run(_config(), tmp_path, [1.0, 1.0])
   rt, clock = run.learners[0], run.clocks[0]
   rt.train_step()  # Connects.
   link = {"bytes_per_s": 1e5, "latency_s": 0.25}
@@ -237,7 +238,7 @@ def test_a_restarted_learner_resumes_within_the_threshold_and_rejoins_beyond_it(
   fragment of which moved on more than 2 versions resumes with its state (its inner
   optimizer's included); further behind, it rejoins from full copies of the latest
   versions, with a fresh inner optimizer, at the position `protocol.rejoin_position` gives."""
-  run = Run(_config(), tmp_path, helpers.corpus(), [1.0, 1.0])
+  run = Run(_config(), tmp_path, [1.0, 1.0])
   box = run.syncer.mailbox
   run.run_until(lambda: run.learners[1].step >= 3)
   saved = run.checkpoint(1)
@@ -276,7 +277,7 @@ def test_a_slow_learner_behind_a_closed_round_is_rephased_and_its_skipped_sends_
   """Learner 1 steps 3x slower; a publication for a round whose send it has not
   reached re-phases it (wall time since the round's start at the published pace), and the
   sends it skips go out at once, late (merged as passengers of the next round)."""
-  run = Run(_config(), tmp_path, helpers.corpus(), [1.0, 3.0])
+  run = Run(_config(), tmp_path, [1.0, 3.0])
   run.run_until(lambda: run.learners[1].step >= 6)
   rephases = run.events("learner1", "rephase")
   assert rephases and run.learners[1].schedule.rephases == len(rephases)
@@ -312,7 +313,7 @@ def test_lossy_downloads_chain_a_missing_version_brings_a_full_copy_and_a_rejoin
   applied in a chain (a learner that follows it holds the syncer's copy bit for bit); a
   version the learner cannot read leaves a gap: it asks for a full copy of the latest and
   holds it exactly; rejoined from full copies, it takes the updates after them in a chain."""
-  run = Run(_config(**_INT8), tmp_path, helpers.corpus(), [1.0, 2.0])
+  run = Run(_config(**_INT8), tmp_path, [1.0, 2.0])
   box, syncer = run.syncer.mailbox, run.syncer.syncer
   rt0, rt1 = run.learners
   run.run_until(lambda: rt1.step >= 2)
@@ -360,7 +361,7 @@ def test_a_learner_that_needs_a_collected_version_gets_a_full_copy(tmp_path):
   gone: it fetches full copies of the latest versions instead, and holds them exactly."""
   run = Run(_config(**_INT8, **{"dist.gc_every": 1, "dist.keep_versions": 1,
                                 "dist.resume_max_versions": 1000}),
-            tmp_path, helpers.corpus(), [1.0, 1.0])
+            tmp_path, [1.0, 1.0])
   box = run.syncer.mailbox
   run.run_until(lambda: run.learners[1].step >= 3)
   saved = run.checkpoint(1)
@@ -385,7 +386,7 @@ def test_gc_collects_behind_the_slowest_live_learner_and_nothing_it_still_needs(
   versions behind the slowest live learner's base; the slow learner (4x) still finds every
   update it applies (no full copy), though the syncer was further on than keep_versions."""
   run = Run(_config(**_INT8, **{"dist.gc_every": 1, "dist.keep_versions": 1}), tmp_path,
-            helpers.corpus(), [1.0, 4.0])
+            [1.0, 4.0])
   box = run.syncer.mailbox
   run.run_until(lambda: run.learners[1].step >= 5)
   rt1 = run.learners[1]
@@ -428,7 +429,7 @@ def test_a_restarted_syncer_recovers_its_state_bitwise(tmp_path):
   mailbox recovers every fragment's state (global tensors, outer optimizer, the learners'
   held copy of lossy downloads, last deltas, counters) and the protocol's (rounds, counts,
   running estimates, reported step times) exactly as they were."""
-  run = Run(_config(**_INT8, **{"diloco.quorum": 0}), tmp_path, helpers.corpus(), [1.0, 1.0])
+  run = Run(_config(**_INT8, **{"diloco.quorum": 0}), tmp_path, [1.0, 1.0])
   run.syncer.mailbox.latency_s = 0.01  # Commits take (fake) time: xi_sync moves.
   svc = run.syncer
   run.run_until(lambda: all(svc.commits >= 3))
@@ -440,7 +441,7 @@ def test_a_restarted_syncer_recovers_its_state_bitwise(tmp_path):
 
   clock = Clock(run.now + run.cfg.dist.lease_s + 1)  # The dead syncer's lease has expired.
   os.makedirs(os.path.join(tmp_path, "syncer2"))
-  recovered = SyncerService(run.cfg, helpers.corpus(), os.path.join(tmp_path, "syncer2"),
+  recovered = SyncerService(run.cfg, run.task, os.path.join(tmp_path, "syncer2"),
                             run.mailbox(clock), clock=clock, sleep=clock.sleep, threaded=False)
   assert recovered.start() and recovered.counts["recoveries"] == 1
   for p in range(2):
@@ -625,7 +626,7 @@ def test_lockstep_with_overlap_and_a_learner_resumed_from_its_checkpoint_complet
       "diloco.num_learners": 2, "diloco.num_fragments": 2, "diloco.sync_every": 3,
       "diloco.quorum": 0, "diloco.grace_gamma": 0.0, "sim.learners_wait": True,
       "diloco.overlap": 2})
-  run = Run(config, tmp_path, helpers.corpus(), [1.0, 1.37])
+  run = Run(config, tmp_path, [1.0, 1.37])
   run.run_until(lambda: run.learners[1].step >= 4)
   saved = run.checkpoint(1)
   run.run_until(lambda: run.learners[1].step >= 8)

@@ -9,9 +9,8 @@ import optax
 from decoupled_diloco import config as config_lib
 from decoupled_diloco import train
 from decoupled_diloco.algorithm import codecs, fragments, merge
-from decoupled_diloco.data.loader import ShardIterator
 from decoupled_diloco.runtime.lockstep import LockStep
-from tests.helpers import (assert_trees_equal, corpus, diloco_config, final_checkpoint,
+from tests.helpers import (assert_trees_equal, diloco_config, final_checkpoint,
                            make_runtime, preempt, tiny_config)
 
 
@@ -49,8 +48,7 @@ def test_identical_data_merged_update_equals_one_learners():
   # Two learners: (d + d) / 2 == d exactly in floating point (three would round).
   rt = make_runtime(diloco_config())
   team = rt.team
-  team.data = [ShardIterator(corpus().train, shard=0, num_shards=2, batch_size=8, seq_len=32,
-                             seed=0) for _ in range(2)]
+  team.data = [team.task.train_source(0, 2, 8, seed=0) for _ in range(2)]
   sent = []
   admit = team.syncer.admit
   team.syncer.admit = lambda c, *args: (sent.append(c), admit(c, *args))[1]

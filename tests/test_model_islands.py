@@ -10,12 +10,20 @@ from decoupled_diloco import config as config_lib
 from decoupled_diloco import islands as islands_lib
 from decoupled_diloco import steps
 from decoupled_diloco.models import transformer
+from tests import helpers
+
+
+def _task(**model):
+  """The lm_bytes task on the fixture corpus with `model` fields."""
+  c = helpers.tiny_config()
+  c.model.update(**{**config_lib.PRESETS["tiny"], **model})
+  return helpers.task(c)
 
 
 def test_tiny_preset_shapes_and_size():
   c = config_lib.ModelConfig(**config_lib.PRESETS["tiny"])
   params = transformer.init_params(c, jax.random.key(0))
-  n = transformer.num_params(params)
+  n = sum(x.size for x in jax.tree.leaves(params))
   v, l, d, f = c.vocab_size, c.seq_len, c.d_model, c.mlp_dim
   # A block: two LayerNorms (scale and bias), q, k, v and out projections without
   # bias (D x D each), and the MLP's two biased dense layers.
@@ -27,12 +35,13 @@ def test_tiny_preset_shapes_and_size():
   assert params["embed"]["embedding"].shape == (256, 128)
 
 
-def test_loss_at_init_is_near_uniform():
-  c = config_lib.ModelConfig(seq_len=16)
-  params = transformer.init_params(c, jax.random.key(0))
-  batch = jax.random.randint(jax.random.key(1), (4, 17), 0, 256)
-  loss = transformer.loss_fn(params, transformer.Transformer(c), batch)
-  assert abs(float(loss) - np.log(256)) < 0.2
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_loss_at_init_is_near_uniform(name):
+  task = _task(name=name, seq_len=16)
+  params = task.init(jax.random.key(0))
+  batch = {"tokens": jax.random.randint(jax.random.key(1), (4, 17), 0, 256)}
+  loss, _ = jax.jit(task.loss)(params, batch)
+  assert abs(float(loss) - np.log(256)) < 0.2 and task.chance_loss == np.log(256)
 
 
 def test_causal_masking():
@@ -77,21 +86,31 @@ def test_replicated_and_fsdp_placement():
   assert {s.data.shape for s in bias.addressable_shards} == {(32,)}
 
 
-def test_fsdp_step_matches_replicated_step():
-  c = config_lib.ModelConfig(seq_len=16)
-  params = transformer.init_params(c, jax.random.key(0))
-  # Plain SGD: Adam's first step g/|g| is ill-conditioned for tiny gradients.
-  tx = optax.sgd(0.5)
-  batch = np.asarray(jax.random.randint(jax.random.key(1), (8, 17), 0, 256))
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_a_four_device_fsdp_island_matches_one_device(name):
+  """Four devices (the batch split 4 ways, parameters sharded 4 ways: FSDP) vs one device."""
+  task = _task(name=name, seq_len=16, num_layers=1, num_kv_heads=2)
+  params = task.init(jax.random.key(0))
+  # Plain SGD with lr 1: the step's change is the gradient itself.
+  tx = optax.sgd(1.0)
+  batch = {"tokens": np.asarray(jax.random.randint(jax.random.key(1), (8, 17), 0, 256))}
+  one = islands_lib.make_islands(1, devices=jax.devices()[:1])[0]
+  four = islands_lib.make_islands(2, fsdp=True)[0]
+  assert four.size == 4
   out = []
-  for island in (islands_lib.make_islands(1)[0], islands_lib.make_islands(1, fsdp=True)[0]):
+  for island in (one, four):
     p, o = island.put(params), island.put(tx.init(params))
-    step = steps.make_inner_step(transformer.Transformer(c), tx, island, p, o)
+    step = steps.make_inner_step(task, tx, island, p, o)
     p, o, loss = step(p, o, jax.device_put(batch, island.batch))
-    out.append((jax.device_get(p), float(loss)))
+    grads = jax.tree.map(lambda before, after: np.asarray(before) - np.asarray(after),
+                         params, jax.device_get(p))
+    out.append((grads, float(loss)))
+  sharded = four.shardings(params)
+  assert any(not s.is_fully_replicated for s in jax.tree.leaves(sharded))
   assert abs(out[0][1] - out[1][1]) < 1e-5
   for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0])):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert np.abs(a).max() > 0  # Every tensor has a gradient to compare.
 
 
 def test_more_islands_than_devices_share_devices():

@@ -159,7 +159,7 @@ def test_lossy_downloads_track_theta_without_drift_and_a_rejoin_gets_theta_exact
 
   island = islands_lib.make_islands(2)[0]
   make = lambda: Learner(0, island, fake_step, params, {}, (("a",),), alpha=0.0, up=FP32,
-                         down=int4, error_feedback=False, tokens_per_step=1)
+                         down=int4, error_feedback=False, units_per_step=1)
   learner = make()
   sync = Syncer(flat, (("a",),), outer_tx=optax.sgd(0.7, momentum=0.9, nesterov=True),
                 merge_rule="mean", weighting="uniform", up=FP32, down=int4, num_learners=1,
@@ -201,7 +201,7 @@ def test_alignment_mixes_local_and_global_with_alpha():
     return jax.tree.map(lambda p: p - batch, params), opt_state, jnp.float32(0.0)
 
   learner = Learner(0, island, fake_step, fragments.unflatten(flat), {}, (("a",),),
-                    alpha=0.25, up=FP32, down=FP32, error_feedback=False, tokens_per_step=1)
+                    alpha=0.25, up=FP32, down=FP32, error_feedback=False, units_per_step=1)
   learner.inner_step(jnp.float32(1.5))  # a = (-0.5, 0.5), sent.
   sync = Syncer(flat, (("a",),), outer_tx=optax.sgd(2.0), merge_rule="mean",
                 weighting="uniform", up=FP32, down=FP32, num_learners=1, max_abs_delta=1e4)
@@ -219,7 +219,7 @@ def test_tokens2_per_step_weights_a_shrunken_learner_lower():
   # Learner 1 runs on one of its two slices for the whole run.
   half = chaos.Timeline(np.array([0.0]), np.array([1e9]), np.array([1]), np.array([True]), 0)
   full = chaos.Timeline(np.array([0.0]), np.array([1e9]), np.array([2]), np.array([True]), 0)
-  backend = goodput.AnalyticBackend(2, [100], [100], tokens_per_step=64)
+  backend = goodput.AnalyticBackend(2, [100], [100], units_per_step=64)
   sim = simulation([1.0, 1.0], quorum=2, sync_every=4, timelines=[full, half], backend=backend)
   sim.run(16)
   assert sim.learners[1].schedule.step == 8  # Same step time on fewer slices...
@@ -238,7 +238,7 @@ def test_team_shrinks_the_batch_on_fewer_slices():
   team = make_team()
   team.inner_step(0, share=1.0)
   team.inner_step(1, share=0.5)
-  assert team.tokens.tolist() == [8 * 32, 4 * 32]
+  assert team.units.tolist() == [8 * 32, 4 * 32]
   assert team.learners[1].c_tokens.tolist() == [4 * 32]
 
 
@@ -305,7 +305,7 @@ def test_a_learner_that_sends_twice_before_aligning_is_not_counted_twice(first_m
 
   learner = Learner(0, islands_lib.make_islands(2)[0], fake_step, fragments.unflatten(flat), {},
                     (("a",),), alpha=0.0, up=FP32, down=FP32, error_feedback=False,
-                    tokens_per_step=1)
+                    units_per_step=1)
   sync = Syncer(flat, (("a",),), outer_tx=optax.sgd(1.0), merge_rule="mean",
                 weighting="tokens2_per_step", up=FP32, down=FP32, num_learners=1,
                 max_abs_delta=1e4)

@@ -23,7 +23,9 @@ from decoupled_diloco import checkpointing, config as config_lib, divergence, op
 from decoupled_diloco import workdir as workdir_lib
 from decoupled_diloco.algorithm import codecs, fragments, learner, merge, rounds, syncer
 from decoupled_diloco.data import corpus as corpus_lib
+from decoupled_diloco.models import vit
 from decoupled_diloco.runtime import simulated
+from decoupled_diloco.tasks import lm
 from tests.helpers import ArraysRuntime, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +46,7 @@ def no_data(monkeypatch):
   def load(*args, **kwargs):
     raise AssertionError("the run loaded data before refusing")
   monkeypatch.setattr(corpus_lib, "load", load)
+  monkeypatch.setattr(lm, "load_corpus", load)  # Not its cache of another test's read.
 
 
 # Finding 3: finite divergence is caught; finding 4: the last good checkpoint is good.
@@ -100,7 +103,7 @@ def test_final_checkpoint_is_vouched_for_by_the_final_eval(tmp_path, straight, m
   workdir = tmp_path / "run"
   shutil.copytree(straight[0], workdir)
   summary = (workdir / "summary.json").read_text()
-  monkeypatch.setattr(train.steps, "evaluate", lambda *args: float("nan"))
+  monkeypatch.setattr(train.steps, "evaluate", lambda *args: {"loss": float("nan")})
   with pytest.raises(train.NonFiniteLossError, match="final eval.* at step 12.*checkpoint"
                      r" \(step 8\)"):
     train.train_and_evaluate(_config(steps=12), str(workdir))  # Raised: trains on.
@@ -381,6 +384,8 @@ def test_every_choice_is_a_literal_with_the_names_its_module_knows():
       "sim.budget": simulated.BUDGETS,
       "chaos.rejoin_optimizer": ("fresh", "kept"),
       "chaos.elastic_batch": ("shrink", "keep"),
+      "model.pool": vit.POOLS,
+      "model.posemb": vit.POSEMBS,
   }
 
   def strings(tree, prefix=""):
@@ -390,7 +395,9 @@ def test_every_choice_is_a_literal_with_the_names_its_module_knows():
       elif isinstance(value, str):
         yield prefix + name
   free_text = set(strings(config_lib.base_config().to_dict())) - set(config_lib.choice_fields())
-  assert free_text == {"data.path"}  # Any other string would be a choice nobody checks.
+  # Any other string would be a choice nobody checks. Tasks and models are open
+  # (plugins): the registry refuses unknown names (tests/test_tasks.py).
+  assert free_text == {"data.path", "task.name", "task.module", "model.name"}
 
 
 def test_every_numeric_field_has_a_range_and_refuses_nan():
@@ -419,7 +426,8 @@ def test_unwritable_workdir_is_refused_before_data(tmp_path, no_data):
 
 
 def test_sequence_that_cannot_fit_is_refused_with_the_estimate(tmp_path, no_data):
-  with pytest.raises(ValueError, match=r"model.seq_len=100000000 .* needs at least [\d.]+ GB"):
+  with pytest.raises(ValueError, match=r"task 'lm_bytes' with data.batch_size=16 needs"
+                     r" [\d.]+ GB per device for one inner step"):
     train.train_and_evaluate(tiny_config(**{"model.seq_len": 100_000_000}), str(tmp_path))
 
 

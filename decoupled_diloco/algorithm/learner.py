@@ -76,7 +76,7 @@ class Learner:
   def __init__(self, index: int, island, inner_step, params, opt_state,
                fragments: tuple[tuple[str, ...], ...], *, alpha: float,
                up: codecs.Codec, down: codecs.Codec, error_feedback: bool,
-               tokens_per_step: int, feedback_restart: str = "offset",
+               units_per_step: int, feedback_restart: str = "offset",
                feedback_decay: float = 1.0):
     self.index, self.island = index, island
     self._inner_step = inner_step
@@ -91,7 +91,7 @@ class Learner:
     if not 0 <= feedback_decay <= 1:
       raise ValueError(f"feedback_decay={feedback_decay!r} must be in [0, 1].")
     self.feedback_decay = float(feedback_decay)
-    self.tokens_per_step = tokens_per_step
+    self.units_per_step = units_per_step
     flat = flatten(params)
     num = len(fragments)
     self.base = [island.put([flat[k] for k in f]) for f in fragments]
@@ -105,12 +105,12 @@ class Learner:
   def inner_step(self, batch, tokens: int | None = None):
     """One local optimizer step on `batch` (already on the island); returns the loss.
 
-    `tokens`: tokens in `batch` (default: the full batch, `tokens_per_step`).
+    `tokens`: units (tokens, images) in `batch` (default: the full batch, `units_per_step`).
     """
     self.params, self.opt_state, loss = self._inner_step(self.params, self.opt_state, batch)
     self.step += 1
     self.c_steps += 1
-    self.c_tokens += self.tokens_per_step if tokens is None else tokens
+    self.c_tokens += self.units_per_step if tokens is None else tokens
     return loss
 
   def fragment_tensors(self, p: int) -> list:

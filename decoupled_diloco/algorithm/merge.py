@@ -11,7 +11,7 @@ where a plain mean shrinks it by about sqrt(M).
 import jax.numpy as jnp
 import numpy as np
 
-MERGE_RULES = ("mean", "rda", "rda_everywhere")  # `rda` keeps embeddings on `mean`.
+MERGE_RULES = ("mean", "rda", "rda_everywhere")  # `rda` keeps some tensors (embeddings) on `mean`.
 WEIGHTINGS = ("uniform", "tokens", "tokens2_per_step")
 
 
@@ -53,10 +53,10 @@ def merge_rda(deltas_NxT, w_N):
   return (radius * _unit(direction_F, dir_norm)).reshape(deltas_NxT.shape[1:])
 
 
-def rule_for(path: str, merge: str):
-  """The merge function for one tensor (embedding tables stay on the mean for `rda`)."""
+def rule_for(merge: str, on_mean: bool = False):
+  """The merge function for one tensor; `rda` keeps the `on_mean` ones (embeddings) on the mean."""
   if merge not in MERGE_RULES:
     raise ValueError(f"diloco.merge={merge!r} is unknown; choose from {MERGE_RULES}.")
-  if merge == "mean" or (merge == "rda" and "embed" in path):
+  if merge == "mean" or (merge == "rda" and on_mean):
     return merge_mean
   return merge_rda

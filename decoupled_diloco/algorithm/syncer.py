@@ -181,6 +181,7 @@ class Syncer:
 
   def __init__(self, flat_params: dict, fragments, *, outer_tx: optax.GradientTransformation,
                merge_rule: str, weighting: str, up: codecs.Codec, down: codecs.Codec,
+               mean_paths: frozenset[str] = frozenset(),
                num_learners: int, max_abs_delta: float, max_staleness: int | None = None,
                staleness_weighting: str = "none", max_tokens_per_step: int | None = None,
                max_weight_share: float = 1.0, max_norm_ratio: float = 0.0,
@@ -194,7 +195,9 @@ class Syncer:
     self.version = np.zeros(len(fragments), np.int64)
     self.tx = outer_tx
     self.opt_state = [outer_tx.init(t) for t in self.theta]
-    self.rules = [tuple(merge.rule_for(k, merge_rule) for k in f) for f in fragments]
+    # `merge_rule=rda` merges the tensors of `mean_paths` (embeddings) by the weighted mean.
+    self.rules = [tuple(merge.rule_for(merge_rule, k in mean_paths) for k in f)
+                  for f in fragments]
     merge.weights([1], [1], weighting)  # Validates the name now, not at the first merge.
     if staleness_weighting not in STALENESS_WEIGHTINGS:
       raise ValueError(f"diloco.staleness_weighting={staleness_weighting!r} is unknown;"

@@ -53,14 +53,23 @@ def init_params(c: ModelConfig, rng: jax.Array):
   return jax.jit(init)(rng)
 
 
-def loss_fn(params, model: Transformer, batch_BxL1):
-  """Mean next-byte cross-entropy (nats) of a [B, L+1] token batch."""
-  x_BxL, y_BxL = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
-  logits_BxLxV = model.apply({"params": params}, x_BxL)
-  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV)
-  nll_BxL = -jnp.take_along_axis(logp_BxLxV, y_BxL[..., None], axis=-1)[..., 0]
-  return nll_BxL.mean()
+_AXES = {  # Logical axis names by (module, parameter) name.
+    ("embed", "embedding"): ("vocab", "embed"), ("pos_embed", "pos_embed"): ("length", "embed"),
+    ("query", "kernel"): ("embed", "heads", "head_dim"),
+    ("key", "kernel"): ("embed", "heads", "head_dim"),
+    ("value", "kernel"): ("embed", "heads", "head_dim"),
+    ("out", "kernel"): ("heads", "head_dim", "embed"),
+    ("mlp_in", "kernel"): ("embed", "mlp"), ("mlp_in", "bias"): ("mlp",),
+    ("mlp_out", "kernel"): ("mlp", "embed"), ("mlp_out", "bias"): ("embed",),
+    ("head", "kernel"): ("embed", "vocab"), ("head", "bias"): ("vocab",),
+}
 
 
-def num_params(params) -> int:
-  return sum(x.size for x in jax.tree.leaves(params))
+def param_axes(c: ModelConfig):
+  """Logical axis names of every parameter (a tree like `init_params`'), by name."""
+  shapes = jax.eval_shape(lambda: init_params(c, jax.random.key(0)))
+  def names(path, _):
+    keys = [k.key for k in path]
+    module = keys[-2] if len(keys) > 1 else keys[0]
+    return ("norm",) if "norm" in module else _AXES[(module, keys[-1])]
+  return jax.tree_util.tree_map_with_path(names, shapes)

@@ -10,28 +10,24 @@ import numpy as np
 from decoupled_diloco import islands as islands_lib
 from decoupled_diloco import optim, steps
 from decoupled_diloco.config import Config
-from decoupled_diloco.data.loader import ShardIterator
-from decoupled_diloco.models import transformer
+from decoupled_diloco.tasks.base import Task
 
 
 class DataParallel:
 
-  def __init__(self, cfg: Config, train_tokens: np.ndarray):
+  def __init__(self, cfg: Config, task: Task):
     self.island = islands_lib.make_islands(1, fsdp=cfg.islands.fsdp)[0]
     islands_lib.check_batch(self.island, cfg.data.batch_size)
-    self.model = transformer.Transformer(cfg.model)
+    self.task = task
     tx = optim.inner_optimizer(cfg.inner, cfg.train.steps)
-    params = transformer.init_params(cfg.model, jax.random.key(cfg.seed))
+    params = task.init(jax.random.key(cfg.seed))
     self.params = self.island.put(params)
     self.opt_state = self.island.put(tx.init(params))
-    self._step_fn = steps.make_inner_step(self.model, tx, self.island, self.params,
-                                          self.opt_state)
-    self.data = ShardIterator(train_tokens, shard=0, num_shards=1,
-                              batch_size=cfg.data.batch_size, seq_len=cfg.model.seq_len,
-                              seed=cfg.seed)
+    self._step_fn = steps.make_inner_step(task, tx, self.island, self.params, self.opt_state)
+    self.data = task.train_source(0, 1, cfg.data.batch_size, cfg.seed)
     self.step = 0
-    self.tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
-    self._grad_bytes = 4 * transformer.num_params(params)
+    self.units_per_step = task.num_units(task.batch_spec(cfg.data.batch_size))
+    self._grad_bytes = 4 * sum(x.size for x in jax.tree.leaves(params))
 
   @property
   def eval_island(self) -> islands_lib.Island:
@@ -47,19 +43,18 @@ class DataParallel:
     return self.params
 
   def state(self):
-    return {"params": self.params, "opt_state": self.opt_state,
-            "step": np.int64(self.step), "data_position": np.int64(self.data.position)}
+    return {"params": self.params, "opt_state": self.opt_state, "step": np.int64(self.step)}
 
   def load_state(self, tree) -> None:
     self.params, self.opt_state = tree["params"], tree["opt_state"]
     self.step = int(tree["step"])
-    self.data.position = int(tree["data_position"])
 
-  def extra_state(self) -> tuple[list, None]:
-    return [], None  # Everything is in `state()`.
+  def extra_state(self) -> tuple[list, dict]:
+    return [], {"data": self.data.get_state()}
 
-  def load_extra_state(self, payloads: list, meta: None) -> None:
-    del payloads, meta
+  def load_extra_state(self, payloads: list, meta: dict) -> None:
+    del payloads
+    self.data.set_state(meta["data"])
 
   def comm_metrics(self) -> dict:
     """Bytes over each replica's link for a ring all-reduce of fp32 gradients.

@@ -17,6 +17,7 @@ from decoupled_diloco.algorithm import protocol
 from decoupled_diloco.config import Config
 from decoupled_diloco.runtime import scenario, serialization, simulated
 from decoupled_diloco.runtime.team import Team
+from decoupled_diloco.tasks.base import Task
 
 
 class JaxBackend(protocol.SyncerMerger):
@@ -60,11 +61,11 @@ class Decoupled:
   counts M inner steps whatever their batch (the rule of earlier figures).
   """
 
-  def __init__(self, cfg: Config, train_tokens: np.ndarray, workdir: str):
+  def __init__(self, cfg: Config, task: Task, workdir: str):
     self.cfg = cfg
-    self.team = Team(cfg, train_tokens)
-    self.model, self.eval_island = self.team.model, self.team.eval_island
-    self.tokens_per_step = self.team.tokens_per_step
+    self.team = Team(cfg, task)
+    self.eval_island = self.team.eval_island
+    self.units_per_step = self.team.units_per_step
     measured = None
     if cfg.sim.step_seconds == 0:
       measured = self.team.measure_step_seconds()
@@ -102,7 +103,7 @@ class Decoupled:
                 for rnd, entries in sorted(rounds.items())]
                for rounds in self.team.syncer.pending]
     meta = {"simulation": self.sim.state(messages), "pending": pending,
-            "rejected": dict(self.team.syncer.rejected)}
+            "rejected": dict(self.team.syncer.rejected), "data": self.team.data_state()}
     return messages.payloads, meta
 
   def load_extra_state(self, payloads: list, meta: dict) -> None:
@@ -114,6 +115,7 @@ class Decoupled:
           self.team.syncer.readmit(messages.message(ref), rnd, staleness, scale)
     self.team.syncer.rejected.clear()
     self.team.syncer.rejected.update(meta["rejected"])
+    self.team.load_data_state(meta["data"])
 
   def comm_metrics(self) -> dict:
     return self.team.comm_metrics(self.step)

@@ -91,14 +91,14 @@ class AnalyticBackend:
   """Compute-free backend (`simulated.Backend`): message sizes, versions and counters only."""
 
   def __init__(self, num_learners: int, bytes_up, bytes_down, max_staleness: int = -1,
-               tokens_per_step: int = 1):
+               units_per_step: int = 1):
     self.bytes_up, self.bytes_down = list(bytes_up), list(bytes_down)
     num = len(self.bytes_up)
     self.version = [0] * num
     self.base_version = [[0] * num for _ in range(num_learners)]
     self.c_steps = np.zeros((num_learners, num), np.int64)
     self.c_tokens = np.zeros((num_learners, num), np.int64)
-    self.tokens_per_step = tokens_per_step
+    self.units_per_step = units_per_step
     self.pending: list[dict[int, list[Contribution]]] = [{} for _ in range(num)]
     self.merged: list[list[Contribution]] = []  # Every merge's contributions, in order.
     self.max_staleness = max_staleness
@@ -106,7 +106,7 @@ class AnalyticBackend:
 
   def inner_step(self, m, share):
     self.c_steps[m] += 1
-    self.c_tokens[m] += int(self.tokens_per_step * share)
+    self.c_tokens[m] += int(self.units_per_step * share)
     return None
 
   def send(self, m, p, rnd) -> Contribution:

@@ -12,16 +12,14 @@ kind return `([], None)`.
 import typing
 
 from decoupled_diloco.islands import Island
-from decoupled_diloco.models.transformer import Transformer
 
 
 class Runtime(typing.Protocol):
   """The interface of `DataParallel`, `LockStep` and `Decoupled`."""
 
   step: int  # Steps taken (what `train.steps` counts).
-  model: Transformer
   eval_island: Island  # Where the global model is evaluated.
-  tokens_per_step: int  # Tokens one `train_step` trains on, over every learner.
+  units_per_step: int  # Units (the task's: tokens, images) one `train_step` trains on, over every learner.
 
   def train_step(self) -> dict:
     """One step; returns {"loss": scalar or per-learner losses, ...other scalars}."""

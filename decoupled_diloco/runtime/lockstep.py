@@ -14,15 +14,16 @@ from decoupled_diloco.algorithm.messages import Publication
 from decoupled_diloco.config import Config
 from decoupled_diloco.runtime import team as team_lib
 from decoupled_diloco.runtime.team import Team
+from decoupled_diloco.tasks.base import Task
 
 
 class LockStep:
   """The lock-step schedule over a `Team`; the interface `train.py` drives."""
 
-  def __init__(self, cfg: Config, train_tokens: np.ndarray):
-    self.team = Team(cfg, train_tokens)
-    self.model, self.eval_island = self.team.model, self.team.eval_island
-    self.tokens_per_step = self.team.tokens_per_step
+  def __init__(self, cfg: Config, task: Task):
+    self.team = Team(cfg, task)
+    self.eval_island = self.team.eval_island
+    self.units_per_step = self.team.units_per_step
     self.schedule = team_lib.schedule(cfg, self.team.offsets)
     self.overlap = cfg.diloco.overlap
     self.step = 0
@@ -96,11 +97,12 @@ class LockStep:
                                              base_version=int(slot["base_version"]),
                                              round=int(slot["round"])))
 
-  def extra_state(self) -> tuple[list, None]:
-    return [], None  # Everything is in `state()`.
+  def extra_state(self) -> tuple[list, dict]:
+    return [], {"data": self.team.data_state()}
 
-  def load_extra_state(self, payloads: list, meta: None) -> None:
-    del payloads, meta
+  def load_extra_state(self, payloads: list, meta: dict) -> None:
+    del payloads
+    self.team.load_data_state(meta["data"])
 
   def comm_metrics(self) -> dict:
     return self.team.comm_metrics(self.step)

@@ -6,7 +6,6 @@ restart policy (a learner whose contribution is non-finite, or that lost all
 its slices, restarts from full copies of the global fragments).
 """
 
-import math
 import time
 
 import jax
@@ -22,54 +21,51 @@ from decoupled_diloco.algorithm.learner import Learner
 from decoupled_diloco.algorithm.messages import Contribution, Publication
 from decoupled_diloco.algorithm.syncer import Syncer, all_finite
 from decoupled_diloco.config import CodecConfig, Config
-from decoupled_diloco.data.loader import ShardIterator
-from decoupled_diloco.models import transformer
+from decoupled_diloco.tasks import base as tasks_base
+from decoupled_diloco.tasks.base import Task
 
 
 class Team:
   """Learners on their islands, the syncer, each learner's data shard; see module docstring."""
 
-  def __init__(self, cfg: Config, train_tokens: np.ndarray):
+  def __init__(self, cfg: Config, task: Task):
     d = cfg.diloco
-    self.cfg, self.num_learners = cfg, d.num_learners
+    self.cfg, self.task, self.num_learners = cfg, task, d.num_learners
     self.islands = islands_lib.make_islands(d.num_learners, fsdp=cfg.islands.fsdp)
     self.per_learner_batch = per_learner = learner_batch(cfg)
     for island in self.islands:
       islands_lib.check_batch(island, per_learner)
-    self.model = transformer.Transformer(cfg.model)
     self.inner_tx = optim.inner_optimizer(cfg.inner, cfg.train.steps)
-    params = transformer.init_params(cfg.model, jax.random.key(cfg.seed))
-    flat = fragments_lib.flatten(params)
-    self.fragments = fragments_lib.partition(flat, d.num_fragments, d.fragmentation)
-    self.offsets = fragments_lib.sync_offsets(d.num_fragments, d.sync_every)
+    params, self.fragments, self.offsets = global_model(cfg, task)
+    flat = tasks_base.mergeable(task, fragments_lib.flatten(params))
     opt_state = self.inner_tx.init(params)
-    self.seq_len = cfg.model.seq_len
     self.learners, self.inner_steps = [], []
     compiled = {}  # One inner step per distinct island layout, shared by its learners.
     for m, island in enumerate(self.islands):
       layout = (tuple(d.id for d in island.mesh.devices.flat), island.fsdp)
       if layout not in compiled:
-        compiled[layout] = steps.make_inner_step(self.model, self.inner_tx, island, params,
+        compiled[layout] = steps.make_inner_step(task, self.inner_tx, island, params,
                                                  opt_state)
       inner = compiled[layout]
       self.inner_steps.append(inner)
-      self.learners.append(make_learner(cfg, m, island, inner, params, opt_state,
+      self.learners.append(make_learner(cfg, task, m, island, inner, params, opt_state,
                                         self.fragments))
-    self.syncer = make_syncer(cfg, flat, self.fragments)
+    self.syncer = make_syncer(cfg, task, flat, self.fragments)
     self.eval_island = islands_lib.make_islands(1, devices=[self.syncer.device])[0]
-    self.data = [make_shard(cfg, train_tokens, m) for m in range(d.num_learners)]
-    self.tokens_per_step = cfg.data.batch_size * cfg.model.seq_len
-    self.param_bytes = 4 * transformer.num_params(params)
+    self.data = [task.train_source(m, d.num_learners, per_learner, cfg.seed)
+                 for m in range(d.num_learners)]
+    self.units_per_step = task.num_units(task.batch_spec(cfg.data.batch_size))
+    self.param_bytes = 4 * sum(x.size for x in flat.values())
     self.bytes_up = np.zeros(len(self.fragments), np.int64)
     self.bytes_down = np.zeros(len(self.fragments), np.int64)
-    self.tokens = np.zeros(d.num_learners, np.int64)  # Tokens each learner has trained on.
+    self.units = np.zeros(d.num_learners, np.int64)  # Units each learner has trained on.
     # Per learner: its latest loss (not read back until needed) and a spike detector,
-    # whose running mean starts at uniform guessing (what a fresh model scores), so a
+    # whose running mean starts at chance (what a fresh model scores), so a
     # learner that diverged before its first send is caught too.
     self.last_loss = [None] * d.num_learners
     self.spikes = [divergence.SpikeDetector(cfg.train.spike_factor)
                    for _ in range(d.num_learners)]
-    self.uniform_loss = math.log(cfg.model.vocab_size)
+    self.uniform_loss = task.chance_loss
     for detector in self.spikes:
       detector.load_state(divergence.SpikeState(self.uniform_loss))
 
@@ -85,12 +81,14 @@ class Team:
 
   def inner_step(self, m: int, share: float = 1.0):
     """Learner m's next inner step on `share` of its batch; returns its loss."""
-    rows = self.per_learner_batch if share >= 1 else self.batch_rows(m, share)
-    batch = next(self.data[m])[:rows]
-    tokens = rows * self.seq_len
-    self.tokens[m] += tokens
+    batch = next(self.data[m])
+    if share < 1:
+      rows = self.batch_rows(m, share)
+      batch = jax.tree.map(lambda x: x[:rows], batch)
+    units = self.task.num_units(batch)
+    self.units[m] += units
     learner = self.learners[m]
-    self.last_loss[m] = learner.inner_step(jax.device_put(batch, learner.island.batch), tokens)
+    self.last_loss[m] = learner.inner_step(jax.device_put(batch, learner.island.batch), units)
     return self.last_loss[m]
 
   def diverged(self, m: int) -> str | None:
@@ -140,7 +138,7 @@ class Team:
     """Median wall time of learner 0's inner step, on a throwaway copy of its state."""
     learner, step = self.learners[0], self.inner_steps[0]
     params, opt_state = learner.island.put(learner.params), learner.island.put(learner.opt_state)
-    batch = jax.device_put(np.zeros((self.per_learner_batch, self.seq_len + 1), np.int32),
+    batch = jax.device_put(tasks_base.zeros(self.task.batch_spec(self.per_learner_batch)),
                            learner.island.batch)
     times = []
     for _ in range(repeats):
@@ -151,7 +149,9 @@ class Team:
     return float(np.median(times[1:]))
 
   def eval_params(self):
-    return fragments_lib.unflatten(self.syncer.global_flat())
+    """The global model: the merged parameters, and learner 0's local state (if any)."""
+    return global_params(self.syncer.global_flat(),
+                         local_state(self.task, self.learners[0].params))
 
   def restart(self, m: int, *, fresh_optimizer: bool = True, schedule_step: int = 0) -> None:
     """Learner m starts again from full copies of the global fragments.
@@ -174,22 +174,27 @@ class Team:
 
   def state(self) -> dict:
     return {"learners": [l.state() for l in self.learners], "syncer": self.syncer.state(),
-            "data_position": np.array([it.position for it in self.data], np.int64),
-            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "tokens": self.tokens,
+            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "units": self.units,
             "spike_means": np.array([np.nan if d.mean is None else d.mean for d in self.spikes])}
 
   def load_state(self, s: dict) -> None:
     for learner, ls in zip(self.learners, s["learners"]):
       learner.load_state(ls)
     self.syncer.load_state(s["syncer"])
-    for it, pos in zip(self.data, np.asarray(s["data_position"])):
-      it.position = int(pos)
     self.bytes_up = np.asarray(s["bytes_up"]).copy()
     self.bytes_down = np.asarray(s["bytes_down"]).copy()
-    self.tokens = np.asarray(s["tokens"]).copy()
+    self.units = np.asarray(s["units"]).copy()
     for d, mean in zip(self.spikes, np.asarray(s["spike_means"]).tolist()):
       d.load_state(divergence.SpikeState(self.uniform_loss if np.isnan(mean) else mean))
     self.last_loss = [None] * self.num_learners
+
+  def data_state(self) -> list[dict]:
+    """Each learner's data source state (JSON), for a runtime's `extra_state`."""
+    return [source.get_state() for source in self.data]
+
+  def load_data_state(self, states: list[dict]) -> None:
+    for source, state in zip(self.data, states):
+      source.set_state(state)
 
   def accounting(self, steps_done: int) -> dict:
     """Exact bytes exchanged, and what data-parallel would all-reduce meanwhile.
@@ -202,7 +207,7 @@ class Team:
     return {**self.comm_metrics(steps_done),
             "bytes_up_per_fragment": self.bytes_up.tolist(),
             "bytes_down_per_fragment": self.bytes_down.tolist(),
-            "tokens_per_learner": self.tokens.tolist(),
+            f"{self.task.unit}_per_learner": self.units.tolist(),
             "rejected_contributions": dict(self.syncer.rejected)}
 
   def comm_metrics(self, steps_done: int) -> dict:
@@ -215,13 +220,28 @@ class Team:
             "rejected": int(sum(self.syncer.rejected.values()))}
 
 
-def global_model(cfg: Config):
-  """(params, fragments, offsets): what every process derives from the config alone."""
+def global_model(cfg: Config, task: Task):
+  """(params, fragments, offsets): what every process derives from the config alone.
+
+  Fragments cover the mergeable parameters (a task's `local` state is in none).
+  """
   d = cfg.diloco
-  params = transformer.init_params(cfg.model, jax.random.key(cfg.seed))
-  fragments = fragments_lib.partition(fragments_lib.flatten(params), d.num_fragments,
-                                      d.fragmentation)
+  params = task.init(jax.random.key(cfg.seed))
+  flat = tasks_base.mergeable(task, fragments_lib.flatten(params))
+  fragments = fragments_lib.partition(flat, d.num_fragments, d.fragmentation)
   return params, fragments, fragments_lib.sync_offsets(d.num_fragments, d.sync_every)
+
+
+def local_state(task: Task, params) -> dict:
+  """The task's local (never merged) tensors of `params`, by path; usually none."""
+  flat = fragments_lib.flatten(params)
+  merged = tasks_base.mergeable(task, flat)
+  return {k: v for k, v in flat.items() if k not in merged}
+
+
+def global_params(merged_flat: dict, local_flat: dict):
+  """The global model as a tree: the merged tensors and the local state."""
+  return fragments_lib.unflatten({**local_flat, **merged_flat})
 
 
 def round_rules(cfg: Config) -> rounds.RoundRules:
@@ -246,7 +266,7 @@ def make_codec(c: CodecConfig, direction: str) -> codecs.Codec:
                            topk_fraction=c.topk_fraction, topk_values=c.topk_values)
 
 
-def make_learner(cfg: Config, m: int, island, inner_step, params, opt_state,
+def make_learner(cfg: Config, task: Task, m: int, island, inner_step, params, opt_state,
                  fragments) -> Learner:
   """Learner m on `island`, starting from `params` (the same in every runtime)."""
   d = cfg.diloco
@@ -255,27 +275,34 @@ def make_learner(cfg: Config, m: int, island, inner_step, params, opt_state,
       up=make_codec(cfg.codec, "up"), down=make_codec(cfg.codec, "down"),
       error_feedback=cfg.codec.error_feedback, feedback_restart=cfg.codec.feedback_restart,
       feedback_decay=cfg.codec.feedback_decay,
-      tokens_per_step=learner_batch(cfg) * cfg.model.seq_len)
+      units_per_step=units_per_learner_step(cfg, task))
 
 
-def make_syncer(cfg: Config, flat: dict, fragments, device=None) -> Syncer:
+def units_per_learner_step(cfg: Config, task: Task) -> int:
+  return task.num_units(task.batch_spec(learner_batch(cfg)))
+
+
+def mean_paths(cfg: Config, task: Task, flat: dict) -> frozenset[str]:
+  """The tensors whose role `diloco.mean_roles` keeps on the weighted mean under `rda`."""
+  unknown = set(cfg.diloco.mean_roles) - set(tasks_base.ROLES)
+  if unknown:
+    raise ValueError(f"diloco.mean_roles={cfg.diloco.mean_roles}: {sorted(unknown)} are not"
+                     f" roles; roles are {tasks_base.ROLES}.")
+  return frozenset(k for k, role in task.roles(flat).items() if role in cfg.diloco.mean_roles)
+
+
+def make_syncer(cfg: Config, task: Task, flat: dict, fragments, device=None) -> Syncer:
   """The syncer over the global model `flat`, with the config's admission bounds."""
   d = cfg.diloco
   return Syncer(flat, fragments, outer_tx=optim.outer_optimizer(cfg.outer),
-                merge_rule=d.merge, weighting=d.weighting, up=make_codec(cfg.codec, "up"),
+                merge_rule=d.merge, mean_paths=mean_paths(cfg, task, flat), weighting=d.weighting,
+                up=make_codec(cfg.codec, "up"),
                 down=make_codec(cfg.codec, "down"), num_learners=d.num_learners,
                 max_abs_delta=d.max_abs_delta,
                 max_staleness=None if d.max_staleness < 0 else d.max_staleness,
                 staleness_weighting=d.staleness_weighting,
-                max_tokens_per_step=learner_batch(cfg) * cfg.model.seq_len,
+                max_tokens_per_step=units_per_learner_step(cfg, task),
                 max_weight_share=d.max_weight_share, max_norm_ratio=d.max_norm_ratio,
                 norm_bound=d.norm_bound,
                 norm_bound_from=-(-cfg.inner.warmup_steps // d.sync_every) + 1,
                 sync_every=d.sync_every, device=device)
-
-
-def make_shard(cfg: Config, train_tokens: np.ndarray, m: int) -> ShardIterator:
-  """Learner m's batches: its shard of the training tokens, in its seeded order."""
-  per_learner = learner_batch(cfg)
-  return ShardIterator(train_tokens, shard=m, num_shards=cfg.diloco.num_learners,
-                       batch_size=per_learner, seq_len=cfg.model.seq_len, seed=cfg.seed)

@@ -33,11 +33,11 @@ from decoupled_diloco.algorithm import protocol as protocol_lib
 from decoupled_diloco.algorithm import syncer as syncer_lib
 from decoupled_diloco.algorithm.messages import Notice, Publication
 from decoupled_diloco.config import Config
-from decoupled_diloco.models import transformer
 from decoupled_diloco.runtime import serialization, team as team_lib
 from decoupled_diloco.runtime.dist import multihost, wire
 from decoupled_diloco.runtime.dist.courier import Courier, EventLog
 from decoupled_diloco.runtime.dist.mailbox import Lease, Mailbox
+from decoupled_diloco.tasks.base import Task
 
 SYNCER_LEASE = "syncer"  # Lease names (keys `lease/{name}`).
 LEARNER_LEASES = "learner/"
@@ -55,7 +55,7 @@ def live(lease: Lease | None, now: float) -> bool:
 class LearnerRuntime:
   """One learner as a process: the `Runtime` train.py drives (runtime/interface.py)."""
 
-  def __init__(self, cfg: Config, train_tokens: np.ndarray, workdir: str, mailbox: Mailbox,
+  def __init__(self, cfg: Config, task: Task, workdir: str, mailbox: Mailbox,
                m: int, *, clock=time.time, sleep=time.sleep, threaded: bool = True,
                island: islands_lib.Island | None = None):
     """`island`: the devices it trains on (default: every local device)."""
@@ -67,15 +67,15 @@ class LearnerRuntime:
     self.island = island or islands_lib.make_islands(1, fsdp=cfg.islands.fsdp)[0]
     self.per_learner_batch = team_lib.learner_batch(cfg)
     islands_lib.check_batch(self.island, self.per_learner_batch)
-    self.model, self.eval_island = transformer.Transformer(cfg.model), self.island
+    self.task, self.eval_island = task, self.island
     self.inner_tx = optim.inner_optimizer(cfg.inner, cfg.train.steps)
-    params, self.fragments, self.offsets = team_lib.global_model(cfg)
+    params, self.fragments, self.offsets = team_lib.global_model(cfg, task)
     opt_state = self.inner_tx.init(params)
-    inner = steps.make_inner_step(self.model, self.inner_tx, self.island, params, opt_state)
-    self.learner = team_lib.make_learner(cfg, m, self.island, inner, params, opt_state,
+    inner = steps.make_inner_step(task, self.inner_tx, self.island, params, opt_state)
+    self.learner = team_lib.make_learner(cfg, task, m, self.island, inner, params, opt_state,
                                          self.fragments)
-    self.data = team_lib.make_shard(cfg, train_tokens, m)
-    self.tokens_per_step = self.per_learner_batch * cfg.model.seq_len
+    self.data = task.train_source(m, d.num_learners, self.per_learner_batch, cfg.seed)
+    self.units_per_step = team_lib.units_per_learner_step(cfg, task)
     self.schedule = protocol_lib.LearnerSchedule(team_lib.schedule(cfg, self.offsets))
     self.busy_s = 0.0  # Wall time of the steps this state holds (a restore rolls it back).
     self.waiting_s = 0.0
@@ -118,7 +118,7 @@ class LearnerRuntime:
     self._stepped += 1
     batch = next(self.data)
     loss = self.learner.inner_step(jax.device_put(batch, self.island.batch),
-                                   self.tokens_per_step)
+                                   self.units_per_step)
     if self.cfg.dist.min_step_s:
       loss.block_until_ready()
       self.sleep(max(start + self.cfg.dist.min_step_s - self.clock(), 0.0))
@@ -282,16 +282,15 @@ class LearnerRuntime:
   # --- Runtime ------------------------------------------------------------------
 
   def eval_params(self):
-    """The global model as this learner holds it (its bases)."""
-    return fragments_lib.unflatten({k: t for f, ts in zip(self.fragments, self.learner.base)
-                                    for k, t in zip(f, ts)})
+    """The global model as this learner holds it (its bases, and its local state)."""
+    bases = {k: t for f, ts in zip(self.fragments, self.learner.base) for k, t in zip(f, ts)}
+    return team_lib.global_params(bases, team_lib.local_state(self.task, self.learner.params))
 
   def state(self) -> dict:
     learner = self.learner.state()
     if jax.process_count() > 1:
       learner = multihost.host_copies(learner)
-    return {"learner": learner, "data_position": np.int64(self.data.position),
-            "busy_s": np.float64(self.busy_s)}
+    return {"learner": learner, "busy_s": np.float64(self.busy_s)}
 
   def load_state(self, s: dict) -> None:
     learner = s["learner"]
@@ -301,7 +300,6 @@ class LearnerRuntime:
       learner = {**learner, **{k: put(learner[k]) for k in
                                ("params", "opt_state", "base", "residual") if k in learner}}
     self.learner.load_state(learner)
-    self.data.position = int(s["data_position"])
     self.busy_s = float(s["busy_s"])
     self.log("resume", step=self.learner.step)
 
@@ -312,10 +310,12 @@ class LearnerRuntime:
     """
     messages = serialization.MessageTable()
     return messages.payloads, {"schedule": self.schedule.state(),
-                               "held": [messages.ref(pub) for pub in self.schedule.held]}
+                               "held": [messages.ref(pub) for pub in self.schedule.held],
+                               "data": self.data.get_state()}
 
   def load_extra_state(self, payloads, meta) -> None:
     messages = serialization.MessageTable(payloads)
+    self.data.set_state(meta["data"])
     self.schedule.load_state(meta["schedule"], [messages.message(r) for r in meta["held"]])
 
   def comm_metrics(self) -> dict:

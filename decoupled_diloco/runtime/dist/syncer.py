@@ -33,13 +33,12 @@ from decoupled_diloco.algorithm import fragments as fragments_lib
 from decoupled_diloco.algorithm import protocol as protocol_lib
 from decoupled_diloco.algorithm.messages import Notice, Publication
 from decoupled_diloco.config import Config
-from decoupled_diloco.data import corpus as corpus_lib
-from decoupled_diloco.data import loader
-from decoupled_diloco.models import transformer
 from decoupled_diloco.runtime import team as team_lib
 from decoupled_diloco.runtime.dist.courier import EventLog
 from decoupled_diloco.runtime.dist.learner import LEARNER_LEASES, SYNCER_LEASE, learner_lease, live
 from decoupled_diloco.runtime.dist.mailbox import Lease, Mailbox
+from decoupled_diloco.tasks import base as tasks_base
+from decoupled_diloco.tasks.base import Task
 
 _SERVICE_COUNTS = ("recoveries", "rejected_mailbox")
 
@@ -51,16 +50,19 @@ class Fenced(RuntimeError):
 class SyncerService:
   """The syncer as a process; see module docstring. `run()` returns its summary."""
 
-  def __init__(self, cfg: Config, corpus: corpus_lib.Corpus, workdir: str, mailbox: Mailbox, *,
+  def __init__(self, cfg: Config, task: Task, workdir: str, mailbox: Mailbox, *,
                clock=time.time, sleep=time.sleep, threaded: bool = True, step_s: float = 0.0):
     """`step_s`: a prior of the learners' step time (0: none), until they report theirs."""
     d = cfg.diloco
-    self.cfg, self.workdir, self.mailbox, self.corpus = cfg, workdir, mailbox, corpus
+    self.cfg, self.workdir, self.mailbox, self.task = cfg, workdir, mailbox, task
     self.clock, self.sleep, self.threaded = clock, sleep, threaded
-    params, self.fragments, self.offsets = team_lib.global_model(cfg)
-    self.model = transformer.Transformer(cfg.model)
-    self.syncer = team_lib.make_syncer(cfg, fragments_lib.flatten(params), self.fragments)
-    del params
+    params, self.fragments, self.offsets = team_lib.global_model(cfg, task)
+    # Learners' local state (if the task has any) never reaches the syncer: its
+    # eval takes the initial one.
+    self.local_init = team_lib.local_state(task, params)
+    flat = tasks_base.mergeable(task, fragments_lib.flatten(params))
+    self.syncer = team_lib.make_syncer(cfg, task, flat, self.fragments)
+    del params, flat
     self.num_fragments, self.num_learners = len(self.fragments), d.num_learners
     self.protocol = protocol_lib.SyncerProtocol(
         protocol_lib.SyncerMerger(self.syncer), team_lib.schedule(cfg, self.offsets),
@@ -317,13 +319,14 @@ class SyncerService:
     """Evaluates the global model, releases the lease; returns the summary."""
     cfg = self.cfg
     island = islands_lib.make_islands(1, devices=[self.syncer.device])[0]
-    batches = loader.eval_batches(self.corpus.eval, batch_size=cfg.data.batch_size,
-                                  seq_len=cfg.model.seq_len, num_batches=cfg.train.eval_batches)
-    loss = steps.evaluate(steps.make_eval_loss(self.model, island), island,
-                          fragments_lib.unflatten(self.syncer.global_flat()), batches)
+    batches = self.task.eval_batches(cfg.data.batch_size, cfg.train.eval_batches)
+    params = team_lib.global_params(self.syncer.global_flat(), self.local_init)
+    means = steps.evaluate(steps.make_eval(self.task, island), island, params, batches)
+    loss = means["loss"]
+    named = self.task.eval_metrics(means) if np.isfinite(loss) else {}
     rounds = self.protocol.rounds
     summary = {
-        "final_eval_loss": loss, "final_eval_bits_per_byte": loss / np.log(2),
+        **{f"final_eval_{k}": v for k, v in {**means, **named}.items()},
         "versions": self.syncer.version.tolist(), "outer_steps": int(self.syncer.merges.sum()),
         "merges_per_fragment": self.syncer.merges.tolist(),
         "rejected_contributions": dict(self.syncer.rejected),

@@ -1,0 +1,149 @@
+"""`lm_bytes`: next-token prediction on a token corpus (data/corpus.py) with `gpt` or `llama`.
+
+Batches are {"tokens": [B, L+1] int32} windows; the unit is the token (L per
+row), the loss the mean next-token cross-entropy in nats, and the eval
+metrics add bits per token (bits per byte on the byte vocabulary) and
+perplexity.
+"""
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from decoupled_diloco.config import Config, ModelConfig
+from decoupled_diloco.data import corpus as corpus_lib
+from decoupled_diloco.data import loader
+from decoupled_diloco.models import llama, transformer
+from decoupled_diloco.tasks import base, register
+
+# Model name -> (module class, init_params(c, rng), param_axes(c)).
+MODELS = {
+    "gpt": (transformer.Transformer, transformer.init_params, transformer.param_axes),
+    "llama": (llama.Llama, llama.init_params, llama.param_axes),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """`ModelConfig` with `num_kv_heads` resolved (0 means one per query head)."""
+  vocab_size: int
+  seq_len: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  mlp_dim: int
+  tie_embeddings: bool
+  qk_norm: bool
+  rope_theta: float
+  dtype: str
+
+
+def model_config(c: ModelConfig):
+  """What the named model's module takes."""
+  if c.name == "llama":
+    fields = {f.name: getattr(c, f.name) for f in dataclasses.fields(LlamaConfig)}
+    return LlamaConfig(**{**fields, "num_kv_heads": c.num_kv_heads or c.num_heads})
+  return c
+
+
+@functools.cache
+def load_corpus(path: str, eval_percent: float) -> corpus_lib.Corpus:
+  """One read per process of a corpus (its arrays are never written)."""
+  return corpus_lib.load(path, eval_percent)
+
+
+class TokenSource:
+  """A learner's {"tokens"} batches (loader.ShardIterator) with a JSON state."""
+
+  def __init__(self, iterator: loader.ShardIterator):
+    self.iterator = iterator
+
+  def __next__(self) -> dict:
+    return {"tokens": next(self.iterator)}
+
+  def get_state(self) -> dict:
+    return {"position": self.iterator.position}
+
+  def set_state(self, state: dict) -> None:
+    self.iterator.position = int(state["position"])
+
+
+class LanguageModel:
+  """A byte-level (or pre-tokenized) language model; see module docstring."""
+
+  name, unit = "lm_bytes", "tokens"
+
+  def __init__(self, cfg: Config, corpus: corpus_lib.Corpus | None = None):
+    c = cfg.model
+    if c.name not in MODELS:
+      raise ValueError(f"model.name={c.name!r} is not a model of task lm_bytes; choose from"
+                       f" {sorted(MODELS)}.")
+    self._corpus, self._data = corpus, cfg.data
+    module, self._init, self._axes = MODELS[c.name]
+    self.c = model_config(c)
+    self.model: nn.Module = module(self.c)
+    self.seq_len = c.seq_len
+    self.chance_loss = math.log(c.vocab_size)
+
+  @property
+  def corpus(self) -> corpus_lib.Corpus:
+    """The data, read on first use (a config is checked, and its memory, before any data)."""
+    if self._corpus is None:
+      corpus = load_corpus(self._data.path, self._data.eval_percent)
+      if corpus.vocab_size > self.c.vocab_size:
+        raise ValueError(f"model.vocab_size={self.c.vocab_size} is smaller than the"
+                         f" data's vocabulary ({corpus.vocab_size}).")
+      self._corpus = corpus
+    return self._corpus
+
+  @property
+  def description(self) -> str:
+    return f"{self.c.name} on {self.corpus.description}"
+
+  def batch_spec(self, batch_size: int) -> dict:
+    return {"tokens": jax.ShapeDtypeStruct((batch_size, self.seq_len + 1), jnp.int32)}
+
+  def init(self, rng):
+    return self._init(self.c, rng)
+
+  def loss(self, params, batch):
+    """Mean next-token cross-entropy (nats) of [B, L+1] token windows."""
+    tokens_BxL1 = batch["tokens"]
+    x_BxL, y_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
+    logits_BxLxV = self.model.apply({"params": params}, x_BxL)
+    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV)
+    nll_BxL = -jnp.take_along_axis(logp_BxLxV, y_BxL[..., None], axis=-1)[..., 0]
+    return nll_BxL.mean(), {}
+
+  def num_units(self, batch) -> int:
+    rows, width = batch["tokens"].shape
+    return rows * (width - 1)
+
+  def eval_metrics(self, means: dict) -> dict:
+    loss = means["loss"]
+    bits = "bits_per_byte" if self.c.vocab_size <= 256 else "bits_per_token"
+    return {bits: loss / math.log(2), "perplexity": math.exp(min(loss, 700.0))}
+
+  def roles(self, flat_params: dict) -> dict:
+    return {k: base.role_by_name(k) for k in flat_params}
+
+  def axes(self, flat_params: dict) -> dict:
+    return base.axes_by_path(self._axes(self.c), flat_params)
+
+  def train_source(self, shard: int, num_shards: int, batch_size: int, seed: int):
+    return TokenSource(loader.ShardIterator(
+        self.corpus.train, shard=shard, num_shards=num_shards, batch_size=batch_size,
+        seq_len=self.seq_len, seed=seed))
+
+  def eval_batches(self, batch_size: int, num_batches: int) -> list:
+    return [{"tokens": b} for b in loader.eval_batches(
+        self.corpus.eval, batch_size=batch_size, seq_len=self.seq_len,
+        num_batches=num_batches)]
+
+
+register("lm_bytes")(LanguageModel)

@@ -1,0 +1,25 @@
+"""The four methods as one call, so any task's config can be run by each.
+
+`use_method(c, name)` copies the method's sections (runtime, diloco, outer,
+sim) from its own experiment file: `data_parallel`, `diloco`, `streaming`
+(Streaming DiLoCo) or `decoupled` (Decoupled DiLoCo without chaos; the
+variant the real runtime runs too).
+"""
+
+from experiments import data_parallel, decoupled_diloco, diloco, streaming_diloco
+
+METHODS = {
+    "data_parallel": lambda: data_parallel.get_config(),
+    "diloco": lambda: diloco.get_config(),
+    "streaming": lambda: streaming_diloco.get_config(),
+    "decoupled": lambda: decoupled_diloco.get_config("nochaos"),
+}
+
+
+def use_method(c, name: str) -> None:
+  if name not in METHODS:
+    raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)}.")
+  m = METHODS[name]()
+  c.runtime = m.runtime
+  for section in ("diloco", "outer", "sim"):
+    c[section].update(m[section])
