@@ -20,6 +20,7 @@ setuptools.setup(
         "numpy>=1.26",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",  # experiments/report.py figures (Agg, headless).
+        "scikit-learn>=1.4",  # The digits images of tasks/digits.py (shipped in the wheel).
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5",  # Two test processes on two cores (.ci/run).
