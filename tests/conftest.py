@@ -29,6 +29,12 @@ def pytest_configure(config):
   config.addinivalue_line("markers", "slow: long end-to-end runs (still run in CI)")
 
 
+def pytest_collection_modifyitems(items):
+  """The long runs first, so that with several test processes (pytest-xdist) none of
+  them is left running one alone at the end while the others idle."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_unconfigure(config):
   del config
   shutil.rmtree(_CACHE_DIR, ignore_errors=True)

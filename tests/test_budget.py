@@ -55,6 +55,7 @@ def test_tokens_budget_resumes_exactly(tmp_path):
   assert resumed.batch_parts == straight.batch_parts
 
 
+@pytest.mark.slow
 def test_chaos_run_trains_on_steps_times_the_global_batch():
   """Real training, slices failing often: tokens budget vs the inner-steps one."""
   steps, batch_size, seq_len, num_learners = 12, 16, 32, 2

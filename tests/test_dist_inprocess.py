@@ -113,6 +113,7 @@ def _simulated_decisions(config, log_path):
   return _decisions(metrics.read_jsonl(log_path), _UNTIL)
 
 
+@pytest.mark.slow
 def test_the_simulator_and_the_real_runtime_make_the_same_decisions(tmp_path):
   """K = 1 + grace, tau = 2, fixed step times, a slow learner, one killed and rejoining:
   the same protocol driven by the virtual clock and by the real runtime's (fake) wall

@@ -82,6 +82,7 @@ def _chaos_config(steps):
                                    "dist.min_step_s": 0.04})
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_learner_then_of_the_syncer_never_stops_the_run(start_run):
   """One run, two real faults: each is survived, and nothing is lost or applied twice.
 
@@ -167,6 +168,7 @@ def test_kill_9_of_a_learner_then_of_the_syncer_never_stops_the_run(start_run):
   assert summary["merges_per_fragment"] == summary["versions"]
 
 
+@pytest.mark.slow
 def test_a_learner_spanning_two_processes_trains_and_contributes(start_run, tmp_path):
   """jax.distributed on CPU: one island over 2 processes; process 0 alone uses the mailbox."""
   config = helpers.tiny_config("decoupled", steps=12, **{

@@ -195,6 +195,7 @@ def test_local_state_is_never_sent_or_merged():
 
 # --- every task, every method ------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 def test_every_task_trains_with_every_method_and_resumes_bitwise(tmp_path, monkeypatch, model):
   chance = helpers.task(config(model)).chance_loss
@@ -213,6 +214,7 @@ def test_every_task_trains_with_every_method_and_resumes_bitwise(tmp_path, monke
 
 
 @pytest.mark.parametrize("model", ["llama", "digits_vit"])
+@pytest.mark.slow
 def test_the_real_runtime_trains_every_task(tmp_path, model):
   """Learner and syncer processes' code, in-process on a fake clock (tests/dist_harness.py)."""
   c = config(model, "decoupled", steps=9, **{"sim.slow_learners": 0})
