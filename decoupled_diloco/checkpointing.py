@@ -68,6 +68,7 @@ def fingerprint(cfg: config_lib.Config) -> dict:
   between a checkpoint and its resumption; these may not.
   """
   fields = {f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items() if k != "dtype"}
+  fields["task.name"] = cfg.task.name
   fields["inner.clip_norm>0"] = cfg.inner.clip_norm > 0  # Adds a state to the chain.
   if cfg.runtime == "data_parallel":
     return fields

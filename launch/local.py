@@ -184,8 +184,8 @@ def _secret(path: str) -> str:
 # --- progress and chaos ---------------------------------------------------------------------
 
 
-def progress(box, num_fragments: int, num_learners: int, tokens_per_step: int,
-             started: float) -> tuple[str, dict]:
+def progress(box, num_fragments: int, num_learners: int, units_per_step: int,
+             started: float, unit: str = "tokens") -> tuple[str, dict]:
   """One line for the whole run, and the learners' lease info it was made from."""
   versions = box.latest_versions(num_fragments)
   leases = box.leases("learner/")
@@ -198,9 +198,9 @@ def progress(box, num_fragments: int, num_learners: int, tokens_per_step: int,
     info[m] = lease.info
     up = lease.expires_at > now
     step_s = lease.info.get("step_seconds") or 0.0
-    rate = tokens_per_step / step_s if step_s else 0.0
+    rate = units_per_step / step_s if step_s else 0.0
     state = lease.info.get("status", "?") if up else "down"
-    parts.append(f"L{m} step {lease.info.get('step', 0)} {rate:,.0f} tok/s {state}")
+    parts.append(f"L{m} step {lease.info.get('step', 0)} {rate:,.0f} {unit}/s {state}")
   busy = sum(i.get("busy_s", 0.0) for i in info.values())
   goodput = busy / max(num_learners * (now - started), 1e-9)
   shown = versions if len(versions) <= 8 else f"{min(v or 0 for v in versions)}..{max(v or 0 for v in versions)}"
@@ -345,7 +345,7 @@ def collect_results(run: LocalRun, started: float, ended: float, chaos_events: l
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from decoupled_diloco import config as config_lib  # pylint: disable=g-import-not-at-top
+  from decoupled_diloco import config as config_lib, tasks  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   config = flags.FLAGS.config
   cfg = config_lib.parse(config)
@@ -360,7 +360,8 @@ def main(argv):
     f.write(text)
   run = LocalRun(workdir, config_path, cfg.diloco.num_learners,
                  devices_per_learner=flags.FLAGS.devices_per_learner)
-  per_learner_tokens = cfg.data.batch_size // cfg.diloco.num_learners * cfg.model.seq_len
+  task = tasks.build(cfg)
+  per_learner = task.num_units(task.batch_spec(cfg.data.batch_size // cfg.diloco.num_learners))
   chaos = (Chaos(run, cfg.train.steps, flags.FLAGS.chaos_seed, logging.info)
            if flags.FLAGS.chaos else None)
   started = time.time()
@@ -373,7 +374,7 @@ def main(argv):
       if time.time() - started > flags.FLAGS.timeout_s:
         raise TimeoutError(f"the run took over --timeout_s={flags.FLAGS.timeout_s:.0f} s")
       line, info = progress(box, cfg.diloco.num_fragments, run.num_learners,
-                            per_learner_tokens, started)
+                            per_learner, started, task.unit)
       if chaos:
         chaos.tick(info)
       if time.time() - last_line > 5:
