@@ -327,8 +327,7 @@ def collect_results(run: LocalRun, started: float, ended: float, chaos_events: l
   busy = sum(l.get("busy_s", 0.0) for l in learners)
   learner_events = [e for e in events if e.get("process", "").startswith("learner")]
   return {
-      "final_eval_loss": syncer.get("final_eval_loss"),
-      "final_eval_bits_per_byte": syncer.get("final_eval_bits_per_byte"),
+      **{k: v for k, v in syncer.items() if k.startswith("final_eval_")},  # The task's metrics.
       "wall_seconds": wall,
       # Useful learner time (steps whose state survived) over the learners' wall time.
       "goodput": busy / max(run.num_learners * wall, 1e-9),
@@ -402,7 +401,9 @@ def main(argv):
   summary = collect_results(run, started, time.time(), chaos.events if chaos else [])
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
-  print(f"final eval loss {summary['final_eval_loss']:.4f} nats/byte, goodput"
+  metrics = ", ".join(f"{k[len('final_eval_'):]} {v:.4g}" for k, v in summary.items()
+                      if k.startswith("final_eval_") and k != "final_eval_loss")
+  print(f"final eval loss {summary['final_eval_loss']:.4f} ({metrics}), goodput"
         f" {summary['goodput']:.1%}, uptime {summary['uptime']:.1%} over"
         f" {summary['wall_seconds']:.0f} s; {summary['outer_steps']} outer steps;"
         f" restarts {summary['restarts']}.\nresults in {workdir} (summary.json, events.jsonl,"
