@@ -20,6 +20,8 @@ every run's `summary.json`, `metrics.jsonl` (eval loss vs step) and
 
 Check kinds (dicts in the sweep's `checks`; `metric` defaults to the sweep's):
   within a b tol         |mean(a)/mean(b) - 1| <= tol
+  within_abs a b tol     |mean(a) - mean(b)| <= tol (in the metric's own units: 0.01 of
+                         accuracy is one point)
   not_worse a b tol      a is at most tol (relative) worse than b
   worse a b tol          a is more than tol (relative) worse than b
   recovers bad fixed good share   fixed closes >= share of bad's gap to good
@@ -53,10 +55,14 @@ from decoupled_diloco import metrics
 
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: DIR/report for one DIR).")
 
-HIGHER_IS_BETTER = {"goodput", "uptime", "utilisation", "bytes_reduction_vs_dp"}
+HIGHER_IS_BETTER = {"goodput", "uptime", "utilisation", "bytes_reduction_vs_dp",
+                    "final_eval_accuracy"}
 # field -> (label, scale, format) for tables.
 FIELDS = {
     "final_eval_loss": ("eval loss (nats/byte)", 1, "{:.4f}"),
+    "final_eval_accuracy": ("top-1 accuracy (%)", 100, "{:.2f}"),
+    "tokens": ("tokens (M)", 1e-6, "{:.4f}"),
+    "images": ("images", 1, "{:.0f}"),
     "goodput": ("goodput (%)", 100, "{:.1f}"),
     "uptime": ("uptime (%)", 100, "{:.1f}"),
     "utilisation": ("utilisation (%)", 100, "{:.1f}"),
@@ -209,14 +215,21 @@ def evaluate_check(sweep: dict, check: dict) -> tuple[str, str]:
   if any(st(n)[2] == 0 for n in names):
     return "no data", "missing: " + ", ".join(n for n in names if st(n)[2] == 0)
   verdict = lambda ok: "supported" if ok else "not supported"
-  if kind in ("within", "not_worse", "worse"):
+  if kind in ("within", "within_abs", "not_worse", "worse"):
     mb = st(check["b"])[0]
     tol = check.get("tol", 0.0)
     diff, diff_se, how = difference_stats(sweep, check["a"], check["b"], metric)
     rel, rel_se = diff / abs(mb), diff_se / abs(mb)  # Paired or not, as its s.e.
     noise = f"; difference {_num(metric, diff)} ± {_num(metric, diff_se)} (s.e., {how})"
     text = f"{desc(check['a'])} vs {desc(check['b'])}: {100 * rel:+.2f}%"
-    if kind == "within":
+    # The bound is on the relative difference, or (within_abs) on the difference itself.
+    x, x_se = (diff, diff_se) if kind == "within_abs" else (rel, rel_se)
+    if kind == "within_abs":
+      text = (f"{desc(check['a'])} vs {desc(check['b'])}:"
+              f" {'-' if diff < 0 else '+'}{_num(metric, abs(diff))}")
+      holds = lambda r: abs(r) <= tol
+      bound = f"bound ±{_num(metric, tol)}"
+    elif kind == "within":
       holds = lambda r: abs(r) <= tol
       bound = f"bound ±{100 * tol:g}%"
     else:
@@ -227,10 +240,10 @@ def evaluate_check(sweep: dict, check: dict) -> tuple[str, str]:
                f"must be worse by more than {100 * tol:g}%")
     # A verdict that some value within two standard errors would flip is reported as
     # such: test the interval's ends, and the bounds that fall inside it.
-    lo, hi = rel - 2 * rel_se, rel + 2 * rel_se
+    lo, hi = x - 2 * x_se, x + 2 * x_se
     points = [lo, hi] + [t for t in (-tol, tol) if lo <= t <= hi]
-    firm = all(holds(r) == holds(rel) for r in points)
-    return (verdict(holds(rel)) + ("" if firm else " (within noise)"),
+    firm = all(holds(r) == holds(x) for r in points)
+    return (verdict(holds(x)) + ("" if firm else " (within noise)"),
             f"{text} ({bound}){noise}")
   if kind == "recovers":
     bad, fixed, good = (st(check[k])[0] for k in ("bad", "fixed", "good"))

@@ -208,6 +208,28 @@ def test_pairwise_checks_say_when_the_verdict_is_within_noise():
   assert report.evaluate_check(sweep([2.06, 2.061], [2.00, 2.001]), within)[0] == "not supported"
 
 
+def test_within_abs_bounds_the_difference_in_the_metrics_own_units():
+  from experiments import report  # pylint: disable=g-import-not-at-top
+  def sweep(a, b):
+    runs = {"a": {s: {"final_eval_accuracy": v} for s, v in enumerate(a)},
+            "b": {s: {"final_eval_accuracy": v} for s, v in enumerate(b)}}
+    return {"metric": "final_eval_accuracy", "runs": runs}
+  one_point = dict(claim="a ~ b", kind="within_abs", a="a", b="b", tol=0.01)
+  # 1.5 points apart on every seed: within 2 points, though 9% apart relative to b.
+  low = sweep([0.10, 0.20], [0.115, 0.215])
+  verdict, numbers = report.evaluate_check(low, {**one_point, "tol": 0.02})
+  assert verdict == "supported", numbers
+  assert "a 15.00 ± 5.00 vs b 16.50 ± 5.00: -1.50 (bound ±2.00)" in numbers, numbers
+  assert report.evaluate_check(low, {**one_point, "kind": "within", "tol": 0.02})[0] == (
+      "not supported")
+  # 2 points apart on every seed: firmly outside 1 point.
+  assert report.evaluate_check(sweep([0.94, 0.95], [0.96, 0.97]), one_point)[0] == (
+      "not supported")
+  # 1 and 0.5 points apart: 0.75 +- 0.25 (s.e.), two s.e. reach past the bound.
+  verdict, numbers = report.evaluate_check(sweep([0.95, 0.96], [0.96, 0.965]), one_point)
+  assert verdict == "supported (within noise)" and "paired over 2 seeds" in numbers, numbers
+
+
 def test_dominates_treats_float_round_off_as_equal():
   from experiments import report  # pylint: disable=g-import-not-at-top
   runs = {"d1": {0: {"u": 0.750000003}}, "s1": {0: {"u": 0.7500000030000001}},
