@@ -1,17 +1,23 @@
-"""Tokens/s of the framework's training loop vs a minimal hand-written jitted loop.
+"""Units/s of the framework's training loop vs a minimal hand-written jitted loop, any task.
 
-Both train the same model on the same global batch and data on the same
-devices; they are measured alternately, `--rounds` times, and the medians are
-compared. Compilation is excluded from both where it can be (the framework's
-summary reports tokens/s after its first step; the hand loop is warmed up
-first); the framework's sync functions compile at their first use, inside the
-timed loop, so runs are long enough (300 steps, 12 syncs at H = 25) for that to
-amortise as it does in real training. DiLoCo rows are also compared with 4
-hand-written replicas taking turns on a quarter of the batch each (no sync),
-which isolates what syncing costs.
+Both train the same task (model, loss, data) on the same global batch on the
+same devices; they are measured alternately, `--rounds` times, and the
+medians are compared. The unit is the task's (tokens, images). Compilation is
+excluded from both where it can be (the framework's summary reports units/s
+after its first step; the hand loop is warmed up first); the framework's sync
+functions compile at their first use, inside the timed loop, so runs are long
+enough (300 steps, 12 syncs at H = 25) for that to amortise as it does in real
+training. DiLoCo rows are also compared with 4 hand-written replicas taking
+turns on a quarter of the batch each (no sync), which isolates what syncing
+costs. The hand loop is jit(value_and_grad(task.loss) + the config's inner
+optax optimizer) on batches from `task.train_source`, nothing else.
 
-  python -m experiments.bench_throughput                 # tiny model, CPU
-  python -m experiments.bench_throughput --preset=small  # on an accelerator
+  python -m experiments.bench_throughput                             # gpt, tiny, CPU
+  python -m experiments.bench_throughput --task=llama                # experiments/llama.py's model
+  python -m experiments.bench_throughput --task=digits_vit           # experiments/digits_vit.py's
+  python -m experiments.bench_throughput --preset=small              # gpt, on an accelerator
+
+Measured figures: BUILD.md, "Throughput".
 """
 
 import statistics
@@ -23,10 +29,8 @@ import optax
 from absl import app, flags, logging
 
 from decoupled_diloco import config as config_lib
-from decoupled_diloco import optim, train
-from decoupled_diloco.data import corpus as corpus_lib
-from decoupled_diloco.data.loader import ShardIterator
-from decoupled_diloco.models import transformer
+from decoupled_diloco import optim, tasks, train
+from experiments import digits_vit, llama
 
 METHODS = {
     "data_parallel": {"runtime": "data_parallel"},
@@ -35,18 +39,32 @@ METHODS = {
                          "diloco.num_fragments": 5, "diloco.sync_every": 25,
                          "diloco.overlap": 2, "diloco.alpha": 0.5},
 }
+# Task flag -> the config sections taken from its experiment file (gpt: `--preset`).
+TASKS = {
+    "gpt": (None, ()),
+    "llama": (llama.get_config, ("task", "model")),
+    "digits_vit": (digits_vit.get_config, ("task", "model", "data")),
+}
 
+_TASK = flags.DEFINE_enum("task", "gpt", list(TASKS), "Task (and model) to train.")
 _STEPS = flags.DEFINE_integer("steps", 300, "Steps per measured run.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds (framework, hand loop).")
-_PRESET = flags.DEFINE_string("preset", "tiny", "Model preset.")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Global batch (sequences).")
+_PRESET = flags.DEFINE_string("preset", "tiny", "Model preset (gpt only).")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch in rows (default: the task's).")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), "Framework methods to measure.")
 
 
 def framework_config(method: str):
   c = config_lib.base_config()
-  config_lib.use_preset(c, _PRESET.value)
-  c.data.batch_size = _BATCH.value
+  experiment, sections = TASKS[_TASK.value]
+  if experiment is None:
+    config_lib.use_preset(c, _PRESET.value)
+  if sections:
+    source = experiment()
+    for section in sections:
+      c[section].update(source[section])
+  if _BATCH.value is not None:
+    c.data.batch_size = _BATCH.value
   c.train.update(steps=_STEPS.value, eval_every=0, checkpoint_every=0, eval_batches=1,
                  log_every=_STEPS.value)
   for key, value in METHODS[method].items():
@@ -55,32 +73,31 @@ def framework_config(method: str):
   return c
 
 
-def framework_tokens_per_second(method: str) -> float:
+def framework_units_per_second(method: str, unit: str) -> float:
   with tempfile.TemporaryDirectory() as workdir:
-    return train.train_and_evaluate(framework_config(method), workdir)["tokens_per_second"]
+    return train.train_and_evaluate(framework_config(method), workdir)[f"{unit}_per_second"]
 
 
-def hand_loop_tokens_per_second(corpus, num_replicas: int = 1) -> float:
+def hand_loop_units_per_second(num_replicas: int = 1) -> float:
   """The minimal loop: jit(value_and_grad + optax update), nothing else.
 
   With `num_replicas` > 1, that many independent replicas take turns, each on
-  batch / num_replicas sequences: DiLoCo's inner work without any sync.
+  batch / num_replicas rows: DiLoCo's inner work without any sync.
   """
   cfg = config_lib.parse(framework_config("data_parallel"))
-  model = transformer.Transformer(cfg.model)
+  task = tasks.build(cfg)
   tx = optim.inner_optimizer(cfg.inner, cfg.train.steps)
-  params = transformer.init_params(cfg.model, jax.random.key(0))
+  params = task.init(jax.random.key(cfg.seed))
   opt_state = tx.init(params)
 
   @jax.jit
   def step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(transformer.loss_fn)(params, model, batch)
+    (loss, _), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   batch = cfg.data.batch_size // num_replicas
-  data = [ShardIterator(corpus.train, shard=r, num_shards=num_replicas, batch_size=batch,
-                        seq_len=cfg.model.seq_len, seed=0) for r in range(num_replicas)]
+  data = [task.train_source(r, num_replicas, batch, cfg.seed) for r in range(num_replicas)]
   states = [(params, opt_state)] * num_replicas
   for r in range(num_replicas):
     *states[r], loss = step(*states[r], next(data[r]))
@@ -90,35 +107,41 @@ def hand_loop_tokens_per_second(corpus, num_replicas: int = 1) -> float:
     for r in range(num_replicas):
       *states[r], loss = step(*states[r], next(data[r]))
   loss.block_until_ready()
-  return (cfg.train.steps - 1) * cfg.data.batch_size * cfg.model.seq_len / (
-      time.perf_counter() - start)
+  units_per_step = task.num_units(task.batch_spec(cfg.data.batch_size))
+  return (cfg.train.steps - 1) * units_per_step / (time.perf_counter() - start)
 
 
 def main(argv):
   del argv
+  if _TASK.value != "gpt" and _PRESET.value != "tiny":
+    raise app.UsageError(f"--preset is for --task=gpt; {_TASK.value} takes its experiment's model.")
   logging.set_verbosity(logging.WARNING)
-  corpus = corpus_lib.load("embedded")
+  cfg = config_lib.parse(framework_config("data_parallel"))
+  task = tasks.build(cfg)
+  unit = task.unit
   results = {m: [] for m in _METHODS.value}
   hand, hand_m = [], []
   for r in range(_ROUNDS.value):
     for method in _METHODS.value:
-      results[method].append(framework_tokens_per_second(method))
-      print(f"round {r}: {method} {results[method][-1]:.0f} tok/s", flush=True)
-    hand.append(hand_loop_tokens_per_second(corpus))
-    hand_m.append(hand_loop_tokens_per_second(corpus, num_replicas=4))
-    print(f"round {r}: hand loop {hand[-1]:.0f} tok/s, 4 hand replicas {hand_m[-1]:.0f}"
-          " tok/s", flush=True)
+      results[method].append(framework_units_per_second(method, unit))
+      print(f"round {r}: {method} {results[method][-1]:.0f} {unit}/s", flush=True)
+    hand.append(hand_loop_units_per_second())
+    hand_m.append(hand_loop_units_per_second(num_replicas=4))
+    print(f"round {r}: hand loop {hand[-1]:.0f} {unit}/s, 4 hand replicas {hand_m[-1]:.0f}"
+          f" {unit}/s", flush=True)
   ref, ref_m = statistics.median(hand), statistics.median(hand_m)
-  print(f"\ndevices: {jax.devices()}  preset={_PRESET.value}  batch={_BATCH.value}"
-        f"x{config_lib.PRESETS[_PRESET.value]['seq_len']}  steps/run={_STEPS.value}"
-        f"  rounds={_ROUNDS.value} (medians)")
-  print(f"hand loop (1 replica, global batch): {ref:.0f} tok/s;"
-        f" 4 hand replicas (batch/4 each, no sync): {ref_m:.0f} tok/s")
-  print(f"{'method':<20}{'framework tok/s':>16}{'vs hand loop':>14}{'vs 4 replicas':>15}")
+  spec = task.batch_spec(cfg.data.batch_size)
+  batch = ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in spec.items())
+  print(f"\ndevices: {jax.devices()}  jax {jax.__version__}  task={_TASK.value}"
+        f" ({task.name}, model {cfg.model.name})  batch: {batch} = {task.num_units(spec)}"
+        f" {unit}  steps/run={_STEPS.value}  rounds={_ROUNDS.value} (medians)")
+  print(f"hand loop (1 replica, global batch): {ref:.0f} {unit}/s;"
+        f" 4 hand replicas (batch/4 each, no sync): {ref_m:.0f} {unit}/s")
+  print(f"{'method':<20}{f'framework {unit}/s':>20}{'vs hand loop':>14}{'vs 4 replicas':>15}")
   for method, rates in results.items():
     median = statistics.median(rates)
     vs_m = f"{median / ref_m:>15.3f}" if method != "data_parallel" else f"{'':>15}"
-    print(f"{method:<20}{median:>16.0f}{median / ref:>14.3f}{vs_m}")
+    print(f"{method:<20}{median:>20.0f}{median / ref:>14.3f}{vs_m}")
 
 
 if __name__ == "__main__":
