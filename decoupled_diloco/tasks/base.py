@@ -86,16 +86,6 @@ def role_by_name(path: str) -> str:
   return "other"
 
 
-def module_order(paths) -> list[str]:
-  """Top-level modules in network order: embeddings, blocks by index, the rest."""
-  names = sorted({k.split("/")[0] for k in paths})
-  def key(n):
-    if n.startswith("block_") and n[6:].isdigit():
-      return (1, int(n[6:]), n)
-    return (0 if "embed" in n or n == "cls" else 2, 0, n)
-  return sorted(names, key=key)
-
-
 def axes_by_path(tree, flat_params: dict) -> dict:
   """{path: axis names} of `flat_params` from a tree of name tuples (a model's `param_axes`)."""
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, tuple))[0]

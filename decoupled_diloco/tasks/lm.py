@@ -27,28 +27,9 @@ MODELS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-  """`ModelConfig` with `num_kv_heads` resolved (0 means one per query head)."""
-  vocab_size: int
-  seq_len: int
-  num_layers: int
-  d_model: int
-  num_heads: int
-  num_kv_heads: int
-  mlp_dim: int
-  tie_embeddings: bool
-  qk_norm: bool
-  rope_theta: float
-  dtype: str
-
-
-def model_config(c: ModelConfig):
-  """What the named model's module takes."""
-  if c.name == "llama":
-    fields = {f.name: getattr(c, f.name) for f in dataclasses.fields(LlamaConfig)}
-    return LlamaConfig(**{**fields, "num_kv_heads": c.num_kv_heads or c.num_heads})
-  return c
+def model_config(c: ModelConfig) -> ModelConfig:
+  """`c` with `num_kv_heads` resolved for llama (0 means one per query head)."""
+  return dataclasses.replace(c, num_kv_heads=c.num_kv_heads or c.num_heads)
 
 
 @functools.cache
