@@ -1,6 +1,7 @@
 r"""Report of finished sweeps: report.md, cells.csv and PNG figures.
 
   python -m experiments.report DIR [DIR ...] [--out=OUT]
+  python -m experiments.report DIR [DIR ...] --into=REPORT_DIR   # add to a report
 
 Each DIR is a sweep's workdir (`experiments/sweep.py` wrote its `sweep.json`);
 OUT defaults to DIR/report for one DIR and must be given for several. Reads
@@ -54,6 +55,8 @@ from absl import app, flags
 from decoupled_diloco import metrics
 
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: DIR/report for one DIR).")
+_INTO = flags.DEFINE_string("into", None, "A folder with a report.md to add these sweeps to"
+                            " (their earlier sections there are replaced; others are kept).")
 
 HIGHER_IS_BETTER = {"goodput", "uptime", "utilisation", "bytes_reduction_vs_dp",
                     "final_eval_accuracy"}
@@ -474,7 +477,7 @@ def table(sweep: dict) -> list[str]:
   return lines
 
 
-def write_csv(sweeps: list[dict], path: str) -> None:
+def csv_rows(sweeps: list[dict]) -> list[dict]:
   rows = []
   for sweep in sweeps:
     overrides = {c["name"]: c["overrides"] for c in sweep["cells"]}
@@ -487,21 +490,58 @@ def write_csv(sweeps: list[dict], path: str) -> None:
                     if not k.startswith("_") and isinstance(v, (int, float, str, bool))
                     or v is None and not k.startswith("_")})
         rows.append(row)
+  return rows
+
+
+def write_csv(rows: list[dict], path: str) -> None:
   lead = ["sweep", "cell", "seed"]
   keys = lead + sorted({k for r in rows for k in r} - set(lead))
   with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=keys)
+    w = csv.DictWriter(f, fieldnames=keys, restval="")
     w.writeheader()
     w.writerows(rows)
 
 
+def parts(sweeps: list[dict], out: str) -> tuple[list[str], list[str], list[str]]:
+  """(the sweeps' command lines, their rows of the checks table, their sections)."""
+  commands = [f"- {s['name']}: `{s['command']}`" for s in sweeps]
+  rows, sections = [], []
+  verdicts = {}
+  for s in sweeps:
+    for check in s["checks"]:
+      verdicts[(s["name"], check["claim"])] = v = evaluate_check(s, check)
+      rows.append(f"| {s['name']} | {check['claim']} | **{v[0]}** | {v[1]} |")
+  for s in sweeps:
+    sections += ["", f"## {s['title']}", ""]
+    if s.get("notes"):
+      sections += [s["notes"], ""]
+    seeds = ",".join(str(x) for x in s["seeds"])
+    sections += [f"Command: `{s['command']}` (seeds {seeds}; reference cell `{s['reference']}`;"
+                 f" sweep file `{s['sweep_file']}`).", ""]
+    if s["set"]:
+      sections += [f"Every cell also set: `{json.dumps(s['set'], sort_keys=True)}`.", ""]
+    sections += table(s)
+    if s["missing"]:
+      sections += ["", f"Not finished (left out): {', '.join(s['missing'])}."]
+    if s["checks"]:
+      sections += ["", "Checks:", ""]
+      sections += [f"- {c['claim']}: **{verdicts[(s['name'], c['claim'])][0]}**;"
+                   f" {verdicts[(s['name'], c['claim'])][1]}" for c in s["checks"]]
+    for kind in s["figures"]:
+      name = FIGURES[kind](s, out)
+      if name:
+        sections += ["", f"![{kind}]({name})"]
+  return commands, rows, sections
+
+
 def render(sweeps: list[dict], out: str, command: str) -> str:
   os.makedirs(out, exist_ok=True)
+  commands, rows, sections = parts(sweeps, out)
   lines = ["# Ablations of Decoupled DiLoCo", "",
            f"Written by `{command}` on {datetime.date.today().isoformat()}"
            f" ({platform.machine()}, {os.cpu_count()} CPUs, Python"
            f" {platform.python_version()}). Sweeps, each run with:", ""]
-  lines += [f"- {s['name']}: `{s['command']}`" for s in sweeps]
+  lines += commands
   lines += ["", "Every run of every cell, one row each: [cells.csv](cells.csv).", "",
             "## The paper's trends, checked", "",
             "A verdict marked *(within noise)* would change if the difference moved by two"
@@ -509,35 +549,56 @@ def render(sweeps: list[dict], out: str, command: str) -> str:
             " both cells ran the same seeds (a seed fixes the initialisation and the data"
             " order).", "",
             "| sweep | claim | this run | numbers |", "|---|---|---|---|"]
-  verdicts = {}
-  for s in sweeps:
-    for check in s["checks"]:
-      verdicts[(s["name"], check["claim"])] = v = evaluate_check(s, check)
-      lines.append(f"| {s['name']} | {check['claim']} | **{v[0]}** | {v[1]} |")
-  for s in sweeps:
-    lines += ["", f"## {s['title']}", ""]
-    if s.get("notes"):
-      lines += [s["notes"], ""]
-    seeds = ",".join(str(x) for x in s["seeds"])
-    lines += [f"Command: `{s['command']}` (seeds {seeds}; reference cell `{s['reference']}`;"
-              f" sweep file `{s['sweep_file']}`).", ""]
-    if s["set"]:
-      lines += [f"Every cell also set: `{json.dumps(s['set'], sort_keys=True)}`.", ""]
-    lines += table(s)
-    if s["missing"]:
-      lines += ["", f"Not finished (left out): {', '.join(s['missing'])}."]
-    if s["checks"]:
-      lines += ["", "Checks:", ""]
-      lines += [f"- {c['claim']}: **{verdicts[(s['name'], c['claim'])][0]}**;"
-                f" {verdicts[(s['name'], c['claim'])][1]}" for c in s["checks"]]
-    for kind in s["figures"]:
-      name = FIGURES[kind](s, out)
-      if name:
-        lines += ["", f"![{kind}]({name})"]
+  lines += rows + sections
   path = os.path.join(out, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
-  write_csv(sweeps, os.path.join(out, "cells.csv"))
+  write_csv(csv_rows(sweeps), os.path.join(out, "cells.csv"))
+  return path
+
+
+def merge_into(sweeps: list[dict], out: str, command: str) -> str:
+  """Adds `sweeps` to the report already in `out`, replacing their earlier versions.
+
+  The other sweeps' lines, rows and figures stay as they are, so one sweep can
+  be added or re-run without the run folders of the others.
+  """
+  path = os.path.join(out, "report.md")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--into={out}: no report.md there to merge into.")
+  with open(path) as f:
+    lines = f.read().splitlines()
+  names = {s["name"] for s in sweeps}
+  titles = {f"## {s['title']}" for s in sweeps}
+  commands, rows, sections = parts(sweeps, out)
+  merged = (f"Sections {', '.join(sorted(names))} merged in by `{command}` on"
+            f" {datetime.date.today().isoformat()} ({platform.machine()}, {os.cpu_count()}"
+            f" CPUs, Python {platform.python_version()}).")
+  kept, skipping = [], False
+  for line in lines:  # Drops these sweeps' earlier command lines, rows, sections and note.
+    if line.startswith("## "):
+      skipping = line in titles
+    if (skipping or any(line.startswith((f"- {n}: `", f"| {n} |")) for n in names)
+        or line.startswith("Sections ") and " merged in by `" in line
+        and set(line[len("Sections "):line.index(" merged in")].split(", ")) <= names):
+      continue
+    if not (line == "" and kept and kept[-1] == ""):
+      kept.append(line)
+  while kept and not kept[-1]:
+    kept.pop()
+  header = kept[:kept.index("## The paper's trends, checked")]
+  last_command = max(i for i, l in enumerate(header) if l.startswith("- ") and l.endswith("`"))
+  kept[last_command + 1:last_command + 1] = commands + ["", merged]
+  table_start = kept.index("| sweep | claim | this run | numbers |")
+  table_end = next(i for i in range(table_start, len(kept) + 1)
+                   if i == len(kept) or not kept[i].startswith("|"))
+  kept[table_end:table_end] = rows
+  with open(path, "w") as f:
+    f.write("\n".join(kept + sections) + "\n")
+  cells = os.path.join(out, "cells.csv")
+  with open(cells, newline="") as f:
+    old = [r for r in csv.DictReader(f) if r["sweep"] not in names]
+  write_csv(old + csv_rows(sweeps), cells)
   return path
 
 
@@ -545,14 +606,15 @@ def main(argv):
   dirs = argv[1:]
   if not dirs:
     raise app.UsageError("give one or more sweep workdirs: python -m experiments.report DIR...")
-  if len(dirs) > 1 and not _OUT.value:
+  if _INTO.value and _OUT.value:
+    raise app.UsageError("give --out (a new report) or --into (an existing one), not both.")
+  if len(dirs) > 1 and not (_OUT.value or _INTO.value):
     raise app.UsageError("--out is required with several sweep workdirs.")
-  out = _OUT.value or os.path.join(dirs[0], "report")
+  out = _INTO.value or _OUT.value or os.path.join(dirs[0], "report")
   sweeps = [load_sweep(os.path.abspath(d)) for d in dirs]
   command = " ".join(["python -m experiments.report"] + sys.argv[1:])
-  path = render(sweeps, out, command)
+  path = (merge_into if _INTO.value else render)(sweeps, out, command)
   print(f"wrote {path}, {out}/cells.csv and the figures")
-
 
 if __name__ == "__main__":
   app.run(main)

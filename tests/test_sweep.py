@@ -239,3 +239,54 @@ def test_dominates_treats_float_round_off_as_equal():
   assert report.evaluate_check(sweep, check)[0] == "supported"
   verdict, numbers = report.evaluate_check(sweep, {**check, "a": ["d1", "d2"], "b": ["s1", "s2"]})
   assert verdict == "not supported" and "holds at 1 of 2 points" in numbers
+
+
+def _fake_sweep(tmp_path, name: str, losses: dict[str, list[float]]) -> dict:
+  """What `report.load_sweep` returns for a finished sweep, without its run folders."""
+  workdir = str(tmp_path / name)
+  runs = {cell: {seed: {"final_eval_loss": v, "_workdir": f"{workdir}/{cell}/seed_{seed}",
+                        "_evals": {}} for seed, v in enumerate(values)}
+          for cell, values in losses.items()}
+  return {"name": name, "title": f"Sweep {name}", "command": f"sweep {name}", "seeds": [0, 1],
+          "reference": "a", "sweep_file": f"{name}.py", "set": {}, "missing": [],
+          "figures": [], "columns": [], "metric": "final_eval_loss", "workdir": workdir,
+          "cells": [{"name": c, "overrides": {}} for c in losses], "runs": runs,
+          "checks": [dict(claim=f"{name}: b ~ a", kind="within", a="b", b="a", tol=0.01)]}
+
+
+def test_merge_into_adds_or_replaces_one_sweep_and_keeps_the_others(tmp_path):
+  from experiments import report  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "report")
+  first = _fake_sweep(tmp_path, "one", {"a": [2.0, 2.1], "b": [2.0, 2.1]})
+  second = _fake_sweep(tmp_path, "two", {"a": [3.0, 3.1], "b": [3.5, 3.6]})
+  report.render([first, second], out, "report one two")
+  with open(f"{out}/report.md") as f:
+    before = f.read()
+  # Sweep two re-run (now within 1%), and a new sweep three.
+  second = _fake_sweep(tmp_path, "two", {"a": [3.0, 3.1], "b": [3.0, 3.1]})
+  third = _fake_sweep(tmp_path, "three", {"a": [1.0, 1.1], "b": [1.5, 1.6]})
+  report.merge_into([second, third], out, "report two three --into")
+  report.merge_into([second, third], out, "report two three --into")  # Idempotent.
+  with open(f"{out}/report.md") as f:
+    after = f.read()
+  lines = after.splitlines()
+  # Sweep one is untouched; two appears once, with its new verdict; three is added.
+  one = before[before.index("## Sweep one"):before.index("## Sweep two")]
+  assert one in after
+  assert after.count("## Sweep two") == 1 and after.count("## Sweep three") == 1
+  assert "| two | two: b ~ a | **supported** |" in after
+  assert "| two | two: b ~ a | **not supported** |" not in after
+  assert "| three | three: b ~ a | **not supported** |" in after
+  assert [l for l in lines if l.startswith("- ")][:3] == [
+      "- one: `sweep one`", "- two: `sweep two`", "- three: `sweep three`"]
+  assert sum("merged in by `report two three --into`" in l for l in lines) == 1
+  # The checks table is one block: every row sits between its head and the first section.
+  head = lines.index("| sweep | claim | this run | numbers |")
+  table = lines[head:lines.index("## Sweep one")]
+  assert [l.split(" | ")[0] for l in table if l.startswith("| ") and "**" in l] == [
+      "| one", "| two", "| three"]
+  with open(f"{out}/cells.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert sorted((r["sweep"], r["cell"], r["seed"]) for r in rows) == sorted(
+      (s, c, str(seed)) for s in ("one", "two", "three") for c in "ab" for seed in (0, 1))
+  assert {r["final_eval_loss"] for r in rows if r["sweep"] == "two"} == {"3.0", "3.1"}

@@ -16,9 +16,10 @@ steps), Decoupled DiLoCo sends one of 10 fragments every step.
 CPU (3 cells x 4 seeds each):
   python -m experiments.sweep --sweep=experiments/ablations/modality.py:text --workdir=runs/ablations/modality_text --jobs=1
   python -m experiments.sweep --sweep=experiments/ablations/modality.py:vision --workdir=runs/ablations/modality_vision --jobs=1
-  python -m experiments.report runs/ablations/modality_text runs/ablations/modality_vision --out=experiments/results/ablations/modality
+  python -m experiments.report runs/ablations/modality_text runs/ablations/modality_vision --into=experiments/results/ablations
 
-Results: experiments/results/ablations/modality/report.md; BUILD.md, "Ablation sweeps".
+Results: experiments/results/ablations/report.md (its modality sections); BUILD.md,
+"Ablation sweeps".
 """
 
 from experiments import sweep
