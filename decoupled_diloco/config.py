@@ -190,7 +190,10 @@ class ChaosConfig:
 
 @dataclasses.dataclass(frozen=True)
 class IslandsConfig:
-  fsdp: bool = False  # Shard parameters and optimizer state over each island's `data` axis.
+  """Each island's mesh (islands.py): `data` takes the devices these leave; one may be -1."""
+  fsdp: int = 1  # Ways each parameter is split along its `embed` axis (FSDP; the batch too).
+  tensor: int = 1  # Ways split along `heads`, `kv_heads`, `mlp`, `vocab` (tensor parallelism).
+  expert: int = 1  # Ways stacked experts are split along `exp` (the batch too).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,6 +316,8 @@ RANGES = {
     "dist.lease_s": _POSITIVE, "dist.poll_s": _POSITIVE, "dist.startup_s": _AT_LEAST_0,
     "dist.resume_max_versions": _AT_LEAST_0, "dist.gc_every": _AT_LEAST_1,
     "dist.keep_versions": _AT_LEAST_1, "dist.min_step_s": _AT_LEAST_0,
+    # And not 0, and at most one -1 (all of an island's devices the others leave): _validate.
+    "islands.fsdp": "[-1, inf)", "islands.tensor": "[-1, inf)", "islands.expert": "[-1, inf)",
 }
 # Multiples of a running value, or 0 for off: below 1 every ordinary value would trip them.
 _OFF_OR_ABOVE_1 = {"train.spike_factor": "a multiple of the running mean loss",
@@ -382,6 +387,10 @@ def _validate(cfg: Config) -> None:
   if topk and codec.block_size > _TOPK_MAX_BLOCK:
     raise ValueError(f"codec.block_size={codec.block_size} must be at most {_TOPK_MAX_BLOCK} for"
                      f" topk, whose indices are uint16 ({' and '.join(topk)}).")
+  sizes = {f"islands.{f}": getattr(cfg.islands, f) for f in ("fsdp", "tensor", "expert")}
+  if 0 in sizes.values() or list(sizes.values()).count(-1) > 1:
+    raise ValueError(f"{sizes}: each is a number of devices, at least 1, or -1 (all those the"
+                     " others leave) for at most one of them.")
   if cfg.chaos.enabled and cfg.runtime != "decoupled":
     raise ValueError(f"chaos.enabled=True needs runtime='decoupled' (got {cfg.runtime!r}).")
   if cfg.runtime != "data_parallel" and cfg.data.batch_size % d.num_learners:

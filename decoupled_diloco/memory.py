@@ -14,7 +14,6 @@ import os
 import jax
 
 from decoupled_diloco import config as config_lib
-from decoupled_diloco import islands as islands_lib
 from decoupled_diloco import optim, steps
 from decoupled_diloco.tasks.base import Task
 
@@ -23,7 +22,7 @@ def bytes_per_device(cfg: config_lib.Config, task: Task) -> dict[str, int] | Non
   """{"arguments", "outputs", "temporaries"} bytes of one inner step per device (None: unknown)."""
   learners = 1 if cfg.runtime == "data_parallel" else cfg.diloco.num_learners
   devices = jax.local_devices()
-  island = islands_lib.make_islands(learners, fsdp=cfg.islands.fsdp, devices=devices)[0]
+  island = steps.make_islands(cfg, task, learners, devices=devices)[0]
   tx = optim.inner_optimizer(cfg.inner, cfg.train.steps)
   params = jax.eval_shape(task.init, jax.random.key(0))
   opt_state = jax.eval_shape(tx.init, params)

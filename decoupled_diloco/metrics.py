@@ -12,8 +12,32 @@ import json
 import os
 import time
 
+import jax
 from absl import logging
 from tensorboardX import SummaryWriter
+
+# Tracing, lowering and XLA compilation, as jax reports them (seconds, summed over the process).
+_COMPILE_EVENTS = frozenset({
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+})
+_compile_seconds = 0.0
+
+
+def _on_duration(event: str, duration: float, **kwargs) -> None:
+  del kwargs
+  global _compile_seconds
+  if event in _COMPILE_EVENTS:
+    _compile_seconds += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def compile_seconds() -> float:
+  """Seconds this process has spent tracing and compiling jitted functions so far."""
+  return _compile_seconds
 
 
 class MetricWriter:
@@ -62,11 +86,13 @@ class Progress:
     self.units_per_step, self.unit = units_per_step, unit
     self._t0 = time.perf_counter()
     self._last_step, self._last_t = start_step, self._t0
+    self._compile0 = compile_seconds()
 
   def restart_clock(self, step: int) -> None:
     """Called after the first step, so compilation does not count as training time."""
     self._t0 = self._last_t = time.perf_counter()
     self.start_step = self._last_step = step
+    self._compile0 = compile_seconds()
 
   def units_per_second(self, step: int) -> float:
     now = time.perf_counter()
@@ -82,8 +108,17 @@ class Progress:
                  loss, rate, self.unit, _clock(eta))
 
   def mean_units_per_second(self, step: int) -> float:
-    """Throughput since `restart_clock` (compilation excluded)."""
+    """Throughput since `restart_clock` (the first step's compilation excluded)."""
     elapsed = time.perf_counter() - self._t0
+    return (step - self.start_step) * self.units_per_step / max(elapsed, 1e-9)
+
+  def compile_seconds(self) -> float:
+    """Seconds spent compiling since `restart_clock`: functions first used later (syncs, evals)."""
+    return compile_seconds() - self._compile0
+
+  def steady_units_per_second(self, step: int) -> float:
+    """Throughput since `restart_clock`, with every later compilation excluded too."""
+    elapsed = time.perf_counter() - self._t0 - self.compile_seconds()
     return (step - self.start_step) * self.units_per_step / max(elapsed, 1e-9)
 
 

@@ -9,8 +9,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from decoupled_diloco import islands as islands_lib
+from decoupled_diloco.config import Config
 from decoupled_diloco.islands import Island
+from decoupled_diloco.tasks import base as tasks_base
 from decoupled_diloco.tasks.base import Task
+
+
+def make_islands(cfg: Config, task: Task, num: int, devices=None) -> list[Island]:
+  """`num` islands over `devices` with `cfg.islands`' mesh sizes, sharding by `task`'s axes."""
+  return islands_lib.from_config(num, cfg.islands, tasks_base.param_axes(task), devices)
 
 
 def make_inner_step(task: Task, tx: optax.GradientTransformation, island: Island, params,

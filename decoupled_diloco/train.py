@@ -198,6 +198,7 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
     if pending is not None:
       record(*pending)
     units_per_second = progress.mean_units_per_second(rt.step)
+    steady = progress.steady_units_per_second(rt.step), progress.compile_seconds()
     if not eval_scalars or cfg.train.eval_every == 0 or rt.step % cfg.train.eval_every:
       eval_scalars = run_eval()
     # The final parameters are vouched for by their eval loss, against earlier
@@ -209,7 +210,6 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
   finally:
     writer.close()
 
-  wall = time.perf_counter() - t0
   # The last state is copied before `rt.summary()`, which ends the runtime's logs.
   final = ckpt.snapshot(rt.step, rt, loop_state()) if ckpt.latest_step() != rt.step else None
   wall = time.perf_counter() - t0
@@ -220,6 +220,9 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
       unit: rt.step * rt.units_per_step,  # "tokens", "images": the task's unit.
       "wall_seconds": wall,
       f"{unit}_per_second": units_per_second,  # Training loop after step 1, evals included.
+      # The same, less the compilations of functions first used after step 1.
+      f"steady_{unit}_per_second": steady[0],
+      "compile_seconds_after_step_1": steady[1],
       "resumed_from_step": start_step,
       "devices": [str(d) for d in jax.devices()],
       **rt.summary(),

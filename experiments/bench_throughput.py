@@ -1,16 +1,18 @@
 """Units/s of the framework's training loop vs a minimal hand-written jitted loop, any task.
 
 Both train the same task (model, loss, data) on the same global batch on the
-same devices; they are measured alternately, `--rounds` times, and the
-medians are compared. The unit is the task's (tokens, images). Compilation is
-excluded from both where it can be (the framework's summary reports units/s
-after its first step; the hand loop is warmed up first); the framework's sync
-functions compile at their first use, inside the timed loop, so runs are long
-enough (300 steps, 12 syncs at H = 25) for that to amortise as it does in real
-training. DiLoCo rows are also compared with 4 hand-written replicas taking
-turns on a quarter of the batch each (no sync), which isolates what syncing
-costs. The hand loop is jit(value_and_grad(task.loss) + the config's inner
-optax optimizer) on batches from `task.train_source`, nothing else.
+same devices. They are measured alternately, `--rounds` times; each round's
+framework runs are divided by that round's hand loop (runs minutes apart
+share the machine's drift), and the table gives the median of those per-round
+ratios with their range. Compilation is excluded from both: the hand loop is
+warmed up first, and the framework's rate is its summary's
+`steady_<unit>_per_second` (after step 1, less the time jax reports compiling
+the functions first used later: the syncs, at their first use). The wall-clock
+rate, compilation included, is printed beside it. DiLoCo rows are also
+compared with 4 hand-written replicas taking turns on a quarter of the batch
+each (no sync), which isolates what syncing costs. The hand loop is
+jit(value_and_grad(task.loss) + the config's inner optax optimizer) on
+batches from `task.train_source`, nothing else.
 
   python -m experiments.bench_throughput                             # gpt, tiny, CPU
   python -m experiments.bench_throughput --task=llama                # experiments/llama.py's model
@@ -73,9 +75,11 @@ def framework_config(method: str):
   return c
 
 
-def framework_units_per_second(method: str, unit: str) -> float:
+def framework_units_per_second(method: str, unit: str) -> tuple[float, float]:
+  """(steady units/s, wall-clock units/s) of one framework run."""
   with tempfile.TemporaryDirectory() as workdir:
-    return train.train_and_evaluate(framework_config(method), workdir)[f"{unit}_per_second"]
+    summary = train.train_and_evaluate(framework_config(method), workdir)
+  return summary[f"steady_{unit}_per_second"], summary[f"{unit}_per_second"]
 
 
 def hand_loop_units_per_second(num_replicas: int = 1) -> float:
@@ -119,30 +123,39 @@ def main(argv):
   cfg = config_lib.parse(framework_config("data_parallel"))
   task = tasks.build(cfg)
   unit = task.unit
-  results = {m: [] for m in _METHODS.value}
+  results = {m: [] for m in _METHODS.value}  # Per round: (steady, wall) units/s.
   hand, hand_m = [], []
   for r in range(_ROUNDS.value):
     for method in _METHODS.value:
       results[method].append(framework_units_per_second(method, unit))
-      print(f"round {r}: {method} {results[method][-1]:.0f} {unit}/s", flush=True)
+      steady, wall = results[method][-1]
+      print(f"round {r}: {method} {steady:.0f} {unit}/s ({wall:.0f} with compilation)",
+            flush=True)
     hand.append(hand_loop_units_per_second())
     hand_m.append(hand_loop_units_per_second(num_replicas=4))
     print(f"round {r}: hand loop {hand[-1]:.0f} {unit}/s, 4 hand replicas {hand_m[-1]:.0f}"
           f" {unit}/s", flush=True)
-  ref, ref_m = statistics.median(hand), statistics.median(hand_m)
   spec = task.batch_spec(cfg.data.batch_size)
   batch = ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in spec.items())
   print(f"\ndevices: {jax.devices()}  jax {jax.__version__}  task={_TASK.value}"
         f" ({task.name}, model {cfg.model.name})  batch: {batch} = {task.num_units(spec)}"
-        f" {unit}  steps/run={_STEPS.value}  rounds={_ROUNDS.value} (medians)")
-  print(f"hand loop (1 replica, global batch): {ref:.0f} {unit}/s;"
-        f" 4 hand replicas (batch/4 each, no sync): {ref_m:.0f} {unit}/s")
-  print(f"{'method':<20}{f'framework {unit}/s':>20}{'vs hand loop':>14}{'vs 4 replicas':>15}")
-  for method, rates in results.items():
-    median = statistics.median(rates)
-    vs_m = f"{median / ref_m:>15.3f}" if method != "data_parallel" else f"{'':>15}"
-    print(f"{method:<20}{median:>20.0f}{median / ref:>14.3f}{vs_m}")
+        f" {unit}  steps/run={_STEPS.value}  rounds={_ROUNDS.value}")
+  print(f"hand loop (1 replica, global batch): median {statistics.median(hand):.0f} {unit}/s;"
+        f" 4 hand replicas (batch/4 each, no sync): {statistics.median(hand_m):.0f} {unit}/s")
+  print("ratios: median of the rounds' ratios [min, max]; steady = compilation excluded")
+  print(f"{'method':<18}{'steady ' + unit + '/s':>18}{'vs hand loop':>24}"
+        f"{'vs 4 replicas':>24}{'wall vs hand loop':>24}")
+  for method, runs in results.items():
+    steady = [s for s, _ in runs]
+    vs_m = _ratios(steady, hand_m) if method != "data_parallel" else ""
+    print(f"{method:<18}{statistics.median(steady):>18.0f}{_ratios(steady, hand):>24}"
+          f"{vs_m:>24}{_ratios([w for _, w in runs], hand):>24}")
 
+
+def _ratios(rates: list[float], reference: list[float]) -> str:
+  """'median [min, max]' of the per-round ratios rates[r] / reference[r]."""
+  ratios = [a / b for a, b in zip(rates, reference)]
+  return f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]"
 
 if __name__ == "__main__":
   app.run(main)

@@ -3,16 +3,20 @@
 Every test builds its runtimes afresh, so the same small step functions are
 traced again and again, in this process and in the runs tests start as
 subprocesses; a compilation cache private to this pytest session (passed on
-through the environment) lets XLA compile each distinct program once. A hit
-runs the executable a fresh compile of that same program gives, so no test
-sees other numbers.
+through the environment, to the test processes of pytest-xdist too: the
+process that made it removes it) lets XLA compile each distinct program once.
+A hit runs the executable a fresh compile of that same program gives, so no
+test sees other numbers.
 """
 
 import os
 import shutil
 import tempfile
 
-_CACHE_DIR = tempfile.mkdtemp(prefix="jax_cache_tests_")
+_OWN_CACHE = "DD_TESTS_JAX_CACHE" not in os.environ  # Else a pytest-xdist controller's.
+if _OWN_CACHE:
+  os.environ["DD_TESTS_JAX_CACHE"] = tempfile.mkdtemp(prefix="jax_cache_tests_")
+_CACHE_DIR = os.environ["DD_TESTS_JAX_CACHE"]
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
@@ -37,4 +41,5 @@ def pytest_collection_modifyitems(items):
 
 def pytest_unconfigure(config):
   del config
-  shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+  if _OWN_CACHE:
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)

@@ -52,7 +52,7 @@ class InProcessRun:
       raise RuntimeError("a fresh mailbox has a syncer lease already")
     num = self.cfg.diloco.num_learners
     # The devices split between learners, as the in-process runtimes split them.
-    self.islands = islands_lib.make_islands(num, fsdp=self.cfg.islands.fsdp)
+    self.islands = steps.make_islands(self.cfg, self.task, num)
     self.learners: list[LearnerRuntime | None] = [None] * num
     self.clocks = [Clock() for _ in range(num)]
     self.next_start = [math.inf] * num

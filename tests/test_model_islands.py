@@ -5,10 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from decoupled_diloco import config as config_lib
 from decoupled_diloco import islands as islands_lib
 from decoupled_diloco import steps
+from decoupled_diloco.tasks import base as tasks_base
 from decoupled_diloco.models import transformer
 from tests import helpers
 
@@ -72,31 +74,65 @@ def test_two_islands_of_four_devices():
   assert shard_rows == {2}  # 8 rows split over 4 devices.
 
 
-def test_replicated_and_fsdp_placement():
-  c = config_lib.ModelConfig(seq_len=16)
-  params = transformer.init_params(c, jax.random.key(0))
-  rep, fsdp = islands_lib.make_islands(2)[0], islands_lib.make_islands(2, fsdp=True)[0]
-  p_rep = rep.put(params)
-  emb = p_rep["embed"]["embedding"]
+def test_logical_axes_pick_the_mesh_axes():
+  task = _task()
+  params = task.init(jax.random.key(0))
+  axes = tasks_base.param_axes(task)
+  rep = islands_lib.make_islands(2, axes=axes)[0]
+  assert dict(rep.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 1, "expert": 1}
+  emb = rep.put(params)["embed"]["embedding"]
   assert emb.sharding.is_fully_replicated and len(emb.devices()) == 4
-  p_fsdp = fsdp.put(params)
-  w = p_fsdp["block_0"]["mlp_in"]["kernel"]  # [128, 512]: the 512 axis is split.
-  assert {s.data.shape for s in w.addressable_shards} == {(128, 128)}
-  bias = p_fsdp["block_0"]["attn_norm"]["scale"]  # [128]: split 4 ways too.
-  assert {s.data.shape for s in bias.addressable_shards} == {(32,)}
+  # FSDP over all 4 devices: each kernel split along its `embed` axis.
+  fsdp = islands_lib.make_islands(2, fsdp=-1, axes=axes)[0]
+  assert dict(fsdp.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
+  p = fsdp.put(params)
+  shards = lambda x: {s.data.shape for s in x.addressable_shards}
+  assert shards(p["block_0"]["mlp_in"]["kernel"]) == {(32, 512)}  # [embed 128, mlp 512].
+  # 2-way FSDP x 2-way tensor: `embed` over fsdp, `mlp` and `heads` over tensor.
+  both = islands_lib.make_islands(2, fsdp=2, tensor=2, axes=axes)[0]
+  p = both.put(params)
+  assert shards(p["block_0"]["mlp_in"]["kernel"]) == {(64, 256)}
+  assert shards(p["block_0"]["mlp_in"]["bias"]) == {(256,)}
+  q = params["block_0"]["attn"]["query"]["kernel"]  # [embed, heads, head_dim].
+  assert shards(p["block_0"]["attn"]["query"]["kernel"]) == {(64, q.shape[1] // 2, q.shape[2])}
+  assert shards(p["block_0"]["attn_norm"]["scale"]) == {(128,)}  # `norm`: whole.
+  assert shards(p["embed"]["embedding"]) == {(128, 64)}  # [vocab 256, embed 128].
+  # An optimizer state's moments follow their parameters; its step count is replicated.
+  state = both.put(optax.adam(1e-3).init(params))
+  assert state[0].mu["block_0"]["mlp_in"]["kernel"].sharding.spec == (
+      p["block_0"]["mlp_in"]["kernel"].sharding.spec)
+  assert state[0].count.sharding.is_fully_replicated
+  # A fragment's tensors (bases, residuals) by their parameter paths.
+  paths = ["block_0/mlp_in/kernel", "final_norm/scale"]
+  frag = both.put([np.zeros((128, 512), np.float32), np.zeros((128,), np.float32)], paths=paths)
+  assert [shards(t) for t in frag] == [{(64, 256)}, {(128,)}]
+  # A dimension its mesh axis does not divide stays whole.
+  three = islands_lib.make_islands(1, tensor=3, axes={"w": ("embed", "mlp")},
+                                   devices=jax.devices()[:3])[0]
+  assert three.sharding("w", (6, 4)).spec == P(None, None)
+  assert three.sharding("w", (6, 9)).spec == P(None, "tensor")
 
 
+@pytest.mark.parametrize("sizes", [dict(fsdp=3), dict(tensor=0), dict(fsdp=-1, tensor=-1),
+                                   dict(expert=True)])
+def test_bad_island_sizes_are_refused(sizes):
+  with pytest.raises(ValueError, match="islands"):
+    islands_lib.make_islands(2, **sizes)
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "tensor"])
 @pytest.mark.parametrize("name", ["gpt", "llama"])
-def test_a_four_device_fsdp_island_matches_one_device(name):
-  """Four devices (the batch split 4 ways, parameters sharded 4 ways: FSDP) vs one device."""
+def test_a_four_device_island_matches_one_device(name, layout):
+  """2-way data x 2-way FSDP or tensor parallelism (fake CPU devices) vs one device."""
   task = _task(name=name, seq_len=16, num_layers=1, num_kv_heads=2)
   params = task.init(jax.random.key(0))
   # Plain SGD with lr 1: the step's change is the gradient itself.
   tx = optax.sgd(1.0)
   batch = {"tokens": np.asarray(jax.random.randint(jax.random.key(1), (8, 17), 0, 256))}
-  one = islands_lib.make_islands(1, devices=jax.devices()[:1])[0]
-  four = islands_lib.make_islands(2, fsdp=True)[0]
-  assert four.size == 4
+  axes = tasks_base.param_axes(task)
+  one = islands_lib.make_islands(1, axes=axes, devices=jax.devices()[:1])[0]
+  four = islands_lib.make_islands(2, axes=axes, **{layout: 2})[0]
+  assert four.mesh.shape["data"] == 2 and four.mesh.shape[layout] == 2
   out = []
   for island in (one, four):
     p, o = island.put(params), island.put(tx.init(params))
@@ -106,7 +142,7 @@ def test_a_four_device_fsdp_island_matches_one_device(name):
                          params, jax.device_get(p))
     out.append((grads, float(loss)))
   sharded = four.shardings(params)
-  assert any(not s.is_fully_replicated for s in jax.tree.leaves(sharded))
+  assert any(layout in str(s.spec) for s in jax.tree.leaves(sharded))
   assert abs(out[0][1] - out[1][1]) < 1e-5
   for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0])):
     np.testing.assert_allclose(a, b, atol=1e-5)

@@ -94,12 +94,12 @@ class Learner:
     self.units_per_step = units_per_step
     flat = flatten(params)
     num = len(fragments)
-    self.base = [island.put([flat[k] for k in f]) for f in fragments]
+    self.base = [island.put([flat[k] for k in f], paths=f) for f in fragments]
     self.base_version = np.zeros(num, np.int64)
     self.c_steps = np.zeros(num, np.int64)
     self.c_tokens = np.zeros(num, np.int64)
-    self.residual = ([island.put([jnp.zeros(np.shape(flat[k]), jnp.float32) for k in f])
-                      for f in fragments] if error_feedback else None)
+    self.residual = ([island.put([jnp.zeros(np.shape(flat[k]), jnp.float32) for k in f],
+                                 paths=f) for f in fragments] if error_feedback else None)
     self.step = 0
 
   def inner_step(self, batch, tokens: int | None = None):
@@ -147,7 +147,7 @@ class Learner:
     unsent = self.residual[p] if self.feedback == "offset" else None
     theta, base = _align(self.down if update else codecs.EXACT, self.fragment_tensors(p), payload,
                          self.alpha, unsent, self.base[p] if update else None)
-    theta = jax.device_put(theta, [self.island.param_sharding(t) for t in theta])
+    theta = jax.device_put(theta, self.island.fragment_shardings(self.fragments[p], theta))
     flat = flatten(self.params)
     flat.update(zip(self.fragments[p], theta))
     self.params = unflatten(flat)

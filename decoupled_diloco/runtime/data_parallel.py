@@ -16,7 +16,7 @@ from decoupled_diloco.tasks.base import Task
 class DataParallel:
 
   def __init__(self, cfg: Config, task: Task):
-    self.island = islands_lib.make_islands(1, fsdp=cfg.islands.fsdp)[0]
+    self.island = steps.make_islands(cfg, task, 1)[0]
     islands_lib.check_batch(self.island, cfg.data.batch_size)
     self.task = task
     tx = optim.inner_optimizer(cfg.inner, cfg.train.steps)

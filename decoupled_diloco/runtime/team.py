@@ -31,7 +31,7 @@ class Team:
   def __init__(self, cfg: Config, task: Task):
     d = cfg.diloco
     self.cfg, self.task, self.num_learners = cfg, task, d.num_learners
-    self.islands = islands_lib.make_islands(d.num_learners, fsdp=cfg.islands.fsdp)
+    self.islands = steps.make_islands(cfg, task, d.num_learners)
     self.per_learner_batch = per_learner = learner_batch(cfg)
     for island in self.islands:
       islands_lib.check_batch(island, per_learner)
@@ -42,7 +42,7 @@ class Team:
     self.learners, self.inner_steps = [], []
     compiled = {}  # One inner step per distinct island layout, shared by its learners.
     for m, island in enumerate(self.islands):
-      layout = (tuple(d.id for d in island.mesh.devices.flat), island.fsdp)
+      layout = (tuple(d.id for d in island.mesh.devices.flat), island.layout)
       if layout not in compiled:
         compiled[layout] = steps.make_inner_step(task, self.inner_tx, island, params,
                                                  opt_state)

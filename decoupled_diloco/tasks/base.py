@@ -93,6 +93,16 @@ def axes_by_path(tree, flat_params: dict) -> dict:
   return {k: named[k] for k in flat_params}
 
 
+def param_axes(task: Task) -> dict[str, tuple]:
+  """{path: logical axis names} of every parameter (from shapes only: nothing is computed)."""
+  return task.axes(_flat(jax.eval_shape(task.init, jax.random.key(0))))
+
+
+def _flat(params) -> dict:
+  return {"/".join(str(getattr(k, "key", k)) for k in path): x
+          for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
 def mergeable(task: Task, flat_params: dict) -> dict:
   """The parameters the syncer merges: all but the `local` ones."""
   roles = task.roles(flat_params)
@@ -112,8 +122,7 @@ def check(task: Task, batch_size: int, rng: jax.Array) -> None:
   name = f"task {task.name!r}"
   spec = task.batch_spec(batch_size)
   params = jax.eval_shape(task.init, rng)
-  flat = {"/".join(str(getattr(k, "key", k)) for k in path): x
-          for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = _flat(params)
   roles, axes = task.roles(flat), task.axes(flat)
   for path, x in flat.items():
     if roles.get(path) not in ROLES:

@@ -64,7 +64,7 @@ class LearnerRuntime:
       raise ValueError(f"--learner={m} must be in [0, diloco.num_learners={d.num_learners}).")
     self.cfg, self.m, self.mailbox, self.workdir = cfg, m, mailbox, workdir
     self.clock, self.sleep, self.threaded = clock, sleep, threaded
-    self.island = island or islands_lib.make_islands(1, fsdp=cfg.islands.fsdp)[0]
+    self.island = island or steps.make_islands(cfg, task, 1)[0]
     self.per_learner_batch = team_lib.learner_batch(cfg)
     islands_lib.check_batch(self.island, self.per_learner_batch)
     self.task, self.eval_island = task, self.island
@@ -296,7 +296,7 @@ class LearnerRuntime:
     learner = s["learner"]
     if jax.process_count() > 1:  # Host copies back onto the island spanning the processes.
       put = lambda tree: jax.tree.map(
-          lambda x: jax.device_put(np.asarray(x), self.island.param_sharding(x)), tree)
+          lambda x: jax.device_put(np.asarray(x), self.island.replicated), tree)
       learner = {**learner, **{k: put(learner[k]) for k in
                                ("params", "opt_state", "base", "residual") if k in learner}}
     self.learner.load_state(learner)

@@ -66,7 +66,7 @@ def host_copies(tree):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       if not x.sharding.is_fully_replicated:
         raise NotImplementedError("a learner over several processes checkpoints replicated"
-                                  " state only; turn islands.fsdp off.")
+                                  " state only; keep islands.fsdp, tensor and expert at 1.")
       return np.asarray(x.addressable_data(0))
     return x
   return jax.tree.map(copy, tree)
