@@ -23,7 +23,7 @@ import ml_collections
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The model's shape (models/), checked on construction too; the task reads what it uses."""
-  # Which model the task builds: `gpt` or `llama` for `lm_bytes`; `vit` for `digits_vit`.
+  # Which model the task builds: `gpt`, `llama` or `moe` for `lm_bytes`; `vit` for `digits_vit`.
   name: str = "gpt"
   vocab_size: int = 256  # Tokens in the vocabulary (256: bytes).
   seq_len: int = 128  # Tokens in one training sequence.
@@ -36,6 +36,12 @@ class ModelConfig:
   tie_embeddings: bool = False  # llama: the output layer is the embedding table, transposed.
   qk_norm: bool = False  # llama: RMS-normalise queries and keys per head.
   rope_theta: float = 10000.0  # llama: base of the rotary position embedding's frequencies.
+  num_experts: int = 8  # moe: routed SwiGLU experts in each block, each mlp_dim wide.
+  experts_per_token: int = 2  # moe: experts each token is sent to (top-k; gates sum to 1).
+  capacity_factor: float = 1.25  # moe: ceil(factor * L * k / E) slots per expert and row.
+  shared_expert: bool = False  # moe: a dense SwiGLU MLP every token also goes through.
+  load_balance_weight: float = 0.01  # moe: weight of the Switch load-balance loss in the loss.
+  router_z_weight: float = 0.001  # moe: weight of the router z-loss (mean logsumexp(logits)^2).
   patch_size: int = 4  # vit: side of a square image patch, in pixels.
   pool: Literal["cls", "mean"] = "mean"  # vit: classify from a class token or the mean token.
   posemb: Literal["learned", "sincos"] = "learned"  # vit: learned or fixed 2-D sin/cos positions.
@@ -49,6 +55,9 @@ class ModelConfig:
     if self.num_kv_heads and self.num_heads % self.num_kv_heads:
       raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide"
                        f" model.num_heads={self.num_heads}.")
+    if self.experts_per_token > self.num_experts:
+      raise ValueError(f"model.experts_per_token={self.experts_per_token} must be at most"
+                       f" model.num_experts={self.num_experts}: a token picks distinct experts.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +297,9 @@ RANGES = {
                                                  "d_model", "num_heads", "mlp_dim",
                                                  "patch_size")},
     "model.num_kv_heads": _AT_LEAST_0, "model.rope_theta": _POSITIVE,
+    "model.num_experts": _AT_LEAST_1, "model.experts_per_token": _AT_LEAST_1,
+    "model.capacity_factor": _POSITIVE, "model.load_balance_weight": _AT_LEAST_0,
+    "model.router_z_weight": _AT_LEAST_0,
     "data.eval_percent": "(0, 100)", "data.batch_size": _AT_LEAST_1,
     "train.steps": _AT_LEAST_1, "train.log_every": _AT_LEAST_1,
     "train.eval_every": _AT_LEAST_0, "train.eval_batches": _AT_LEAST_1,

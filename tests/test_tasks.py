@@ -53,7 +53,7 @@ def config(model="gpt", method="data_parallel", steps=6, **overrides):
     ("task.name", "nope", r"task.name='nope' is not registered; registered tasks: .*digits_vit,"
                           r" lm_bytes"),
     ("model.name", "bert", r"model.name='bert' is not a model of task lm_bytes; choose from"
-                           r" \['gpt', 'llama'\]"),
+                           r" \['gpt', 'llama', 'moe'\]"),
     ("task.module", "no_such_module_anywhere", r"task.module='no_such_module_anywhere' does not"
                                                r" import \(ModuleNotFoundError"),
     ("task.module", "json", r"task.module='json' registers no task"),

@@ -69,7 +69,9 @@ def role_by_name(path: str) -> str:
   """The role a conventionally named parameter has (the models of this package).
 
   Top-level `embed`/`pos_embed`/`cls` are embeddings, `head` the output layer,
-  any `*norm*` a norm; inside a block, `attn*` is attention and `mlp*` the MLP.
+  any `*norm*` a norm; inside a block, `attn*` is attention and `mlp*` the MLP,
+  but a `router` module's weights are the router, an `experts` module's
+  stacked tensors are experts, and a `router_bias` is `local` (a learner's own).
   """
   top, leaf = path.split("/")[0], path.split("/")[-2] if "/" in path else path
   if top in ("embed", "pos_embed", "cls"):
@@ -79,6 +81,12 @@ def role_by_name(path: str) -> str:
   if "norm" in leaf:
     return "norm"
   parts = path.split("/")
+  if parts[-1] == "router_bias":
+    return "local"
+  if leaf == "router":
+    return "router"
+  if leaf == "experts":
+    return "expert"
   if len(parts) > 1 and parts[1].startswith("attn"):
     return "attention"
   if len(parts) > 1 and parts[1].startswith("mlp"):

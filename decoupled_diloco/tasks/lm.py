@@ -1,9 +1,11 @@
-"""`lm_bytes`: next-token prediction on a token corpus (data/corpus.py) with `gpt` or `llama`.
+"""`lm_bytes`: next-token prediction on a token corpus (data/corpus.py): `gpt`, `llama`, `moe`.
 
 Batches are {"tokens": [B, L+1] int32} windows; the unit is the token (L per
 row), the loss the mean next-token cross-entropy in nats, and the eval
 metrics add bits per token (bits per byte on the byte vocabulary) and
-perplexity.
+perplexity. A model that returns (logits, aux losses) (`moe`) adds its
+weighted load-balance and z-losses to the loss and reports the cross-entropy
+apart (`cross_entropy`, which the eval metrics are computed from).
 """
 
 import dataclasses
@@ -17,13 +19,15 @@ import jax.numpy as jnp
 from decoupled_diloco.config import Config, ModelConfig
 from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.data import loader
-from decoupled_diloco.models import llama, transformer
+from decoupled_diloco.models import llama, moe, transformer
 from decoupled_diloco.tasks import base, register
 
-# Model name -> (module class, init_params(c, rng), param_axes(c)).
+# Model name -> (module class, init_params(c, rng), param_axes(c)). A module maps tokens to
+# logits, or to (logits, {name: scalar}) with `load_balance_loss` and `router_z_loss` (moe).
 MODELS = {
     "gpt": (transformer.Transformer, transformer.init_params, transformer.param_axes),
     "llama": (llama.Llama, llama.init_params, llama.param_axes),
+    "moe": (moe.Moe, moe.init_params, moe.param_axes),
 }
 
 
@@ -93,20 +97,32 @@ class LanguageModel:
     return self._init(self.c, rng)
 
   def loss(self, params, batch):
-    """Mean next-token cross-entropy (nats) of [B, L+1] token windows."""
+    """Mean next-token cross-entropy (nats) of [B, L+1] token windows, plus any aux losses.
+
+    For a model with aux losses (moe): cross-entropy + load_balance_weight *
+    load_balance_loss + router_z_weight * router_z_loss, with the cross-entropy
+    and the model's aux scalars as metrics.
+    """
     tokens_BxL1 = batch["tokens"]
     x_BxL, y_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
-    logits_BxLxV = self.model.apply({"params": params}, x_BxL)
+    out = self.model.apply({"params": params}, x_BxL)
+    logits_BxLxV, aux = out if isinstance(out, tuple) else (out, None)
     logp_BxLxV = jax.nn.log_softmax(logits_BxLxV)
     nll_BxL = -jnp.take_along_axis(logp_BxLxV, y_BxL[..., None], axis=-1)[..., 0]
-    return nll_BxL.mean(), {}
+    cross_entropy = nll_BxL.mean()
+    if aux is None:
+      return cross_entropy, {}
+    loss = (cross_entropy + self.c.load_balance_weight * aux["load_balance_loss"]
+            + self.c.router_z_weight * aux["router_z_loss"])
+    return loss, {"cross_entropy": cross_entropy, **aux}
 
   def num_units(self, batch) -> int:
     rows, width = batch["tokens"].shape
     return rows * (width - 1)
 
   def eval_metrics(self, means: dict) -> dict:
-    loss = means["loss"]
+    # Bits and perplexity measure the prediction alone: the cross-entropy, not the aux losses.
+    loss = means["cross_entropy"] if "cross_entropy" in means else means["loss"]
     bits = "bits_per_byte" if self.c.vocab_size <= 256 else "bits_per_token"
     return {bits: loss / math.log(2), "perplexity": math.exp(min(loss, 700.0))}
 
