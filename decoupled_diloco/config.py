@@ -133,6 +133,9 @@ class DilocoConfig:
   norm_bound: Literal["clip", "reject"] = "clip"  # Past `max_norm_ratio`: `clip` the delta to it, or `reject` it.
   # Parameter roles (tasks/base.py ROLES) that `merge=rda` keeps on the weighted mean.
   mean_roles: tuple[str, ...] = ("embed",)
+  # Stacked experts ([exp, ...], role `expert`) enter the fragmentation one expert at a
+  # time, so a fragment can hold some of a layer's experts (algorithm/fragments.py).
+  split_experts: bool = False
 
 
 # Codecs of algorithm/codecs.py (its CODEC_NAMES).

@@ -83,8 +83,13 @@ class Island:
     return P(*spec)
 
   def sharding(self, path: str | None, shape) -> NamedSharding:
-    """Where the parameter at `path` (or any tensor of its shape, e.g. its delta) lives."""
-    names = self.axes.get(path) if path is not None else None
+    """Where the parameter at `path` (or any tensor of its shape, e.g. its delta) lives.
+
+    `path#e` (algorithm/fragments.py) is expert e of a stacked tensor: its axes less the first.
+    """
+    path, piece, _ = (path or "").partition("#")
+    names = self.axes.get(path) if path else None
+    names = names[1:] if piece and names else names
     if names is None or len(names) != len(shape):
       return self.replicated
     return NamedSharding(self.mesh, self.spec(names, shape))

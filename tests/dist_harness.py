@@ -15,7 +15,7 @@ import math
 import os
 
 from decoupled_diloco import config as config_lib
-from decoupled_diloco import islands as islands_lib, tasks
+from decoupled_diloco import steps, tasks
 from decoupled_diloco.runtime.dist.learner import LearnerRuntime
 from decoupled_diloco.runtime.dist.mailbox import Mailbox
 from decoupled_diloco.runtime.dist.syncer import SyncerService

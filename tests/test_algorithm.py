@@ -43,6 +43,41 @@ def test_balanced_packing_is_within_four_thirds_of_ideal(num):
   assert max(sizes) <= max(layer)
 
 
+def test_split_experts_partition_a_stacked_tensor_by_expert_and_reassemble_exactly():
+  rng = np.random.default_rng(0)
+  flat = {"block_0/moe/wi": rng.normal(size=(4, 6, 8)).astype(np.float32),  # [exp, embed, mlp]
+          "block_0/moe/router": rng.normal(size=(6, 4)).astype(np.float32),
+          "embed/embedding": rng.normal(size=(10, 6)).astype(np.float32)}
+  frags = fragments.partition(flat, 3, "balanced", split={"block_0/moe/wi"})
+  keys = [k for f in frags for k in f]
+  assert sorted(keys) == sorted([f"block_0/moe/wi#{e}" for e in range(4)]
+                                + ["block_0/moe/router", "embed/embedding"])
+  # The experts (48 floats each) spread over fragments; bytes count pieces.
+  assert len({p for p, f in enumerate(frags) for k in f if "#" in k}) > 1
+  assert sum(fragments.fragment_bytes(flat, frags)) == 4 * sum(x.size for x in flat.values())
+  np.testing.assert_array_equal(fragments.take(flat, "block_0/moe/wi#2"), flat["block_0/moe/wi"][2])
+  # Every piece back, and the whole tensor is the original, bit for bit.
+  pieces = {k: fragments.take(flat, k) for k in keys}
+  whole = fragments.assemble(pieces)
+  assert sorted(whole) == sorted(flat)
+  for k in flat:
+    np.testing.assert_array_equal(whole[k], flat[k])
+  # Writing some experts sets exactly those slices; writing all of them stacks them.
+  some = fragments.put(flat, ["block_0/moe/wi#1", "embed/embedding"],
+                       [np.ones((6, 8), np.float32), np.zeros((10, 6), np.float32)])
+  want = flat["block_0/moe/wi"].copy()
+  want[1] = 1
+  np.testing.assert_array_equal(some["block_0/moe/wi"], want)
+  assert not some["embed/embedding"].any() and flat["embed/embedding"].any()
+  every = fragments.put(flat, [f"block_0/moe/wi#{e}" for e in range(4)],
+                        [np.full((6, 8), e, np.float32) for e in range(4)])
+  np.testing.assert_array_equal(every["block_0/moe/wi"][:, 0, 0], [0, 1, 2, 3])
+  with pytest.raises(ValueError, match="do not cover"):
+    fragments.assemble({k: pieces[k] for k in ("block_0/moe/wi#0", "block_0/moe/wi#2")})
+  with pytest.raises(ValueError, match="no expert axis"):
+    fragments.partition({"bias": np.zeros(4)}, 1, "balanced", split={"bias"})
+
+
 def test_layer_fragments_are_contiguous_modules():
   frags = fragments.partition(tiny_flat(), 2, "layer")
   mods = [sorted({k.split("/")[0] for k in f}) for f in frags]

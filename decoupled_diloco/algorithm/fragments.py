@@ -8,8 +8,17 @@ in exactly one fragment. Strategies:
     (minimises the largest fragment, hence the peak bandwidth);
   - `layer`: contiguous runs of top-level modules (embed, block_i, head, ...);
   - `strided`: tensor i (in path order) goes to fragment i mod P.
+
+With `split`, the named tensors (stacked experts, [experts, ...]) enter the
+partition as one piece per expert: `path#e` is slice e along the first axis,
+so a fragment can hold some of a tensor's experts. `take`, `put` and
+`assemble` read, write and rejoin pieces; a whole tensor's key is its path.
 """
 
+import collections
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -26,10 +35,85 @@ def unflatten(flat: dict):
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def partition(flat_params: dict, num_fragments: int, strategy: str) -> tuple[tuple[str, ...], ...]:
-  """Returns P tuples of tensor paths (each sorted), covering every tensor once."""
+PIECE = "#"  # `path#e`: slice e of the tensor at `path` along its first axis.
+
+
+def parse(key: str) -> tuple[str, int | None]:
+  """(path, piece index or None) of a fragment's key."""
+  path, sep, e = key.partition(PIECE)
+  return path, int(e) if sep else None
+
+
+def take(flat: dict, key: str):
+  """The tensor (or the piece) `key` names in `flat`."""
+  path, e = parse(key)
+  return flat[path] if e is None else flat[path][e]
+
+
+def put(flat: dict, keys, values) -> dict:
+  """`flat` with the tensors or pieces `keys` replaced by `values` (a new dict).
+
+  A tensor whose every piece is given is stacked from them; one with some
+  pieces given has those slices set.
+  """
+  flat, pieces = dict(flat), collections.defaultdict(dict)
+  for key, value in zip(keys, values):
+    path, e = parse(key)
+    if e is None:
+      flat[path] = value
+    else:
+      pieces[path][e] = value
+  for path, given in pieces.items():
+    if len(given) == len(flat[path]):
+      flat[path] = jnp.stack([given[e] for e in range(len(given))])
+    else:
+      for e, value in given.items():
+        flat[path] = jnp.asarray(flat[path]).at[e].set(value)
+  return flat
+
+
+def assemble(pieces: dict) -> dict:
+  """Whole tensors from a dict of tensors and pieces (every piece of a split tensor present)."""
+  whole, split = {}, collections.defaultdict(dict)
+  for key, value in pieces.items():
+    path, e = parse(key)
+    if e is None:
+      whole[path] = value
+    else:
+      split[path][e] = value
+  for path, given in split.items():
+    if sorted(given) != list(range(len(given))):
+      raise ValueError(f"{path}: pieces {sorted(given)} do not cover its experts.")
+    whole[path] = jnp.stack([given[e] for e in range(len(given))])
+  return {k: whole[k] for k in sorted(whole)}
+
+
+def expand(flat_params: dict, split=frozenset()) -> dict:
+  """Shapes (ShapeDtypeStructs) of the fragments' keys: tensors, and pieces of those in `split`."""
+  out = {}
+  for path in sorted(flat_params):
+    x = flat_params[path]
+    shape, dtype = np.shape(x), getattr(x, "dtype", np.float32)
+    if path in split:
+      if len(shape) < 2:
+        raise ValueError(f"{path} of shape {shape} has no expert axis to split along.")
+      for e in range(shape[0]):
+        out[f"{path}{PIECE}{e}"] = jax.ShapeDtypeStruct(shape[1:], dtype)
+    else:
+      out[path] = jax.ShapeDtypeStruct(shape, dtype)
+  return out
+
+
+def partition(flat_params: dict, num_fragments: int, strategy: str,
+              split=frozenset()) -> tuple[tuple[str, ...], ...]:
+  """Returns P tuples of keys (each sorted), covering every tensor (or piece) once.
+
+  `split`: paths of stacked expert tensors to partition one expert at a time.
+  """
   if strategy not in STRATEGIES:
     raise ValueError(f"diloco.fragmentation={strategy!r} is unknown; choose from {STRATEGIES}.")
+  if split:
+    flat_params = expand(flat_params, split)
   paths = sorted(flat_params)
   if not 1 <= num_fragments <= len(paths):
     raise ValueError(f"diloco.num_fragments={num_fragments} must be in [1, {len(paths)}]"
@@ -85,4 +169,8 @@ def due(step: int, offsets, sync_every: int) -> list[int]:
 
 
 def fragment_bytes(flat_params: dict, fragments, itemsize: int = 4) -> list[int]:
-  return [sum(int(np.prod(np.shape(flat_params[k]))) * itemsize for k in f) for f in fragments]
+  def size(key):
+    path, e = parse(key)
+    shape = np.shape(flat_params[path])
+    return int(np.prod(shape if e is None else shape[1:]))
+  return [sum(size(k) * itemsize for k in f) for f in fragments]

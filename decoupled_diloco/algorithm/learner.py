@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decoupled_diloco.algorithm import codecs
-from decoupled_diloco.algorithm.fragments import flatten, unflatten
+from decoupled_diloco.algorithm.fragments import flatten, parse, put, take, unflatten
 from decoupled_diloco.algorithm.messages import FULL, Contribution, Publication
 
 FEEDBACK_RESTARTS = ("offset", "global")
@@ -94,11 +94,11 @@ class Learner:
     self.units_per_step = units_per_step
     flat = flatten(params)
     num = len(fragments)
-    self.base = [island.put([flat[k] for k in f], paths=f) for f in fragments]
+    self.base = [island.put([take(flat, k) for k in f], paths=f) for f in fragments]
     self.base_version = np.zeros(num, np.int64)
     self.c_steps = np.zeros(num, np.int64)
     self.c_tokens = np.zeros(num, np.int64)
-    self.residual = ([island.put([jnp.zeros(np.shape(flat[k]), jnp.float32) for k in f],
+    self.residual = ([island.put([jnp.zeros(np.shape(take(flat, k)), jnp.float32) for k in f],
                                  paths=f) for f in fragments] if error_feedback else None)
     self.step = 0
 
@@ -115,7 +115,7 @@ class Learner:
 
   def fragment_tensors(self, p: int) -> list:
     flat = flatten(self.params)
-    return [flat[k] for k in self.fragments[p]]
+    return [take(flat, k) for k in self.fragments[p]]
 
   def pseudo_gradient(self, p: int, rnd: int) -> Contribution:
     """The encoded pseudo-gradient `base_p - theta_p` for round `rnd`, with its metadata."""
@@ -148,8 +148,10 @@ class Learner:
     theta, base = _align(self.down if update else codecs.EXACT, self.fragment_tensors(p), payload,
                          self.alpha, unsent, self.base[p] if update else None)
     theta = jax.device_put(theta, self.island.fragment_shardings(self.fragments[p], theta))
-    flat = flatten(self.params)
-    flat.update(zip(self.fragments[p], theta))
+    flat = put(flatten(self.params), self.fragments[p], theta)
+    for path in {parse(k)[0] for k in self.fragments[p] if parse(k)[1] is not None}:
+      # A tensor of which some experts were set: back to its own placement.
+      flat[path] = jax.device_put(flat[path], self.island.sharding(path, np.shape(flat[path])))
     self.params = unflatten(flat)
     self.base[p] = base
     self.base_version[p] = pub.version

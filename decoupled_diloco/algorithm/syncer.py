@@ -39,6 +39,7 @@ import optax
 from absl import logging
 
 from decoupled_diloco.algorithm import codecs, merge, rounds
+from decoupled_diloco.algorithm import fragments as fragments_lib
 from decoupled_diloco.algorithm.messages import FULL, Contribution, Publication
 
 STALENESS_WEIGHTINGS = ("none", "inverse")
@@ -190,13 +191,15 @@ class Syncer:
     self.fragments = fragments
     self.device = device or jax.devices()[0]
     # Copied through the host: the syncer's fragments never alias a learner's.
-    self.theta = [jax.device_put([np.array(flat_params[k]) for k in f], self.device)
+    self.theta = [jax.device_put([np.array(fragments_lib.take(flat_params, k)) for k in f],
+                                 self.device)
                   for f in fragments]
     self.version = np.zeros(len(fragments), np.int64)
     self.tx = outer_tx
     self.opt_state = [outer_tx.init(t) for t in self.theta]
     # `merge_rule=rda` merges the tensors of `mean_paths` (embeddings) by the weighted mean.
-    self.rules = [tuple(merge.rule_for(merge_rule, k in mean_paths) for k in f)
+    self.rules = [tuple(merge.rule_for(merge_rule, fragments_lib.parse(k)[0] in mean_paths)
+                        for k in f)
                   for f in fragments]
     merge.weights([1], [1], weighting)  # Validates the name now, not at the first merge.
     if staleness_weighting not in STALENESS_WEIGHTINGS:
@@ -435,8 +438,9 @@ class Syncer:
     return Publication(p, int(self.version[p]), tuple(payload), codecs.payload_nbytes(payload))
 
   def global_flat(self) -> dict:
-    """{path: tensor} of the whole global model."""
-    return {k: t for f, ts in zip(self.fragments, self.theta) for k, t in zip(f, ts)}
+    """{path: tensor} of the whole global model (split experts rejoined)."""
+    return fragments_lib.assemble(
+        {k: t for f, ts in zip(self.fragments, self.theta) for k, t in zip(f, ts)})
 
   def fragment_state(self, p: int) -> FragmentState:
     """Fragment p's state (a tree: arrays, and None where downloads are lossless)."""

@@ -228,8 +228,15 @@ def global_model(cfg: Config, task: Task):
   d = cfg.diloco
   params = task.init(jax.random.key(cfg.seed))
   flat = tasks_base.mergeable(task, fragments_lib.flatten(params))
-  fragments = fragments_lib.partition(flat, d.num_fragments, d.fragmentation)
+  fragments = fragments_lib.partition(flat, d.num_fragments, d.fragmentation,
+                                      split=expert_paths(task, flat) if d.split_experts else ())
   return params, fragments, fragments_lib.sync_offsets(d.num_fragments, d.sync_every)
+
+
+def expert_paths(task: Task, flat: dict) -> frozenset[str]:
+  """Stacked expert tensors: role `expert`, first axis `exp` (what `diloco.split_experts` splits)."""
+  roles, axes = task.roles(flat), task.axes(flat)
+  return frozenset(k for k in flat if roles[k] == "expert" and axes[k][:1] == ("exp",))
 
 
 def local_state(task: Task, params) -> dict:
@@ -240,8 +247,8 @@ def local_state(task: Task, params) -> dict:
 
 
 def global_params(merged_flat: dict, local_flat: dict):
-  """The global model as a tree: the merged tensors and the local state."""
-  return fragments_lib.unflatten({**local_flat, **merged_flat})
+  """The global model as a tree: the merged tensors (or pieces) and the local state."""
+  return fragments_lib.unflatten({**local_flat, **fragments_lib.assemble(merged_flat)})
 
 
 def round_rules(cfg: Config) -> rounds.RoundRules:

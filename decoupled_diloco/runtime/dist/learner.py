@@ -283,7 +283,8 @@ class LearnerRuntime:
 
   def eval_params(self):
     """The global model as this learner holds it (its bases, and its local state)."""
-    bases = {k: t for f, ts in zip(self.fragments, self.learner.base) for k, t in zip(f, ts)}
+    bases = fragments_lib.assemble(
+        {k: t for f, ts in zip(self.fragments, self.learner.base) for k, t in zip(f, ts)})
     return team_lib.global_params(bases, team_lib.local_state(self.task, self.learner.params))
 
   def state(self) -> dict:
