@@ -145,7 +145,7 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
       eval_detector.check(loss)  # A spike here is the training losses' to stop.
     named = task.eval_metrics(means) if math.isfinite(loss) else {}
     scalars = {f"eval_{k}": v for k, v in {**means, **named}.items()}
-    writer.write(rt.step, {**scalars, **rt.comm_metrics()})
+    writer.write(rt.step, {**scalars, **rt.eval_scalars()})
     logging.info("step %d  eval loss %.4f  (%s)", rt.step, loss,
                  ", ".join(f"{k} {v:.4g}" for k, v in named.items()))
     return scalars

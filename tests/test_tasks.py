@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from decoupled_diloco import config as config_lib, tasks, train
+from decoupled_diloco import config as config_lib, metrics as metrics_lib, tasks, train
 from decoupled_diloco.algorithm import fragments as fragments_lib, merge
 from decoupled_diloco.runtime import team as team_lib
 from decoupled_diloco.runtime.decoupled import Decoupled
@@ -25,6 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {
     "gpt": {},
     "llama": {"model.name": "llama", "model.num_kv_heads": 1, "model.tie_embeddings": True},
+    "moe": {"model.name": "moe", "model.num_experts": 4, "model.mlp_dim": 64},
     "digits_vit": {"task.name": "digits_vit", "model.name": "vit", "model.d_model": 32,
                    "model.mlp_dim": 64, "model.patch_size": 4, "inner.lr": 3e-3},
 }
@@ -191,6 +192,27 @@ def test_local_state_is_never_sent_or_merged():
   assert np.abs(a[LOCAL]).max() > 0  # trained (it starts at zero),
   evaluated = fragments_lib.flatten(jax.device_get(rt.eval_params()))
   np.testing.assert_array_equal(evaluated[LOCAL], a[LOCAL])  # and evaluated with learner 0's.
+
+
+def test_moe_under_decoupled_diloco_splits_experts_and_measures_routing(tmp_path):
+  c = config("moe", "decoupled", steps=6, **{"diloco.split_experts": True,
+                                              "diloco.num_fragments": 3, "train.eval_every": 3})
+  cfg = config_lib.parse(c)
+  rt = train.make_runtime(cfg, helpers.task(cfg), str(tmp_path / "built"))
+  pieces = [k for f in rt.team.fragments for k in f if "#" in k]
+  # Every stacked expert tensor is split into its 4 experts, spread over fragments.
+  assert len(pieces) == 4 * 3 * cfg.model.num_layers
+  assert len({p for p, f in enumerate(rt.team.fragments) for k in f if "#" in k}) > 1
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  assert summary["final_eval_loss"] < helpers.task(cfg).chance_loss
+  evals = [r for r in metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl")) if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [3, 6]
+  for r in evals:  # Two learners' routers, compared on a fixed probe batch.
+    assert 0 < r["routing/topk_overlap_learners"] <= 1
+    assert 0 < r["routing/topk_overlap_global"] <= 1
+    assert 0 <= r["routing/routing_js_learners"] < 1
+    assert 0 < r["routing/utilisation_entropy_global"] <= 1
+    assert r["routing/router_distance"] > 0  # Learners trained apart since the last merge.
 
 
 # --- every task, every method ------------------------------------------------------

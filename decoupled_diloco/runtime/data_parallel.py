@@ -56,7 +56,7 @@ class DataParallel:
     del payloads
     self.data.set_state(meta["data"])
 
-  def comm_metrics(self) -> dict:
+  def eval_scalars(self) -> dict:
     """Bytes over each replica's link for a ring all-reduce of fp32 gradients.
 
     A ring all-reduce over N replicas sends 2(N-1)/N and receives as much of
@@ -65,4 +65,4 @@ class DataParallel:
     return {"allreduce_bytes": 4 * self._grad_bytes * self.step}
 
   def summary(self) -> dict:
-    return {"allreduce_bytes_per_step": 4 * self._grad_bytes, **self.comm_metrics()}
+    return {"allreduce_bytes_per_step": 4 * self._grad_bytes, **self.eval_scalars()}

@@ -117,8 +117,8 @@ class Decoupled:
     self.team.syncer.rejected.update(meta["rejected"])
     self.team.load_data_state(meta["data"])
 
-  def comm_metrics(self) -> dict:
-    return self.team.comm_metrics(self.step)
+  def eval_scalars(self) -> dict:
+    return {**self.team.comm_metrics(self.step), **self.team.routing_metrics()}
 
   def summary(self) -> dict:
     self.sim.close()

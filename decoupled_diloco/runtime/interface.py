@@ -39,8 +39,8 @@ class Runtime(typing.Protocol):
   def load_extra_state(self, payloads: list, meta: dict | None) -> None:
     """Takes up what `extra_state()` returned."""
 
-  def comm_metrics(self) -> dict:
-    """Scalar byte counters for metrics.jsonl at each eval."""
+  def eval_scalars(self) -> dict:
+    """Scalars for metrics.jsonl at each eval: byte counters, routing diagnostics (routing.py)."""
 
   def summary(self) -> dict:
     """Everything summary.json reports of this runtime (bytes, goodput, ...)."""

@@ -104,8 +104,8 @@ class LockStep:
     del payloads
     self.team.load_data_state(meta["data"])
 
-  def comm_metrics(self) -> dict:
-    return self.team.comm_metrics(self.step)
+  def eval_scalars(self) -> dict:
+    return {**self.team.comm_metrics(self.step), **self.team.routing_metrics()}
 
   def summary(self) -> dict:
     self._merge_sent()

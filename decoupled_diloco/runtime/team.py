@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from decoupled_diloco import divergence
+from decoupled_diloco import divergence, routing
 from decoupled_diloco import islands as islands_lib
 from decoupled_diloco import optim, steps
 from decoupled_diloco.algorithm import codecs
@@ -23,6 +23,9 @@ from decoupled_diloco.algorithm.syncer import Syncer, all_finite
 from decoupled_diloco.config import CodecConfig, Config
 from decoupled_diloco.tasks import base as tasks_base
 from decoupled_diloco.tasks.base import Task
+
+
+ROUTING_PROBE_ROWS = 8  # Held-out rows the routing diagnostics compare routers on.
 
 
 class Team:
@@ -58,6 +61,7 @@ class Team:
     self.param_bytes = 4 * sum(x.size for x in flat.values())
     self.bytes_up = np.zeros(len(self.fragments), np.int64)
     self.bytes_down = np.zeros(len(self.fragments), np.int64)
+    self._probe = self._route = None  # Routing diagnostics' batch and jitted router (lazy).
     self.units = np.zeros(d.num_learners, np.int64)  # Units each learner has trained on.
     # Per learner: its latest loss (not read back until needed) and a spike detector,
     # whose running mean starts at chance (what a fresh model scores), so a
@@ -150,8 +154,9 @@ class Team:
 
   def eval_params(self):
     """The global model: the merged parameters, and learner 0's local state (if any)."""
+    local = local_state(self.task, self.learners[0].params)  # On learner 0's island.
     return global_params(self.syncer.global_flat(),
-                         local_state(self.task, self.learners[0].params))
+                         jax.device_put(local, self.eval_island.replicated))
 
   def restart(self, m: int, *, fresh_optimizer: bool = True, schedule_step: int = 0) -> None:
     """Learner m starts again from full copies of the global fragments.
@@ -209,6 +214,29 @@ class Team:
             "bytes_down_per_fragment": self.bytes_down.tolist(),
             f"{self.task.unit}_per_learner": self.units.tolist(),
             "rejected_contributions": dict(self.syncer.rejected)}
+
+  def routing_metrics(self) -> dict:
+    """`routing/*`: how far apart the learners' routers are (routing.py), on a fixed probe
+    batch; {} for a task without routers or a single learner."""
+    route = getattr(self.task, "routing", None)
+    if route is None or self.num_learners < 2:
+      return {}
+    if self._probe is None:
+      self._probe = self.task.eval_batches(ROUTING_PROBE_ROWS, 1)[0]
+      self._route = jax.jit(route)
+    routers = [self._route(l.params, self._probe) for l in self.learners]
+    if routers[0] is None:
+      return {}
+    routers = jax.device_get(routers)
+    glob = jax.device_get(self._route(self.eval_params(), self._probe))
+    roles = self.task.roles(fragments_lib.flatten(self.learners[0].params))
+    weights = []
+    for learner in self.learners:
+      flat = fragments_lib.flatten(learner.params)
+      weights.append(np.concatenate([np.ravel(jax.device_get(flat[k]))
+                                     for k in sorted(flat) if roles[k] == "router"]))
+    out = routing.across_learners(routers, glob, weights, glob["probs"].shape[-1])
+    return {f"routing/{k}": v for k, v in out.items()}
 
   def comm_metrics(self, steps_done: int) -> dict:
     """The scalar part of `accounting`, for metrics.jsonl and TensorBoard."""

@@ -64,6 +64,10 @@ class Task(Protocol):
   def eval_batches(self, batch_size: int, num_batches: int) -> list[Batch]:
     """Fixed held-out batches (the same every time)."""
 
+  def routing(self, params, batch: Batch) -> dict | None:
+    """Optional: a mixture of experts' routers on `batch`, {"probs": [layers, tokens,
+    experts], "choices": [layers, tokens, k]} (routing.py); None (or absent): none."""
+
 
 def role_by_name(path: str) -> str:
   """The role a conventionally named parameter has (the models of this package).

@@ -116,6 +116,12 @@ class LanguageModel:
             + self.c.router_z_weight * aux["router_z_loss"])
     return loss, {"cross_entropy": cross_entropy, **aux}
 
+  def routing(self, params, batch) -> dict | None:
+    """The routers' {"probs", "choices"} on `batch` (routing.py's shapes); None: no routers."""
+    if self.c.name != "moe":
+      return None
+    return moe.routing(self.c, params, batch["tokens"][:, :-1])
+
   def num_units(self, batch) -> int:
     rows, width = batch["tokens"].shape
     return rows * (width - 1)

@@ -319,7 +319,7 @@ class LearnerRuntime:
     self.data.set_state(meta["data"])
     self.schedule.load_state(meta["schedule"], [messages.message(r) for r in meta["held"]])
 
-  def comm_metrics(self) -> dict:
+  def eval_scalars(self) -> dict:
     c = self._courier  # None before the first step; False off process 0.
     return {"bytes_up": c.bytes_up if c else 0, "bytes_down": c.bytes_down if c else 0}
 
@@ -330,7 +330,7 @@ class LearnerRuntime:
       c.beat("done")
     self.log("done", step=self.learner.step, flushed=flushed)
     self.log.close()
-    return {**self.comm_metrics(), "learner": self.m, "busy_s": self.busy_s,
+    return {**self.eval_scalars(), "learner": self.m, "busy_s": self.busy_s,
             "waiting_s": self.waiting_s, "step_seconds": self.step_ema,
             "duplicate_sends": c.duplicates if c else 0, "uploads_flushed": flushed,
             "rephases": self.schedule.rephases, **self.counts}
