@@ -42,6 +42,9 @@ class ModelConfig:
   shared_expert: bool = False  # moe: a dense SwiGLU MLP every token also goes through.
   load_balance_weight: float = 0.01  # moe: weight of the Switch load-balance loss in the loss.
   router_z_weight: float = 0.001  # moe: weight of the router z-loss (mean logsumexp(logits)^2).
+  # moe: after each inner step every router_bias moves this much toward the experts below
+  # their share, by the sign of the gap (DeepSeek-V3's loss-free balancing; 0: off).
+  router_bias_rate: float = 0.0
   patch_size: int = 4  # vit: side of a square image patch, in pixels.
   pool: Literal["cls", "mean"] = "mean"  # vit: classify from a class token or the mean token.
   posemb: Literal["learned", "sincos"] = "learned"  # vit: learned or fixed 2-D sin/cos positions.
@@ -302,7 +305,7 @@ RANGES = {
     "model.num_kv_heads": _AT_LEAST_0, "model.rope_theta": _POSITIVE,
     "model.num_experts": _AT_LEAST_1, "model.experts_per_token": _AT_LEAST_1,
     "model.capacity_factor": _POSITIVE, "model.load_balance_weight": _AT_LEAST_0,
-    "model.router_z_weight": _AT_LEAST_0,
+    "model.router_z_weight": _AT_LEAST_0, "model.router_bias_rate": _AT_LEAST_0,
     "data.eval_percent": "(0, 100)", "data.batch_size": _AT_LEAST_1,
     "train.steps": _AT_LEAST_1, "train.log_every": _AT_LEAST_1,
     "train.eval_every": _AT_LEAST_0, "train.eval_batches": _AT_LEAST_1,

@@ -25,10 +25,15 @@ def make_inner_step(task: Task, tx: optax.GradientTransformation, island: Island
                     opt_state):
   """Returns `step(params, opt_state, batch) -> (params, opt_state, loss)` for `island`."""
 
+  update_local = getattr(task, "update_local", None)
+
   def step(params, opt_state, batch):
-    (loss, _), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch)
+    (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    params = optax.apply_updates(params, updates)
+    if update_local is not None:  # State that is not trained by its gradient (tasks/base.py).
+      params = update_local(params, aux)
+    return params, opt_state, loss
 
   p_sh, o_sh = island.shardings(params), island.shardings(opt_state)
   return jax.jit(step, in_shardings=(p_sh, o_sh, island.batch),
@@ -40,7 +45,7 @@ def make_eval(task: Task, island: Island):
   """Returns `evaluate(params, batch) -> {"loss": mean, **aux means}` on `island`."""
   def metrics(params, batch):
     loss, aux = task.loss(params, batch)
-    return {"loss": loss, **aux}
+    return {"loss": loss, **{k: v for k, v in aux.items() if not k.startswith("_")}}
 
   return jax.jit(metrics, in_shardings=(None, island.batch), out_shardings=island.replicated)
 

@@ -16,6 +16,7 @@ batches from `task.train_source`, nothing else.
 
   python -m experiments.bench_throughput                             # gpt, tiny, CPU
   python -m experiments.bench_throughput --task=llama                # experiments/llama.py's model
+  python -m experiments.bench_throughput --task=moe                  # experiments/moe.py's
   python -m experiments.bench_throughput --task=digits_vit           # experiments/digits_vit.py's
   python -m experiments.bench_throughput --preset=small              # gpt, on an accelerator
 
@@ -32,7 +33,7 @@ from absl import app, flags, logging
 
 from decoupled_diloco import config as config_lib
 from decoupled_diloco import optim, tasks, train
-from experiments import digits_vit, llama
+from experiments import digits_vit, llama, moe
 
 METHODS = {
     "data_parallel": {"runtime": "data_parallel"},
@@ -45,6 +46,7 @@ METHODS = {
 TASKS = {
     "gpt": (None, ()),
     "llama": (llama.get_config, ("task", "model")),
+    "moe": (moe.get_config, ("task", "model")),
     "digits_vit": (digits_vit.get_config, ("task", "model", "data")),
 }
 

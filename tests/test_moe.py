@@ -61,7 +61,7 @@ def _layer_params(c, seed=0, router_kernel=None, bias=None):
 def _layer(c, params, x_BxLxD):
   """MoeMlp(c) on x: (y as numpy, stats as floats)."""
   y_BxLxD, stats = jax.jit(moe.MoeMlp(c).apply)({"params": params}, x_BxLxD)
-  return np.asarray(y_BxLxD), {k: float(v) for k, v in stats.items()}
+  return np.asarray(y_BxLxD), {k: float(v) for k, v in stats.items() if not k.startswith("_")}
 
 
 def _x(c, rows=2, seed=1):
@@ -286,6 +286,7 @@ def test_the_loss_adds_the_weighted_aux_losses_and_bits_come_from_the_cross_entr
   params = task.init(jax.random.key(0))
   batch = {"tokens": np.asarray(jax.random.randint(jax.random.key(1), (4, 17), 0, 256))}
   loss, aux = jax.jit(task.loss)(params, batch)
+  assert aux.pop("_expert_load").shape == (1, 4)  # Private: [layers, experts], for update_local.
   aux = {k: float(v) for k, v in aux.items()}
   assert set(aux) == {"cross_entropy", "load_balance_loss", "router_z_loss", "routing_entropy",
                       "dropped_fraction", "expert_load_max"}
@@ -334,3 +335,35 @@ def test_the_moe_task_trains_with_data_parallel(tmp_path):
   assert summary["final_eval_bits_per_byte"] == pytest.approx(
       summary["final_eval_cross_entropy"] / math.log(2))
   assert 0 <= summary["final_eval_dropped_fraction"] < 0.5
+
+
+def test_router_bias_follows_the_load_after_each_step_without_a_gradient():
+  """`model.router_bias_rate`: the bias moves by rate x sign(1/E - load), nothing else does."""
+  rate = 0.01
+  task = helpers.task(_config(router_bias_rate=rate))
+  params = task.init(jax.random.key(0))
+  island = islands_lib.make_islands(1, devices=jax.devices()[:1])[0]
+  tx = optax.sgd(0.0)  # The optimizer changes nothing: only the bias update shows.
+  batch = {"tokens": np.asarray(jax.random.randint(jax.random.key(1), (4, 17), 0, 256))}
+  load_LxE = np.asarray(jax.jit(task.loss)(params, batch)[1]["_expert_load"])
+  assert load_LxE.shape == (1, 4) and np.allclose(load_LxE.sum(-1), 1)
+  p, o = island.put(params), island.put(tx.init(params))
+  step = steps.make_inner_step(task, tx, island, p, o)
+  after, _, _ = step(p, o, jax.device_put(batch, island.batch))
+  after, before = fragments.flatten(jax.device_get(after)), fragments.flatten(params)
+  for i, load_E in enumerate(load_LxE):
+    key = f"block_{i}/mlp/router_bias"
+    np.testing.assert_allclose(after[key], rate * np.sign(1 / 4 - load_E), atol=1e-7)
+    assert np.abs(after[key]).max() == pytest.approx(rate)
+  for key in before:
+    if not key.endswith("router_bias"):
+      np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+  # Off by default: the bias stays at zero.
+  plain = helpers.task(_config())
+  step = steps.make_inner_step(plain, tx, island, p, o)
+  p, o = island.put(params), island.put(tx.init(params))
+  after, _, _ = step(p, o, jax.device_put(batch, island.batch))
+  assert not np.asarray(after["block_0"]["mlp"]["router_bias"]).any()
+  # Private aux values are never reported by an eval.
+  means = steps.make_eval(task, island)(island.put(params), jax.device_put(batch, island.batch))
+  assert "_expert_load" not in means and "expert_load_max" in means

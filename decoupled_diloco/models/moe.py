@@ -158,7 +158,9 @@ class MoeMlp(nn.Module):
     y_BxLxD = jnp.einsum("blec,becd->bld", combine_BxLxExC.astype(dtype), out_BxExCxD)
     if c.shared_expert:
       y_BxLxD = y_BxLxD + llama.Mlp(c, name="shared")(x_BxLxD)
-    return y_BxLxD, stats
+    # Each expert's share of the assignments (before dropping): what `router_bias` follows.
+    load_E = jax.nn.one_hot(choice_BxLxK, c.num_experts).mean(axis=(0, 1, 2))
+    return y_BxLxD, {**stats, "_expert_load": load_E}
 
 
 class Block(nn.Module):
@@ -199,7 +201,9 @@ class Moe(nn.Module):
     else:
       logits_BxLxV = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, name="head",
                               kernel_init=_part(_embed_init, ("embed", "vocab")))(x_BxLxD)
-    aux = {k: jnp.mean(jnp.stack([s[k] for s in layer_stats])) for k in layer_stats[0]}
+    # Scalars: means over layers; `_expert_load` [layers, experts] (private: task.update_local).
+    aux = {k: jnp.stack([s[k] for s in layer_stats]) for k in layer_stats[0]}
+    aux = {k: v if k.startswith("_") else jnp.mean(v) for k, v in aux.items()}
     return logits_BxLxV.astype(jnp.float32), aux
 
 

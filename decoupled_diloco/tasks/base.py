@@ -44,7 +44,13 @@ class Task(Protocol):
     """Initial parameters (a nested dict of arrays), built for `batch_spec`'s shapes."""
 
   def loss(self, params, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(mean loss, auxiliary metrics as means over the batch); traced under jit."""
+    """(mean loss, auxiliary metrics as means over the batch); traced under jit.
+
+    Aux keys that start with `_` are private: any shape, never reported, handed
+    to `update_local` (an optional method, `update_local(params, aux) -> params`,
+    which the inner step applies after the optimizer's update: state that is
+    not trained by its gradient, e.g. a router's load-balancing bias).
+    """
 
   def num_units(self, batch: Batch) -> int:
     """Units (`unit`) in `batch`, from its shapes (a spec works too)."""
@@ -151,7 +157,7 @@ def check(task: Task, batch_size: int, rng: jax.Array) -> None:
   if loss.shape != () or not np.issubdtype(loss.dtype, np.floating):
     raise ValueError(f"{name}: its loss must be a float scalar, got {loss.shape} {loss.dtype}.")
   for key, value in aux.items():
-    if value.shape != ():
+    if value.shape != () and not key.startswith("_"):
       raise ValueError(f"{name}: aux metric {key!r} must be a scalar, got shape {value.shape}.")
   if task.num_units(spec) <= 0:
     raise ValueError(f"{name}: num_units of a {batch_size}-row batch is {task.num_units(spec)}.")

@@ -116,6 +116,21 @@ class LanguageModel:
             + self.c.router_z_weight * aux["router_z_loss"])
     return loss, {"cross_entropy": cross_entropy, **aux}
 
+  def update_local(self, params, aux):
+    """moe with `model.router_bias_rate`: each block's router_bias (a learner's own, never
+    merged) moves by the rate toward the experts below 1/E of the assignments, away from
+    those above (the sign of the gap), after every inner step; others: unchanged."""
+    rate = self.c.router_bias_rate if self.c.name == "moe" else 0.0
+    if not rate:
+      return params
+    params = dict(params)
+    for i, load_E in enumerate(aux["_expert_load"]):
+      block = dict(params[f"block_{i}"])
+      mlp = dict(block["mlp"])
+      mlp["router_bias"] = mlp["router_bias"] + rate * jnp.sign(1 / load_E.shape[0] - load_E)
+      block["mlp"], params[f"block_{i}"] = mlp, block
+    return params
+
   def routing(self, params, batch) -> dict | None:
     """The routers' {"probs", "choices"} on `batch` (routing.py's shapes); None: no routers."""
     if self.c.name != "moe":
