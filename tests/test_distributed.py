@@ -145,7 +145,10 @@ def test_kill_9_of_a_learner_then_of_the_syncer_never_stops_the_run(start_run):
   assert len(published) == len(set(published)), "a version was published twice"
   for p in range(2):
     mine = sorted(v for q, v in published if q == p)
-    assert mine == list(range(mine[0], mine[-1] + 1)), f"fragment {p} skipped a version"
+    # A syncer killed between writing a publication and logging it leaves that one
+    # version (the commit the restarted syncer recovered) out of the log, not the mailbox.
+    missing = sorted(set(range(mine[0], mine[-1] + 1)) - set(mine))
+    assert missing in ([], [committed[p]]), f"fragment {p} skipped versions {missing}"
     assert mine[-1] > committed[p]
   recovered = [e for e in events if e["event"] == "recovered" and e["t"] > syncer_killed_at]
   assert len(recovered) == 1 and recovered[0]["versions"] == committed
