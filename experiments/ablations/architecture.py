@@ -10,7 +10,7 @@ DiLoCo: routers and experts merged by the weighted mean instead of RDA
 compute from the cross-entropy alone (the MoE's loss adds its load-balance and
 z-losses).
 
-CPU (7 cells x 4 seeds):
+CPU (8 cells x 4 seeds):
   python -m experiments.sweep --sweep=experiments/ablations/architecture.py --workdir=runs/ablations/architecture --jobs=1
   python -m experiments.report runs/ablations/architecture --into=experiments/results/ablations
 
