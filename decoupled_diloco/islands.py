@@ -21,7 +21,6 @@ round-robin (useful on one CPU, where islands are then run one after the other).
 """
 
 import dataclasses
-import functools
 import math
 import types
 from collections.abc import Mapping
@@ -121,18 +120,11 @@ class Island:
                  else self.fragment_shardings(paths, tree))
     return jax.device_put(jax.tree.map(jnp.copy, tree), shardings)
 
-  @functools.cached_property
-  def _suffixes(self) -> dict:
-    """Every parameter path by its number of components, for `_param_path`."""
-    by_len = {}
-    for path in self.axes:
-      by_len.setdefault(path.count("/") + 1, set()).add(path)
-    return by_len
-
   def _param_path(self, key_path) -> str | None:
+    """The parameter path the longest suffix of a leaf's dict keys names, if any."""
     keys = [str(k.key) for k in key_path if isinstance(k, jax.tree_util.DictKey)]
-    for n in sorted(self._suffixes, reverse=True):
-      if n <= len(keys) and (path := "/".join(keys[-n:])) in self._suffixes[n]:
+    for i in range(len(keys)):
+      if (path := "/".join(keys[i:])) in self.axes:
         return path
     return None
 

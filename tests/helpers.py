@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -91,6 +92,22 @@ def make_runtime(config, workdir=None):
   cfg = config_lib.parse(config)
   return train.make_runtime(cfg, tasks.build(cfg),
                             str(workdir or tempfile.mkdtemp(prefix="runtime_")))
+
+
+def sgd_step_on(task, island, params, batch) -> tuple[dict, float]:
+  """({path: gradient}, loss) of one inner step of plain SGD with lr 1 on `island`.
+
+  With lr 1 the step's change is the gradient itself, so islands of any layout
+  can be compared with one device.
+  """
+  from decoupled_diloco import steps  # pylint: disable=g-import-not-at-top
+  tx = optax.sgd(1.0)
+  p, o = island.put(params), island.put(tx.init(params))
+  step = steps.make_inner_step(task, tx, island, p, o)
+  p, _, loss = step(p, o, jax.device_put(batch, island.batch))
+  grads = jax.tree.map(lambda before, after: np.asarray(before) - np.asarray(after),
+                       params, jax.device_get(p))
+  return fragments.flatten(grads), float(loss)
 
 
 def task(config):

@@ -239,7 +239,6 @@ def test_a_two_way_expert_two_way_data_island_matches_one_device():
   """Experts split over `expert`, the batch over data x expert (fake CPU devices)."""
   task = helpers.task(_config())
   params = task.init(jax.random.key(0))
-  tx = optax.sgd(1.0)  # The step's change is the gradient itself.
   batch = {"tokens": np.asarray(jax.random.randint(jax.random.key(1), (8, 17), 0, 256))}
   axes = tasks_base.param_axes(task)
   one = islands_lib.make_islands(1, axes=axes, devices=jax.devices()[:1])[0]
@@ -247,14 +246,7 @@ def test_a_two_way_expert_two_way_data_island_matches_one_device():
   assert dict(four.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 1, "expert": 2}
   experts = four.shardings(params)["block_0"]["mlp"]["experts"]
   assert experts["wi"].spec == P("expert", None, None) == experts["wo"].spec
-  out = []
-  for island in (one, four):
-    p, o = island.put(params), island.put(tx.init(params))
-    step = steps.make_inner_step(task, tx, island, p, o)
-    p, o, loss = step(p, o, jax.device_put(batch, island.batch))
-    grads = jax.tree.map(lambda before, after: np.asarray(before) - np.asarray(after),
-                         params, jax.device_get(p))
-    out.append((fragments.flatten(grads), float(loss)))
+  out = [helpers.sgd_step_on(task, island, params, batch) for island in (one, four)]
   assert abs(out[0][1] - out[1][1]) < 1e-5
   for path, a in out[0][0].items():
     np.testing.assert_allclose(a, out[1][0][path], atol=1e-5, err_msg=path)

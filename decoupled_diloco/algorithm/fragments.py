@@ -56,13 +56,8 @@ def put(flat: dict, keys, values) -> dict:
   A tensor whose every piece is given is stacked from them; one with some
   pieces given has those slices set.
   """
-  flat, pieces = dict(flat), collections.defaultdict(dict)
-  for key, value in zip(keys, values):
-    path, e = parse(key)
-    if e is None:
-      flat[path] = value
-    else:
-      pieces[path][e] = value
+  whole, pieces = _group(zip(keys, values))
+  flat = {**flat, **whole}
   for path, given in pieces.items():
     if len(given) == len(flat[path]):
       flat[path] = jnp.stack([given[e] for e in range(len(given))])
@@ -72,15 +67,21 @@ def put(flat: dict, keys, values) -> dict:
   return flat
 
 
-def assemble(pieces: dict) -> dict:
-  """Whole tensors from a dict of tensors and pieces (every piece of a split tensor present)."""
-  whole, split = {}, collections.defaultdict(dict)
-  for key, value in pieces.items():
+def _group(items) -> tuple[dict, dict]:
+  """({path: tensor} of whole keys, {path: {e: piece}} of pieces) from (key, value) pairs."""
+  whole, pieces = {}, collections.defaultdict(dict)
+  for key, value in items:
     path, e = parse(key)
     if e is None:
       whole[path] = value
     else:
-      split[path][e] = value
+      pieces[path][e] = value
+  return whole, pieces
+
+
+def assemble(pieces: dict) -> dict:
+  """Whole tensors from a dict of tensors and pieces (every piece of a split tensor present)."""
+  whole, split = _group(pieces.items())
   for path, given in split.items():
     if sorted(given) != list(range(len(given))):
       raise ValueError(f"{path}: pieces {sorted(given)} do not cover its experts.")
