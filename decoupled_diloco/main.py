@@ -40,7 +40,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed
                                       " of this learner.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process.")
 _CACHE = flags.DEFINE_string("compilation_cache", None, "JAX's persistent compilation cache"
-                             " (default: WORKDIR/jax_cache; '' turns it off). Processes of one"
+                             " (default: $JAX_COMPILATION_CACHE_DIR if set, else"
+                             " WORKDIR/jax_cache; '' turns it off). Processes of one"
                              " run on one machine share one, so a restarted one is quickly"
                              " stepping again.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -112,7 +113,9 @@ def _mailbox():
 
 def _use_compilation_cache() -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  path = os.path.join(_WORKDIR.value, "jax_cache") if _CACHE.value is None else _CACHE.value
+  path = _CACHE.value
+  if path is None:  # A sweep's (or the tests') shared cache, else this run's own.
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(_WORKDIR.value, "jax_cache")
   if path:
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

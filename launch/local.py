@@ -121,7 +121,9 @@ class LocalRun:
     saved = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "experiments", "saved.py")
     common = [sys.executable, "-m", "decoupled_diloco.main", f"--config={saved}:{config_path}", f"--mailbox={self.mailbox_url}",
-              f"--compilation_cache={self.workdir}/jax_cache", *extra_flags]
+              "--compilation_cache=" + os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                                                      f"{self.workdir}/jax_cache"),
+              *extra_flags]
     self.syncer = Process("syncer", [*common, "--role=syncer",
                                      f"--workdir={self.workdir}/syncer"],
                           {**base, "JAX_NUM_CPU_DEVICES": "1"},

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from decoupled_diloco.models import compiled
+
 _part = nn.with_logical_partitioning
 _embed_init = nn.initializers.normal(0.02)
 _kernel_init = nn.linear.default_kernel_init
@@ -153,7 +155,7 @@ def _boxed_init(c, rng):
 
 def init_params(c, rng: jax.Array):
   """Initial parameters as plain float32 arrays, in one compiled program."""
-  return jax.jit(lambda key: nn.meta.unbox(_boxed_init(c, key)))(rng)
+  return compiled.init(_boxed_init, c, rng)
 
 
 def param_axes(c):
@@ -161,6 +163,4 @@ def param_axes(c):
 
   Tuples are pytree nodes, so map over it with `is_leaf=lambda x: isinstance(x, tuple)`.
   """
-  boxed = jax.eval_shape(lambda: _boxed_init(c, jax.random.key(0)))
-  return jax.tree.map(lambda box: tuple(box.names), boxed,
-                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return compiled.axes(_boxed_init, c)

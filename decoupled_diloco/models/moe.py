@@ -53,7 +53,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from decoupled_diloco.models import llama
+from decoupled_diloco.models import compiled, llama
 
 _part = nn.with_logical_partitioning
 # One expert's fan-in (embed or mlp), not E times it: each expert starts like llama's Dense.
@@ -221,11 +221,9 @@ def _boxed_init(c, rng):
 
 def init_params(c, rng: jax.Array):
   """Initial parameters as plain float32 arrays, in one compiled program."""
-  return jax.jit(lambda key: nn.meta.unbox(_boxed_init(c, key)))(rng)
+  return compiled.init(_boxed_init, c, rng)
 
 
 def param_axes(c):
   """The logical axis names of each parameter, as llama.param_axes gives them."""
-  boxed = jax.eval_shape(lambda: _boxed_init(c, jax.random.key(0)))
-  return jax.tree.map(lambda box: tuple(box.names), boxed,
-                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return compiled.axes(_boxed_init, c)

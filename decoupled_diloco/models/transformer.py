@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from decoupled_diloco.config import ModelConfig
+from decoupled_diloco.models import compiled
 
 
 class Block(nn.Module):
@@ -47,10 +48,13 @@ class Transformer(nn.Module):
     return logits_BxLxV.astype(jnp.float32)
 
 
+def _init(c: ModelConfig, rng: jax.Array):
+  return Transformer(c).init(rng, jnp.zeros((1, c.seq_len), jnp.int32))["params"]
+
+
 def init_params(c: ModelConfig, rng: jax.Array):
   """Initial parameters, in one compiled program (not one per initializer)."""
-  init = lambda key: Transformer(c).init(key, jnp.zeros((1, c.seq_len), jnp.int32))["params"]
-  return jax.jit(init)(rng)
+  return compiled.init(_init, c, rng)
 
 
 _AXES = {  # Logical axis names by (module, parameter) name.
@@ -67,9 +71,8 @@ _AXES = {  # Logical axis names by (module, parameter) name.
 
 def param_axes(c: ModelConfig):
   """Logical axis names of every parameter (a tree like `init_params`'), by name."""
-  shapes = jax.eval_shape(lambda: init_params(c, jax.random.key(0)))
   def names(path, _):
     keys = [k.key for k in path]
     module = keys[-2] if len(keys) > 1 else keys[0]
     return ("norm",) if "norm" in module else _AXES[(module, keys[-1])]
-  return jax.tree_util.tree_map_with_path(names, shapes)
+  return jax.tree_util.tree_map_with_path(names, compiled.shapes(_init, c))

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decoupled_diloco.models import compiled
+
 POOLS = ("cls", "mean")
 POSEMBS = ("learned", "sincos")
 
@@ -159,7 +161,7 @@ def _init_boxed(c: Any, rng: jax.Array):
 def init_params(c: Any, rng: jax.Array):
   """Initial parameters (plain arrays, no axis boxes), in one compiled program."""
   check(c)
-  return jax.jit(lambda key: nn.meta.unbox(_init_boxed(c, key)))(rng)
+  return compiled.init(_init_boxed, c, rng)
 
 
 def param_axes(c: Any):
@@ -169,7 +171,4 @@ def param_axes(c: Any):
   leaf; computed from shapes alone (jax.eval_shape), nothing is allocated.
   """
   check(c)
-  boxed = jax.eval_shape(lambda: _init_boxed(c, jax.random.key(0)))
-  is_box = lambda x: isinstance(x, nn.Partitioned)
-  names = lambda x: tuple(x.names) if is_box(x) else (None,) * len(x.shape)
-  return jax.tree.map(names, boxed, is_leaf=is_box)
+  return compiled.axes(_init_boxed, c)
