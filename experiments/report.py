@@ -17,7 +17,9 @@ every run's `summary.json`, `metrics.jsonl` (eval loss vs step) and
     peak upload per learner-step), `goodput_vs_chips` (by M, with the
     data-parallel baselines and the paper's numbers for them),
     `utilisation_vs_bandwidth`, `timeline` (one run's events.jsonl: per learner
-    busy, down and slice failures, and the merges of every fragment).
+    busy, down and slice failures, and the merges of every fragment), `routing`
+    (a mixture of experts' `routing/*` diagnostics at each eval, by cell, mean
+    over seeds; decoupled/router_probe.py says what each measures).
 
 Check kinds (dicts in the sweep's `checks`; `metric` defaults to the sweep's):
   within a b tol         |mean(a)/mean(b) - 1| <= tol
@@ -30,6 +32,9 @@ Check kinds (dicts in the sweep's `checks`; `metric` defaults to the sweep's):
   at_least a value       mean(a) >= value
   increasing cells       means rise along `cells` (higher is better) or fall
   dominates a b tol      a[i] is no worse than b[i] for every i
+  stays_above a series b reference   the lowest value of eval series `series` in each
+                         run of a (mean over seeds) >= the mean of b's eval series
+                         `reference` (over its evals and seeds)
 "Worse" follows `higher_is_better` (default: True for goodput, uptime and
 utilisation, False otherwise); values equal up to float round-off are equal.
 Figures are made with matplotlib's Agg backend.
@@ -114,11 +119,14 @@ def load_run(workdir: str) -> dict | None:
     peak = peak_upload_bytes(metrics.read_jsonl(events_path))
     if peak is not None:
       s["peak_upload_bytes_per_step"] = peak
-  evals = {}
+  evals, series = {}, collections.defaultdict(dict)
   for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")):
     if "eval_loss" in r:
       evals[r["step"]] = r["eval_loss"]  # A resumed run rewrites later steps: last wins.
-  s["_evals"] = evals
+      for k, v in r.items():
+        if k.startswith("routing/"):
+          series[k][r["step"]] = v
+  s["_evals"], s["_series"] = evals, dict(series)
   s["_workdir"] = workdir
   return s
 
@@ -268,6 +276,18 @@ def evaluate_check(sweep: dict, check: dict) -> tuple[str, str]:
     means = [st(c)[0] for c in check["cells"]]
     ok = all(_worse_by(b, a, higher) <= 0 for a, b in zip(means, means[1:]))
     return verdict(ok), " < ".join(desc(c) for c in check["cells"])
+  if kind == "stays_above":
+    lows = [min(r["_series"][check["series"]].values())
+            for r in sweep["runs"][check["a"]].values() if r["_series"].get(check["series"])]
+    refs = [np.mean(list(r["_series"][check["reference"]].values()))
+            for r in sweep["runs"][check["b"]].values() if r["_series"].get(check["reference"])]
+    if not lows or not refs:
+      return "no data", f"missing: {check['series']} of {check['a']} or {check['reference']}" \
+                        f" of {check['b']}"
+    (low, low_se, n), (ref, ref_se, n_ref) = stats(lows), stats(refs)
+    return verdict(low >= ref), (
+        f"lowest {check['series']} of {check['a']} {low:.4f} ± {low_se:.4f} (n={n}) vs"
+        f" {check['reference']} of {check['b']} {ref:.4f} ± {ref_se:.4f} (n={n_ref})")
   if kind == "dominates":
     tol = check.get("tol", 0.0)
     worse = [_worse_by(st(a)[0], st(b)[0], higher) for a, b in zip(check["a"], check["b"])]
@@ -451,9 +471,55 @@ def fig_timeline(sweep: dict, out: str) -> str | None:
   return _save(fig, out, f"{sweep['name']}_timeline.png")
 
 
+ROUTING_PANELS = (  # (series, title) of the `routing` figure.
+    ("routing/topk_overlap_learners", "top-k overlap between learners"),
+    ("routing/topk_overlap_global", "top-k overlap, learners vs global"),
+    ("routing/topk_overlap_since_last_eval", "top-k overlap with the last eval"),
+    ("routing/routing_js_learners", "JS divergence between learners (bits)"),
+    ("routing/router_distance", "router distance (relative)"),
+    ("routing/utilisation_entropy_global", "utilisation entropy, global"),
+    ("routing/utilisation_entropy_after_merge", "utilisation entropy after merges"),
+    ("routing/loss_jump_after_alignment", "loss jump after alignment (nats)"),
+)
+
+
+def fig_routing(sweep: dict, out: str) -> str | None:
+  fig, axes = plt.subplots(2, 4, figsize=(14, 6))
+  drawn = set()
+  for c in sweep["cells"]:
+    runs = [r for r in sweep["runs"][c["name"]].values() if r.get("_series")]
+    for ax, (key, title) in zip(axes.flat, ROUTING_PANELS):
+      curves = [r["_series"].get(key, {}) for r in runs]
+      steps = sorted(set.intersection(*(set(v) for v in curves))) if curves else []
+      if not steps:
+        continue
+      values = np.array([[v[t] for t in steps] for v in curves])
+      ax.plot(steps, values.mean(0), marker="o", ms=2, label=f"{c['name']} (n={len(runs)})")
+      ax.set_title(title, fontsize=9)
+      drawn.add(c["name"])
+  if not drawn:
+    plt.close(fig)
+    return None
+  for ax in axes.flat:
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=7)
+  for ax in axes[1]:
+    ax.set_xlabel("step", fontsize=8)
+  handles, labels = next((ax.get_legend_handles_labels() for ax in axes.flat
+                          if ax.get_legend_handles_labels()[0]), ([], []))
+  fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(labels))
+  fig.suptitle(f"{sweep['title']}: routing on a fixed probe batch, mean over seeds",
+               fontsize=10)
+  fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+  fig.savefig(os.path.join(out, f"{sweep['name']}_routing.png"), dpi=110)
+  plt.close(fig)
+  return f"{sweep['name']}_routing.png"
+
+
 FIGURES = {"loss_curves": fig_loss_curves, "bytes": fig_bytes,
            "goodput_vs_chips": fig_goodput_vs_chips,
-           "utilisation_vs_bandwidth": fig_utilisation_vs_bandwidth, "timeline": fig_timeline}
+           "utilisation_vs_bandwidth": fig_utilisation_vs_bandwidth, "timeline": fig_timeline,
+           "routing": fig_routing}
 
 
 # --- writing ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from decoupled_diloco import config as config_lib
+from decoupled_diloco import metrics as metrics_lib
 from decoupled_diloco import islands as islands_lib
 from decoupled_diloco import steps, train
 from decoupled_diloco.algorithm import fragments
@@ -327,6 +328,11 @@ def test_the_moe_task_trains_with_data_parallel(tmp_path):
   assert summary["final_eval_bits_per_byte"] == pytest.approx(
       summary["final_eval_cross_entropy"] / math.log(2))
   assert 0 <= summary["final_eval_dropped_fraction"] < 0.5
+  # One router: how far it moved since the last eval (the first: since init), its spread.
+  evals = [r for r in metrics_lib.read_jsonl(str(tmp_path / "metrics.jsonl")) if "eval_loss" in r]
+  assert 0 < evals[0]["routing/topk_overlap_since_last_eval"] < 1
+  assert 0 < evals[0]["routing/utilisation_entropy_global"] <= 1
+  assert not any(k.endswith("_learners") for k in evals[0])
 
 
 def test_router_bias_follows_the_load_after_each_step_without_a_gradient():

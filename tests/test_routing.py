@@ -2,10 +2,13 @@
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from decoupled_diloco import routing
+from decoupled_diloco.runtime.router_probe import RouterProbe
 
 
 def test_router_distance_is_the_mean_pairwise_distance_over_the_mean_norm():
@@ -55,3 +58,64 @@ def test_across_learners_averages_over_pairs():
   assert out["utilisation_entropy_global"] == pytest.approx(1.0)
   assert out["utilisation_entropy_learners"] == pytest.approx(0.5)
   assert out["router_distance"] == 0.0
+
+
+class _FixedRouter:
+  """A task whose 'router' sends every token to the experts its params name."""
+
+  def eval_batches(self, rows, num):
+    return [{"x": np.zeros((rows, 1), np.float32)} for _ in range(num)]
+
+  def routing(self, params, batch):
+    del batch
+    choices = params["choices"]  # [layers 1, tokens 2, k 2].
+    probs = jax.nn.one_hot(choices[..., 0], 4)
+    return {"probs": probs, "choices": choices}
+
+
+def _router(*tokens):
+  return {"choices": jnp.array([tokens], jnp.int32)}
+
+
+def test_router_probe_follows_merges_alignments_and_evals_by_hand():
+  init = _router([0, 1], [0, 1])
+  probe = RouterProbe.make(_FixedRouter(), init, num_learners=2)
+  # Two merges: all four experts used evenly (entropy 1), then only experts 0, 1 (0.5).
+  probe.merged(_router([0, 1], [2, 3]))
+  probe.merged(_router([0, 1], [0, 1]))
+  # Learner 0 aligns after a step of loss 3.0 and then steps at 3.5: a jump of 0.5. A
+  # second alignment before it stepped changes nothing; learner 1 restarted: no jump.
+  probe.aligned(0, 3.0)
+  probe.aligned(0, 9.0)
+  probe.aligned(1, 2.0)
+  probe.forget(1)
+  probe.stepped(0, 3.5)
+  probe.stepped(1, 7.0)
+  probe.stepped(0, 1.0)  # Not the first step after an alignment.
+  saved = probe.state()
+  now = _router([0, 1], [0, 2])  # Token 1: {0, 2} vs the init's {0, 1}: Jaccard 1/3.
+  got = probe.metrics(now)
+  assert got == pytest.approx({
+      "routing/utilisation_entropy_after_merge": (1.0 + 0.5) / 2,
+      "routing/loss_jump_after_alignment": 0.5,
+      "routing/topk_overlap_since_last_eval": (1 + 1 / 3) / 2,
+      "routing/utilisation_entropy_global": routing.utilisation_entropy(
+          np.array([[[0, 1], [0, 2]]]), 4)})
+  # Reset after an eval: the next one compares with this eval and has no means to report.
+  assert probe.metrics(now) == {"routing/topk_overlap_since_last_eval": 1.0,
+                                "routing/utilisation_entropy_global": pytest.approx(
+                                    got["routing/utilisation_entropy_global"])}
+  probe.load_state(saved)  # A resumed run reports what the uninterrupted one did.
+  assert probe.metrics(now) == pytest.approx(got)
+  # With the learners' routers: routing.across_learners of them, beside the above.
+  both = probe.metrics(now, [init, now], [np.ones(2), np.ones(2)])
+  assert both["routing/topk_overlap_learners"] == pytest.approx((1 + 1 / 3) / 2)
+  assert both["routing/topk_overlap_global"] == pytest.approx(((1 + 1 / 3) / 2 + 1) / 2)
+
+
+def test_a_task_without_routers_has_no_probe():
+  class Dense(_FixedRouter):
+    def routing(self, params, batch):
+      return None
+  assert RouterProbe.make(Dense(), _router([0, 1], [0, 1]), 1) is None
+  assert RouterProbe.make(object(), {}, 1) is None

@@ -3,6 +3,7 @@ and every built-in task trained by every method, in the simulator and the real r
 
 import dataclasses
 import glob
+import math
 import os
 import re
 
@@ -213,6 +214,9 @@ def test_moe_under_decoupled_diloco_splits_experts_and_measures_routing(tmp_path
     assert 0 <= r["routing/routing_js_learners"] < 1
     assert 0 < r["routing/utilisation_entropy_global"] <= 1
     assert r["routing/router_distance"] > 0  # Learners trained apart since the last merge.
+    assert 0 < r["routing/utilisation_entropy_after_merge"] <= 1
+    assert math.isfinite(r["routing/loss_jump_after_alignment"])
+    assert 0 < r["routing/topk_overlap_since_last_eval"] <= 1
 
 
 # --- every task, every method ------------------------------------------------------
@@ -231,6 +235,12 @@ def test_every_task_trains_with_every_method_and_resumes_bitwise(tmp_path, monke
   resumed = train.train_and_evaluate(c, str(tmp_path / "resumed"))
   assert resumed["resumed_from_step"] == 4
   assert resumed["final_eval_loss"] == runs["decoupled"]["final_eval_loss"]
+  last = lambda run: [r for r in metrics_lib.read_jsonl(str(tmp_path / run / "metrics.jsonl"))
+                      if "eval_loss" in r][-1]
+  routing = {k: v for k, v in last("decoupled").items() if k.startswith("routing/")}
+  assert bool(routing) == (model == "moe")
+  for k, v in routing.items():  # What the router probe accumulated came back with the
+    assert last("resumed")[k] == v, k  # checkpoint.
   helpers.assert_trees_equal(helpers.final_checkpoint(tmp_path / "resumed"),
                              helpers.final_checkpoint(tmp_path / "decoupled"))
 

@@ -10,6 +10,7 @@ import numpy as np
 from decoupled_diloco import islands as islands_lib
 from decoupled_diloco import optim, steps
 from decoupled_diloco.config import Config
+from decoupled_diloco.runtime.router_probe import RouterProbe
 from decoupled_diloco.tasks.base import Task
 
 
@@ -28,6 +29,7 @@ class DataParallel:
     self.step = 0
     self.units_per_step = task.num_units(task.batch_spec(cfg.data.batch_size))
     self._grad_bytes = 4 * sum(x.size for x in jax.tree.leaves(params))
+    self.probe = RouterProbe.make(task, params, 1)  # None: no routers.
 
   @property
   def eval_island(self) -> islands_lib.Island:
@@ -43,11 +45,14 @@ class DataParallel:
     return self.params
 
   def state(self):
-    return {"params": self.params, "opt_state": self.opt_state, "step": np.int64(self.step)}
+    s = {"params": self.params, "opt_state": self.opt_state, "step": np.int64(self.step)}
+    return {**s, "router_probe": self.probe.state()} if self.probe else s
 
   def load_state(self, tree) -> None:
     self.params, self.opt_state = tree["params"], tree["opt_state"]
     self.step = int(tree["step"])
+    if self.probe:
+      self.probe.load_state(tree["router_probe"])
 
   def extra_state(self) -> tuple[list, dict]:
     return [], {"data": self.data.get_state()}
@@ -62,7 +67,9 @@ class DataParallel:
     A ring all-reduce over N replicas sends 2(N-1)/N and receives as much of
     the gradient per replica per step: about 4x its bytes, both directions.
     """
-    return {"allreduce_bytes": 4 * self._grad_bytes * self.step}
+    routing = self.probe.metrics(self.params) if self.probe else {}
+    return {"allreduce_bytes": 4 * self._grad_bytes * self.step, **routing}
 
   def summary(self) -> dict:
-    return {"allreduce_bytes_per_step": 4 * self._grad_bytes, **self.eval_scalars()}
+    return {"allreduce_bytes_per_step": 4 * self._grad_bytes,
+            "allreduce_bytes": 4 * self._grad_bytes * self.step}

@@ -42,6 +42,9 @@ class JaxBackend(protocol.SyncerMerger):
   def deliver(self, m, pub) -> str:
     return self.team.deliver(m, pub)
 
+  def merge(self, p, rnd):
+    return self.team.merge(p, rnd)
+
   def rejoin(self, m, schedule_step) -> None:
     """A learner back from zero slices restarts from the current global fragments.
 

@@ -40,7 +40,8 @@ class Runtime(typing.Protocol):
     """Takes up what `extra_state()` returned."""
 
   def eval_scalars(self) -> dict:
-    """Scalars for metrics.jsonl at each eval: byte counters, routing diagnostics (routing.py)."""
+    """Scalars for metrics.jsonl at each eval: byte counters, routing diagnostics
+    (router_probe.py). Called once per eval: the routing means since the last one reset."""
 
   def summary(self) -> dict:
     """Everything summary.json reports of this runtime (bytes, goodput, ...)."""

@@ -44,7 +44,7 @@ class LockStep:
       for c, checked in zip(contributions, checks):
         if (accepted := self.team.validate(c, checked)) is not None:
           syncer.admit(c, accepted, rnd)
-      if (pub := syncer.merge(p, rnd)) is not None:
+      if (pub := self.team.merge(p, rnd)) is not None:
         self.in_flight[p] = (sent + self.overlap, pub)
     self._unmerged = []
 

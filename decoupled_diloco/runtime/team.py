@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from decoupled_diloco import divergence, routing
+from decoupled_diloco import divergence
 from decoupled_diloco import islands as islands_lib
 from decoupled_diloco import optim, steps
 from decoupled_diloco.algorithm import codecs
@@ -21,11 +21,10 @@ from decoupled_diloco.algorithm.learner import Learner
 from decoupled_diloco.algorithm.messages import Contribution, Publication
 from decoupled_diloco.algorithm.syncer import Syncer, all_finite
 from decoupled_diloco.config import CodecConfig, Config
+from decoupled_diloco.runtime.router_probe import RouterProbe
 from decoupled_diloco.tasks import base as tasks_base
 from decoupled_diloco.tasks.base import Task
 
-
-ROUTING_PROBE_ROWS = 8  # Held-out rows the routing diagnostics compare routers on.
 
 
 class Team:
@@ -61,7 +60,7 @@ class Team:
     self.param_bytes = 4 * sum(x.size for x in flat.values())
     self.bytes_up = np.zeros(len(self.fragments), np.int64)
     self.bytes_down = np.zeros(len(self.fragments), np.int64)
-    self._probe = self._route = None  # Routing diagnostics' batch and jitted router (lazy).
+    self.probe = RouterProbe.make(task, params, d.num_learners)  # None: no routers.
     self.units = np.zeros(d.num_learners, np.int64)  # Units each learner has trained on.
     # Per learner: its latest loss (not read back until needed) and a spike detector,
     # whose running mean starts at chance (what a fresh model scores), so a
@@ -93,6 +92,8 @@ class Team:
     self.units[m] += units
     learner = self.learners[m]
     self.last_loss[m] = learner.inner_step(jax.device_put(batch, learner.island.batch), units)
+    if self.probe:
+      self.probe.stepped(m, self.last_loss[m])
     return self.last_loss[m]
 
   def diverged(self, m: int) -> str | None:
@@ -118,8 +119,17 @@ class Team:
       full = self.syncer.publication(pub.fragment)
       self.bytes_down[pub.fragment] += full.nbytes
       self.learners[m].align(full)
-      return "full_copy"
+      outcome = "full_copy"
+    if self.probe and outcome != "stale":
+      self.probe.aligned(m, self.last_loss[m])
     return outcome
+
+  def merge(self, p: int, rnd: int) -> Publication | None:
+    """The syncer merges round `rnd` of fragment p (`Syncer.merge`); the routing probe looks."""
+    pub = self.syncer.merge(p, rnd)
+    if pub is not None and self.probe:
+      self.probe.merged(self.eval_params())
+    return pub
 
   def validate(self, c: Contribution, checked=None):
     """The syncer's verdict on `c` (`Accepted`, or None).
@@ -176,11 +186,14 @@ class Team:
     self.bytes_down += np.array([pub.nbytes for pub in pubs])
     self.spikes[m].load_state(divergence.SpikeState(self.uniform_loss))
     self.last_loss[m] = None
+    if self.probe:
+      self.probe.forget(m)
 
   def state(self) -> dict:
-    return {"learners": [l.state() for l in self.learners], "syncer": self.syncer.state(),
-            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "units": self.units,
-            "spike_means": np.array([np.nan if d.mean is None else d.mean for d in self.spikes])}
+    s = {"learners": [l.state() for l in self.learners], "syncer": self.syncer.state(),
+         "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "units": self.units,
+         "spike_means": np.array([np.nan if d.mean is None else d.mean for d in self.spikes])}
+    return {**s, "router_probe": self.probe.state()} if self.probe else s
 
   def load_state(self, s: dict) -> None:
     for learner, ls in zip(self.learners, s["learners"]):
@@ -192,6 +205,8 @@ class Team:
     for d, mean in zip(self.spikes, np.asarray(s["spike_means"]).tolist()):
       d.load_state(divergence.SpikeState(self.uniform_loss if np.isnan(mean) else mean))
     self.last_loss = [None] * self.num_learners
+    if self.probe:
+      self.probe.load_state(s["router_probe"])
 
   def data_state(self) -> list[dict]:
     """Each learner's data source state (JSON), for a runtime's `extra_state`."""
@@ -216,27 +231,17 @@ class Team:
             "rejected_contributions": dict(self.syncer.rejected)}
 
   def routing_metrics(self) -> dict:
-    """`routing/*`: how far apart the learners' routers are (routing.py), on a fixed probe
-    batch; {} for a task without routers or a single learner."""
-    route = getattr(self.task, "routing", None)
-    if route is None or self.num_learners < 2:
+    """`routing/*` (router_probe.py): the global model's routing, and how far apart the
+    learners' routers are; {} for a task without routers."""
+    if self.probe is None:
       return {}
-    if self._probe is None:
-      self._probe = self.task.eval_batches(ROUTING_PROBE_ROWS, 1)[0]
-      self._route = jax.jit(route)
-    routers = [self._route(l.params, self._probe) for l in self.learners]
-    if routers[0] is None:
-      return {}
-    routers = jax.device_get(routers)
-    glob = jax.device_get(self._route(self.eval_params(), self._probe))
     roles = self.task.roles(fragments_lib.flatten(self.learners[0].params))
     weights = []
     for learner in self.learners:
       flat = fragments_lib.flatten(learner.params)
       weights.append(np.concatenate([np.ravel(jax.device_get(flat[k]))
                                      for k in sorted(flat) if roles[k] == "router"]))
-    out = routing.across_learners(routers, glob, weights, glob["probs"].shape[-1])
-    return {f"routing/{k}": v for k, v in out.items()}
+    return self.probe.metrics(self.eval_params(), [l.params for l in self.learners], weights)
 
   def comm_metrics(self, steps_done: int) -> dict:
     """The scalar part of `accounting`, for metrics.jsonl and TensorBoard."""

@@ -37,6 +37,7 @@ from decoupled_diloco.runtime import serialization, team as team_lib
 from decoupled_diloco.runtime.dist import multihost, wire
 from decoupled_diloco.runtime.dist.courier import Courier, EventLog
 from decoupled_diloco.runtime.dist.mailbox import Lease, Mailbox
+from decoupled_diloco.runtime.router_probe import RouterProbe
 from decoupled_diloco.tasks.base import Task
 
 SYNCER_LEASE = "syncer"  # Lease names (keys `lease/{name}`).
@@ -75,6 +76,9 @@ class LearnerRuntime:
     self.learner = team_lib.make_learner(cfg, task, m, self.island, inner, params, opt_state,
                                          self.fragments)
     self.data = task.train_source(m, d.num_learners, self.per_learner_batch, cfg.seed)
+    # Its own routing (router_probe.py); the learners are compared by the simulator only.
+    self.probe = RouterProbe.make(task, params, 1) if jax.process_count() == 1 else None
+    self._loss = None  # The latest step's loss (the probe's loss before an alignment).
     self.units_per_step = team_lib.units_per_learner_step(cfg, task)
     self.schedule = protocol_lib.LearnerSchedule(team_lib.schedule(cfg, self.offsets))
     self.busy_s = 0.0  # Wall time of the steps this state holds (a restore rolls it back).
@@ -119,6 +123,9 @@ class LearnerRuntime:
     batch = next(self.data)
     loss = self.learner.inner_step(jax.device_put(batch, self.island.batch),
                                    self.units_per_step)
+    if self.probe:
+      self.probe.stepped(0, loss)
+    self._loss = loss
     if self.cfg.dist.min_step_s:
       loss.block_until_ready()
       self.sleep(max(start + self.cfg.dist.min_step_s - self.clock(), 0.0))
@@ -192,6 +199,8 @@ class LearnerRuntime:
     if outcome == "gap" and self.primary:
       self._courier.want_full(pub.fragment)
     elif outcome == "applied":
+      if self.probe:
+        self.probe.aligned(0, self._loss)
       self.counts["aligned"] += 1
       self.counts["full_copies"] += pub.base_version < 0 and pub.round < 0
     self.log("align", fragment=pub.fragment, version=pub.version, outcome=outcome)
@@ -291,7 +300,8 @@ class LearnerRuntime:
     learner = self.learner.state()
     if jax.process_count() > 1:
       learner = multihost.host_copies(learner)
-    return {"learner": learner, "busy_s": np.float64(self.busy_s)}
+    s = {"learner": learner, "busy_s": np.float64(self.busy_s)}
+    return {**s, "router_probe": self.probe.state()} if self.probe else s
 
   def load_state(self, s: dict) -> None:
     learner = s["learner"]
@@ -302,6 +312,8 @@ class LearnerRuntime:
                                ("params", "opt_state", "base", "residual") if k in learner}}
     self.learner.load_state(learner)
     self.busy_s = float(s["busy_s"])
+    if self.probe:
+      self.probe.load_state(s["router_probe"])
     self.log("resume", step=self.learner.step)
 
   def extra_state(self):
@@ -319,9 +331,13 @@ class LearnerRuntime:
     self.data.set_state(meta["data"])
     self.schedule.load_state(meta["schedule"], [messages.message(r) for r in meta["held"]])
 
-  def eval_scalars(self) -> dict:
+  def _bytes(self) -> dict:
     c = self._courier  # None before the first step; False off process 0.
     return {"bytes_up": c.bytes_up if c else 0, "bytes_down": c.bytes_down if c else 0}
+
+  def eval_scalars(self) -> dict:
+    routing = self.probe.metrics(self.eval_params()) if self.probe else {}
+    return {**self._bytes(), **routing}
 
   def summary(self) -> dict:
     c = self._courier
@@ -330,7 +346,7 @@ class LearnerRuntime:
       c.beat("done")
     self.log("done", step=self.learner.step, flushed=flushed)
     self.log.close()
-    return {**self.eval_scalars(), "learner": self.m, "busy_s": self.busy_s,
+    return {**self._bytes(), "learner": self.m, "busy_s": self.busy_s,
             "waiting_s": self.waiting_s, "step_seconds": self.step_ema,
             "duplicate_sends": c.duplicates if c else 0, "uploads_flushed": flushed,
             "rephases": self.schedule.rephases, **self.counts}
