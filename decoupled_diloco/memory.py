@@ -5,7 +5,9 @@ data-parallel replica's) is lowered for the task's batch and compiled from
 shapes alone (nothing is allocated), and XLA's `memory_analysis()` gives its
 arguments, outputs and temporaries per device. Islands sharing a device
 (fewer devices than learners) multiply it. Whatever the model, the check is
-the compiler's own count, so a configuration refused here cannot fit.
+the compiler's own count, so a configuration refused here cannot fit. A
+process checks each configuration once (a run and its resume, or the runs of
+a test, ask again with the same task, model, batch, islands and optimizer).
 """
 
 import math
@@ -18,10 +20,21 @@ from decoupled_diloco import optim, steps
 from decoupled_diloco.tasks.base import Task
 
 
+_MEASURED: dict = {}  # What shapes the step (config sections, task class, devices) -> bytes.
+
+
 def bytes_per_device(cfg: config_lib.Config, task: Task) -> dict[str, int] | None:
   """{"arguments", "outputs", "temporaries"} bytes of one inner step per device (None: unknown)."""
   learners = 1 if cfg.runtime == "data_parallel" else cfg.diloco.num_learners
   devices = jax.local_devices()
+  key = (type(task), cfg.task, cfg.model, cfg.data, cfg.islands, cfg.inner, learners,
+         tuple(d.id for d in devices))
+  if key not in _MEASURED:
+    _MEASURED[key] = _measure(cfg, task, learners, devices)
+  return _MEASURED[key]
+
+
+def _measure(cfg: config_lib.Config, task: Task, learners: int, devices) -> dict | None:
   island = steps.make_islands(cfg, task, learners, devices=devices)[0]
   tx = optim.inner_optimizer(cfg.inner, cfg.train.steps)
   params = jax.eval_shape(task.init, jax.random.key(0))
