@@ -83,6 +83,10 @@ def fingerprint(cfg: config_lib.Config) -> dict:
   return fields
 
 
+# Every field a fingerprint can have, at its default (a non-data-parallel runtime has them all).
+_DEFAULT_FINGERPRINT = fingerprint(config_lib.Config(runtime="decoupled"))
+
+
 class Checkpointer:
   """Saves and restores the runtime named `runtime` in `workdir/checkpoints`."""
 
@@ -219,6 +223,8 @@ class Checkpointer:
     old, new = meta.get("fingerprint"), self._fingerprint
     if old is None or new is None:  # Written before fingerprints, or not asked to check.
       return
+    # A field added since the checkpoint was written was, in effect, at its default then.
+    old = {**{k: v for k, v in _DEFAULT_FINGERPRINT.items() if k in new}, **old}
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k)]
     if changed:

@@ -6,6 +6,7 @@ checkpoint and the metrics flush (5), corrupt checkpoints (6), re-runs and two
 runs in one workdir (7), resuming with another config (8), validation (9).
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -337,6 +338,26 @@ def test_resuming_with_another_config_shape_names_the_fields(tmp_path, no_data, 
                      match=f"{field}: {old!r} -> {new!r}"):
     train.train_and_evaluate(tiny_config(runtime, steps=8, **{**base, field: new}),
                              str(tmp_path))
+
+
+def test_a_checkpoint_written_before_a_field_existed_resumes_at_its_default(tmp_path, no_data):
+  """A model field added later (the checkpoint's fingerprint lacks it) is its default."""
+  cfg = config_lib.parse(tiny_config("decoupled", steps=8, **{"diloco.num_learners": 2}))
+  older = checkpointing.fingerprint(cfg)
+  del older["model.num_experts"]  # As written before mixtures of experts.
+  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=1, runtime="decoupled",
+                                    fingerprint=older)
+  ckpt.save(4, Unloadable())
+  now = checkpointing.Checkpointer(str(tmp_path), keep=1, runtime="decoupled",
+                                   fingerprint=checkpointing.fingerprint(cfg))
+  now.check_config()  # At its default: no mismatch.
+  other = checkpointing.fingerprint(dataclasses.replace(
+      cfg, model=dataclasses.replace(cfg.model, num_experts=4)))
+  with pytest.raises(checkpointing.ConfigMismatchError, match="model.num_experts: 8 -> 4"):
+    checkpointing.Checkpointer(str(tmp_path), keep=1, runtime="decoupled",
+                               fingerprint=other).check_config()
+  for c in (ckpt, now):
+    c.close()
 
 
 # Finding 9: validation at parse time, before any data or device work.
