@@ -32,9 +32,9 @@ Check kinds (dicts in the sweep's `checks`; `metric` defaults to the sweep's):
   at_least a value       mean(a) >= value
   increasing cells       means rise along `cells` (higher is better) or fall
   dominates a b tol      a[i] is no worse than b[i] for every i
-  stays_above a series b reference   the lowest value of eval series `series` in each
-                         run of a (mean over seeds) >= the mean of b's eval series
-                         `reference` (over its evals and seeds)
+  stays_above a series b reference   at every eval step both cells logged, a's eval
+                         series `series` (mean over seeds) >= b's series `reference`
+                         (mean over seeds) at that step
 "Worse" follows `higher_is_better` (default: True for goodput, uptime and
 utilisation, False otherwise); values equal up to float round-off are equal.
 Figures are made with matplotlib's Agg backend.
@@ -185,6 +185,15 @@ def difference_stats(sweep: dict, a: str, b: str, metric: str) -> tuple[float, f
   return ma - mb, math.hypot(sa, sb), "unpaired"
 
 
+def _series_means(sweep: dict, cell: str, key: str) -> dict[int, float]:
+  """{eval step: mean over the cell's runs that logged `key` then} of eval series `key`."""
+  at = collections.defaultdict(list)
+  for r in sweep["runs"][cell].values():
+    for step, v in r.get("_series", {}).get(key, {}).items():
+      at[step].append(v)
+  return {step: float(np.mean(v)) for step, v in at.items()}
+
+
 def _num(field: str, value: float) -> str:
   if value is None or not np.isfinite(value):
     return "n/a"
@@ -277,17 +286,18 @@ def evaluate_check(sweep: dict, check: dict) -> tuple[str, str]:
     ok = all(_worse_by(b, a, higher) <= 0 for a, b in zip(means, means[1:]))
     return verdict(ok), " < ".join(desc(c) for c in check["cells"])
   if kind == "stays_above":
-    lows = [min(r["_series"][check["series"]].values())
-            for r in sweep["runs"][check["a"]].values() if r["_series"].get(check["series"])]
-    refs = [np.mean(list(r["_series"][check["reference"]].values()))
-            for r in sweep["runs"][check["b"]].values() if r["_series"].get(check["reference"])]
-    if not lows or not refs:
-      return "no data", f"missing: {check['series']} of {check['a']} or {check['reference']}" \
-                        f" of {check['b']}"
-    (low, low_se, n), (ref, ref_se, n_ref) = stats(lows), stats(refs)
-    return verdict(low >= ref), (
-        f"lowest {check['series']} of {check['a']} {low:.4f} ± {low_se:.4f} (n={n}) vs"
-        f" {check['reference']} of {check['b']} {ref:.4f} ± {ref_se:.4f} (n={n_ref})")
+    a, b = (_series_means(sweep, check[c], check[k])
+            for c, k in (("a", "series"), ("b", "reference")))
+    steps = sorted(set(a) & set(b))
+    if not steps:
+      return "no data", (f"missing: {check['series']} of {check['a']} or"
+                         f" {check['reference']} of {check['b']} at a common eval step")
+    margins = [a[t] - b[t] for t in steps]
+    held, i = sum(m >= 0 for m in margins), int(np.argmin(margins))
+    return verdict(held == len(steps)), (
+        f"{check['series']} of {check['a']} >= {check['reference']} of {check['b']} at"
+        f" {held} of {len(steps)} evals (means over seeds); closest at step {steps[i]}:"
+        f" {a[steps[i]]:.4f} vs {b[steps[i]]:.4f}")
   if kind == "dominates":
     tol = check.get("tol", 0.0)
     worse = [_worse_by(st(a)[0], st(b)[0], higher) for a, b in zip(check["a"], check["b"])]
@@ -486,7 +496,7 @@ ROUTING_PANELS = (  # (series, title) of the `routing` figure.
 def fig_routing(sweep: dict, out: str) -> str | None:
   fig, axes = plt.subplots(2, 4, figsize=(14, 6))
   drawn = set()
-  for c in sweep["cells"]:
+  for n, c in enumerate(sweep["cells"]):  # One colour per cell in every panel.
     runs = [r for r in sweep["runs"][c["name"]].values() if r.get("_series")]
     for ax, (key, title) in zip(axes.flat, ROUTING_PANELS):
       curves = [r["_series"].get(key, {}) for r in runs]
@@ -494,7 +504,8 @@ def fig_routing(sweep: dict, out: str) -> str | None:
       if not steps:
         continue
       values = np.array([[v[t] for t in steps] for v in curves])
-      ax.plot(steps, values.mean(0), marker="o", ms=2, label=f"{c['name']} (n={len(runs)})")
+      ax.plot(steps, values.mean(0), marker="o", ms=2, color=f"C{n % 10}",
+              label=f"{c['name']} (n={len(runs)})")
       ax.set_title(title, fontsize=9)
       drawn.add(c["name"])
   if not drawn:
@@ -505,8 +516,10 @@ def fig_routing(sweep: dict, out: str) -> str | None:
     ax.tick_params(labelsize=7)
   for ax in axes[1]:
     ax.set_xlabel("step", fontsize=8)
-  handles, labels = next((ax.get_legend_handles_labels() for ax in axes.flat
-                          if ax.get_legend_handles_labels()[0]), ([], []))
+  legend = {}  # One entry per cell, from whichever panels it is drawn in.
+  for ax in axes.flat:
+    legend.update({label: h for h, label in zip(*ax.get_legend_handles_labels())})
+  handles, labels = list(legend.values()), list(legend)
   fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(labels))
   fig.suptitle(f"{sweep['title']}: routing on a fixed probe batch, mean over seeds",
                fontsize=10)

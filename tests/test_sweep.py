@@ -241,25 +241,25 @@ def test_dominates_treats_float_round_off_as_equal():
   assert verdict == "not supported" and "holds at 1 of 2 points" in numbers
 
 
-def test_stays_above_compares_each_runs_lowest_with_the_references_mean_and_routing_is_drawn(
-    tmp_path):
+def test_stays_above_compares_the_two_series_at_each_eval_and_routing_is_drawn(tmp_path):
   from experiments import report  # pylint: disable=g-import-not-at-top
   learners = "routing/topk_overlap_learners"
   itself = "routing/topk_overlap_since_last_eval"
-  runs = {"dec": {0: {"final_eval_loss": 2.0, "_series": {learners: {10: 0.9, 20: 0.7}}},
-                  1: {"final_eval_loss": 2.0, "_series": {learners: {10: 0.8, 20: 0.85}}}},
-          "dp": {0: {"final_eval_loss": 2.0, "_series": {itself: {10: 0.6, 20: 0.8}}},
-                 1: {"final_eval_loss": 2.0, "_series": {itself: {10: 0.7, 20: 0.7}}}}}
+  runs = {"dec": {0: {"final_eval_loss": 2.0, "_series": {learners: {10: 0.5, 20: 0.9}}},
+                  1: {"final_eval_loss": 2.0, "_series": {learners: {10: 0.7, 20: 0.8}}}},
+          "dp": {0: {"final_eval_loss": 2.0, "_series": {itself: {10: 0.3, 20: 0.8, 30: 1}}},
+                 1: {"final_eval_loss": 2.0, "_series": {itself: {10: 0.5, 20: 0.8}}}}}
   sweep = {"name": "arch", "title": "Arch", "metric": "final_eval_loss", "runs": runs,
            "cells": [{"name": "dec"}, {"name": "dp"}]}
   check = dict(claim="overlap", kind="stays_above", a="dec", series=learners, b="dp",
                reference=itself)
-  # Lowest per run: 0.7 and 0.8 (mean 0.75); the reference: 0.7 and 0.7 (mean 0.7).
+  # Means over seeds: 0.6 vs 0.4 at step 10, 0.85 vs 0.8 at 20 (30: dp only, not compared).
   verdict, numbers = report.evaluate_check(sweep, check)
   assert verdict == "supported", numbers
-  assert "0.7500 ± 0.0500 (n=2)" in numbers and "0.7000 ± 0.0000 (n=2)" in numbers, numbers
-  runs["dec"][1]["_series"][learners][20] = 0.6  # Lowest now 0.7 and 0.6: 0.65 < 0.7.
-  assert report.evaluate_check(sweep, check)[0] == "not supported"
+  assert "at 2 of 2 evals" in numbers and "closest at step 20: 0.8500 vs 0.8000" in numbers
+  runs["dec"][1]["_series"][learners][20] = 0.6  # Step 20: 0.75 < 0.8.
+  verdict, numbers = report.evaluate_check(sweep, check)
+  assert verdict == "not supported" and "at 1 of 2 evals" in numbers, numbers
   assert report.evaluate_check(sweep, {**check, "reference": "routing/nope"})[0] == "no data"
   name = report.fig_routing(sweep, str(tmp_path))
   assert name == "arch_routing.png"
