@@ -12,6 +12,8 @@ if one is not.
   python -m experiments.kill9_resume --config=experiments/moe.py \
       --set=train.steps=30 --set=train.checkpoint_every=10 --set=train.eval_every=10 \
       --set=train.log_every=1 --kill_at=25 --workdir=/tmp/kill9
+  python -m experiments.kill9_resume --variants=experiments/data_parallel.py,\
+experiments/diloco.py,experiments/streaming_diloco.py,experiments/decoupled_diloco.py:nochaos ...
 
 (`train.log_every=1`: the log shows every step, so the kill lands at 25.)
 """
@@ -34,7 +36,8 @@ from decoupled_diloco import metrics
 
 _CONFIG = flags.DEFINE_string("config", "experiments/moe.py", "A config file with variants.")
 _VARIANTS = flags.DEFINE_list("variants", ["data_parallel", "diloco", "streaming", "decoupled"],
-                              "Its variants to check.")
+                              "Its variants to check (an entry with '.py' is a whole config:"
+                              " file[:arg]).")
 _SET = flags.DEFINE_multi_string("set", [], "FIELD=VALUE overrides for every run.")
 _KILL_AT = flags.DEFINE_integer("kill_at", 25, "Kill once the metrics reach this step.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/kill9_resume", "Where the runs go (replaced).")
@@ -43,7 +46,8 @@ _TIMEOUT = flags.DEFINE_integer("timeout_s", 900, "The most one run may take.")
 
 def _command(variant: str, workdir: str) -> list[str]:
   sets = [f"--config.{s}" for s in _SET.value]
-  return [sys.executable, "-m", "decoupled_diloco.main", f"--config={_CONFIG.value}:{variant}",
+  config = variant if ".py" in variant else f"{_CONFIG.value}:{variant}"
+  return [sys.executable, "-m", "decoupled_diloco.main", f"--config={config}",
           f"--workdir={workdir}", *sets]
 
 
@@ -102,7 +106,8 @@ def main(argv):
   os.makedirs(_WORKDIR.value)
   failed = False
   for variant in _VARIANTS.value:
-    whole, killed = (os.path.join(_WORKDIR.value, f"{variant}_{k}") for k in ("whole", "killed"))
+    name = os.path.basename(variant).replace(".py", "").replace(":", "_")
+    whole, killed = (os.path.join(_WORKDIR.value, f"{name}_{k}") for k in ("whole", "killed"))
     _run(variant, whole)
     done = _run(variant, killed, kill_at=_KILL_AT.value)
     _run(variant, killed)
@@ -113,7 +118,7 @@ def main(argv):
     same_state = len(a) == len(b) and all(_bitwise(x, y) for x, y in zip(a, b))
     ok = same_evals and same_state and 0 < resumed_from < done
     failed |= not ok
-    print(f"{variant:14s} killed at step {done}, resumed from {resumed_from}: eval records"
+    print(f"{name:14s} killed at step {done}, resumed from {resumed_from}: eval records"
           f" {'identical' if same_evals else 'DIFFER'}, final checkpoint ({len(a)} arrays)"
           f" {'identical' if same_state else 'DIFFERS'}", flush=True)
   sys.exit(1 if failed else 0)
