@@ -14,6 +14,9 @@ CPU (8 cells x 4 seeds):
   python -m experiments.sweep --sweep=experiments/ablations/architecture.py --workdir=runs/ablations/architecture --jobs=1
   python -m experiments.report runs/ablations/architecture --into=experiments/results/ablations
 
+Results: experiments/results/ablations/report.md (its architecture section);
+BUILD.md, "Ablation sweeps".
+
 The MoE cells evaluate every 10 steps, Decoupled DiLoCo's sync interval
 (H = 10 per fragment), so the report's `routing` figure follows the routers
 closely and data-parallel's `routing/topk_overlap_since_last_eval` is how
