@@ -17,7 +17,8 @@ probe follows two moments of the DiLoCo cycle and one of plain training:
       `train.eval_every` steps, the yardstick for learners' overlap.
 
 Everything it accumulates is in `state()`, so a resumed run reports what an
-uninterrupted one does.
+uninterrupted one does. What it measures between evals stays on the device
+until an eval or a checkpoint reads it: a merge or a step never waits for the host.
 """
 
 import jax
@@ -38,7 +39,8 @@ class RouterProbe:
     self.num_experts = first["probs"].shape[-1]
     self.previous = first["choices"]  # At the last eval (at first, the init's).
     self.sums = np.zeros(4)  # Entropy after merges, their count; jumps, their count.
-    self.before = np.full(num_learners, np.nan)  # Loss before an alignment not yet stepped.
+    self.before = [None] * num_learners  # Loss before an alignment not yet stepped.
+    self._choices, self._jumps = [], []  # Not yet read back: after merges, after alignments.
 
   @classmethod
   def make(cls, task: Task, init_params, num_learners: int) -> "RouterProbe | None":
@@ -54,27 +56,35 @@ class RouterProbe:
     return None if out is None else jax.device_get(out)
 
   def merged(self, global_params) -> None:
-    """Right after a merge: the global model's utilisation entropy."""
-    choices = self.route(global_params)["choices"]
-    self.sums[:2] += (routing.utilisation_entropy(choices, self.num_experts), 1)
+    """Right after a merge: the global model's routing (its entropy is read at the eval)."""
+    self._choices.append(self._route(global_params, self.batch)["choices"])
 
   def aligned(self, m: int, last_loss) -> None:
     """Learner m took a publication after a step of loss `last_loss` (None: no step yet)."""
-    if last_loss is not None and np.isnan(self.before[m]):
-      self.before[m] = float(last_loss)
+    if last_loss is not None and self.before[m] is None:
+      self.before[m] = last_loss
 
   def stepped(self, m: int, loss) -> None:
     """Learner m's inner step of loss `loss`; the first after an alignment counts."""
-    if not np.isnan(self.before[m]):
-      self.sums[2:] += (float(loss) - self.before[m], 1)
-      self.before[m] = np.nan
+    if self.before[m] is not None:
+      self._jumps.append(loss - self.before[m])
+      self.before[m] = None
 
   def forget(self, m: int) -> None:
     """Learner m restarted from full copies: no jump to measure."""
-    self.before[m] = np.nan
+    self.before[m] = None
+
+  def _read_back(self) -> None:
+    """Adds what was measured since the last read to the sums."""
+    for choices in jax.device_get(self._choices):
+      self.sums[:2] += (routing.utilisation_entropy(choices, self.num_experts), 1)
+    jumps = np.asarray(jax.device_get(self._jumps), np.float64)
+    self.sums[2:] += (jumps.sum(), jumps.size)
+    self._choices, self._jumps = [], []
 
   def metrics(self, eval_params, learner_params=(), router_weights=()) -> dict:
     """`routing/*` at an eval; the means since the last eval are then reset."""
+    self._read_back()
     now = self.route(eval_params)
     out = {"topk_overlap_since_last_eval": routing.topk_overlap(now["choices"], self.previous),
            "utilisation_entropy_global": routing.utilisation_entropy(now["choices"],
@@ -91,10 +101,13 @@ class RouterProbe:
     return {f"routing/{k}": float(v) for k, v in out.items()}
 
   def state(self) -> dict:
+    self._read_back()
+    before = [np.nan if b is None else float(b) for b in self.before]
     return {"previous": np.asarray(self.previous), "sums": self.sums.copy(),
-            "before": self.before.copy()}
+            "before": np.array(before, np.float64)}
 
   def load_state(self, s: dict) -> None:
     self.previous = np.asarray(s["previous"]).copy()
     self.sums = np.asarray(s["sums"], np.float64).copy()
-    self.before = np.asarray(s["before"], np.float64).copy()
+    self._choices, self._jumps = [], []
+    self.before = [None if np.isnan(b) else b for b in np.asarray(s["before"]).tolist()]
