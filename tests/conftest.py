@@ -7,6 +7,12 @@ through the environment, to the test processes of pytest-xdist too: the
 process that made it removes it) lets XLA compile each distinct program once.
 A hit runs the executable a fresh compile of that same program gives, so no
 test sees other numbers.
+
+The islands of one run compile the same program for different devices. On the
+CPU, XLA's code does not depend on which devices run it, so the tests key the
+cache without the device assignment (as JAX itself does on GPUs) and each
+island loads the first island's executable onto its own devices
+(`test_model_islands` checks where the results land and that they agree).
 """
 
 import os
@@ -27,6 +33,21 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)  # If jax was imported before us.
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _key_compiled_programs_without_their_devices():
+  """One compile per program for all islands (module docstring); a no-op if JAX moved it."""
+  from jax._src import cache_key  # pylint: disable=g-import-not-at-top
+  hash_options = getattr(cache_key, "_hash_serialized_compile_options", None)
+  if hash_options is None:
+    return
+  def without_devices(hash_obj, options, strip_device_assignment=False):
+    del strip_device_assignment
+    return hash_options(hash_obj, options, strip_device_assignment=True)
+  cache_key._hash_serialized_compile_options = without_devices  # pylint: disable=protected-access
+
+
+_key_compiled_programs_without_their_devices()
 
 
 def pytest_configure(config):
