@@ -73,6 +73,24 @@ def test_two_islands_of_four_devices():
   assert shard_rows == {2}  # 8 rows split over 4 devices.
 
 
+
+def test_each_island_runs_the_shared_compiled_step_on_its_own_devices():
+  """conftest keys compiled programs without their devices: island 1 loads island 0's
+  executable, and must still compute on its own devices, and compute the same."""
+  task = _task(name="gpt", seq_len=16, num_layers=1)
+  params = task.init(jax.random.key(0))
+  batch = np.asarray(jax.random.randint(jax.random.key(1), (8, 17), 0, 256))
+  isl = islands_lib.make_islands(2, axes=tasks_base.param_axes(task))
+  loss = jax.jit(lambda p, b: task.loss(p, {"tokens": b})[0])
+  outs = []
+  for island in isl:
+    p = jax.device_put(params, island.shardings(params))
+    out = jax.jit(loss, in_shardings=(island.shardings(params), island.batch),
+                  out_shardings=island.replicated)(p, jax.device_put(batch, island.batch))
+    assert out.devices() == set(island.mesh.devices.flat)
+    outs.append(float(out))
+  assert outs[0] == outs[1]
+
 def test_logical_axes_pick_the_mesh_axes():
   task = _task()
   params = task.init(jax.random.key(0))
