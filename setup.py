@@ -21,6 +21,9 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "matplotlib>=3.8",  # experiments/report.py figures (Agg, headless).
         "scikit-learn>=1.4",  # The digits images of tasks/digits.py (shipped in the wheel).
+        "grain>=0.2.12",  # data/reader.py: every learner's batches, sharded and resumable.
+        "tokenizers>=0.20",  # data/prepare.py: BPE trained locally (HF tokenizer.json).
+        "tqdm>=4.66",  # data/prepare.py's progress bar.
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5",  # Two test processes on two cores (.ci/run).

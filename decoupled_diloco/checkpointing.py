@@ -31,6 +31,8 @@ the bad one to `checkpoints_failed/` so that the run can write that step again.
 
 import copy
 import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import zlib
@@ -61,14 +63,17 @@ class Snapshot(NamedTuple):
   meta: dict  # The `meta` item.
 
 
-def fingerprint(cfg: config_lib.Config) -> dict:
-  """The config fields that shape a checkpoint's arrays, by dotted name.
+def fingerprint(cfg: config_lib.Config, data_id: str | None = None) -> dict:
+  """The config fields that shape a checkpoint's arrays, by dotted name, and `data_id`
+  (a task's: what tokenized its data, whose token ids the parameters are trained on).
 
   Other fields (learning rates, the schedule, the simulator) may change
   between a checkpoint and its resumption; these may not.
   """
   fields = {f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items() if k != "dtype"}
   fields["task.name"] = cfg.task.name
+  if data_id is not None:
+    fields["data_id"] = data_id
   fields["inner.clip_norm>0"] = cfg.inner.clip_norm > 0  # Adds a state to the chain.
   if cfg.runtime == "data_parallel":
     return fields
@@ -84,7 +89,16 @@ def fingerprint(cfg: config_lib.Config) -> dict:
 
 
 # Every field a fingerprint can have, at its default (a non-data-parallel runtime has them all).
-_DEFAULT_FINGERPRINT = fingerprint(config_lib.Config(runtime="decoupled"))
+def run_record(config, task) -> str:
+  """What every process of a run must agree on (the mailbox's run/config): its config
+  (an ml_collections ConfigDict) and how its data was made (`task.data_id`)."""
+  return json.dumps({"config": config.to_dict(), "data_id": getattr(task, "data_id", None)},
+                    sort_keys=True)
+
+
+# Checkpoints written before `data_id` were all of byte tokens (data/dataset.py BYTES_SHA256).
+_DEFAULT_FINGERPRINT = fingerprint(config_lib.Config(runtime="decoupled"),
+                                   data_id=hashlib.sha256(b"bytes").hexdigest())
 
 
 class Checkpointer:

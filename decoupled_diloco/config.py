@@ -78,9 +78,11 @@ PRESETS = {  # Model sizes for `use_preset`.
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  path: str = "embedded"  # `embedded` (this Python's stdlib source), a text file/dir/glob, or a .npy of uint8/uint16 tokens.
-  eval_percent: float = 5.0  # Share of files (of tokens for .npy / single files) held out for eval.
+  path: str = "embedded"  # A prepared dataset's directory (python -m decoupled_diloco.data.prepare), `embedded` (this Python's stdlib source), a text file/dir/glob, or a .npy of uint8/uint16 tokens.
+  eval_percent: float = 5.0  # Share of files (of tokens for .npy / single files) held out for eval; a prepared dataset has its own split.
   batch_size: int = 32  # Global batch in sequences per inner step, summed over all learners.
+  # How the training examples are dealt to learners (data/reader.py): `random` (each epoch a seeded permutation of all, dealt round-robin) or `contiguous` (learner m takes the m-th block: the non-IID ablation).
+  sharding: Literal["random", "contiguous"] = "random"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from decoupled_diloco import config as config_lib
+from decoupled_diloco import checkpointing, config as config_lib
 from decoupled_diloco import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -82,8 +82,9 @@ def run_syncer(config, workdir: str, mailbox) -> dict:
   cfg = config_lib.parse(config)
   workdir_lib.check_writable(workdir)
   with workdir_lib.Lock(workdir):
-    mailbox.put_config(config.to_json(sort_keys=True))
-    summary = SyncerService(cfg, tasks.build(cfg), workdir, mailbox).run()
+    task = tasks.build(cfg)
+    mailbox.put_config(checkpointing.run_record(config, task))
+    summary = SyncerService(cfg, task, workdir, mailbox).run()
     path = metrics.write_summary(workdir, {**summary, "config": config.to_dict()})
     logging.info("syncer: results in %s", path)
     return summary
@@ -91,8 +92,9 @@ def run_syncer(config, workdir: str, mailbox) -> dict:
 
 def run_learner(config, workdir: str, mailbox, m: int) -> dict:
   """`--role=learner`: learner m trains (or resumes) in `workdir`, the train.py loop."""
+  from decoupled_diloco import tasks  # pylint: disable=g-import-not-at-top
   from decoupled_diloco.runtime.dist.learner import LearnerRuntime  # pylint: disable=g-import-not-at-top
-  mailbox.put_config(config.to_json(sort_keys=True))
+  mailbox.put_config(checkpointing.run_record(config, tasks.build(config_lib.parse(config))))
   make = lambda cfg, task, wd: LearnerRuntime(cfg, task, wd, mailbox, m)
   return train.train_and_evaluate(config, workdir, runtime_factory=make, kind="learner")
 

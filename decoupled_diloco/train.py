@@ -7,6 +7,8 @@ resumption and the final summary. Re-running with the same workdir resumes.
 
 import contextlib
 import math
+import os
+import shutil
 import time
 
 import jax
@@ -63,8 +65,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _train(config: ml_collections.ConfigDict, cfg: config_lib.Config, workdir: str,
            factory, kind: str) -> dict:
-  ckpt = checkpointing.Checkpointer(workdir, cfg.train.keep_checkpoints, kind,
-                                    fingerprint=checkpointing.fingerprint(cfg))
+  task = tasks.build(cfg)
+  ckpt = checkpointing.Checkpointer(
+      workdir, cfg.train.keep_checkpoints, kind,
+      fingerprint=checkpointing.fingerprint(cfg, getattr(task, "data_id", None)))
   try:
     ckpt.check_config()
     latest = ckpt.latest_step()
@@ -76,7 +80,6 @@ def _train(config: ml_collections.ConfigDict, cfg: config_lib.Config, workdir: s
     if latest is not None and latest > cfg.train.steps:
       raise ValueError(f"train.steps={cfg.train.steps} is below the step of the latest"
                        f" checkpoint in {workdir} ({latest}); raise it or use another --workdir.")
-    task = tasks.build(cfg)
     tasks_base.check(task, cfg.data.batch_size, jax.random.key(cfg.seed))
     memory.check_fits(cfg, task)
     return _train_with(config, cfg, workdir, ckpt, factory, task)
@@ -123,6 +126,8 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
   primary = jax.process_index() == 0
   if primary:
     metrics.trim(workdir, rt.step)
+    if tokenizer := getattr(task, "tokenizer_file", None):  # What decodes its outputs.
+      shutil.copyfile(tokenizer, os.path.join(workdir, "tokenizer.json"))
   writer = metrics.MetricWriter(workdir) if primary else metrics.NullWriter()
   progress = metrics.Progress(rt.step, cfg.train.steps, rt.units_per_step, unit)
   start_step, t0 = rt.step, time.perf_counter()

@@ -57,7 +57,7 @@ class DigitsMlp:
     return {k: (None,) * len(x.shape) for k, x in flat_params.items()}
 
   def train_source(self, shard, num_shards, batch_size, seed):
-    return digits.DigitsSource(digits.load(), shard=shard, num_shards=num_shards,
+    return digits.train_source(digits.load(), shard=shard, num_shards=num_shards,
                                batch_size=batch_size, seed=seed)
 
   def eval_batches(self, batch_size, num_batches):

@@ -133,12 +133,10 @@ def count_model_eval_loss(config, context: int) -> float:
   `config` on. A model below the context-0 loss uses the bytes before; below
   the context-1 loss, more than the one before.
   """
-  from decoupled_diloco.data import loader  # pylint: disable=g-import-not-at-top
   cfg = config_lib.parse(config)
-  windows = np.concatenate(loader.eval_batches(
-      corpus().eval, batch_size=cfg.data.batch_size, seq_len=cfg.model.seq_len,
-      num_batches=cfg.train.eval_batches))
-  train = np.asarray(corpus().train, np.int64)
+  windows = np.concatenate([b["tokens"] for b in task(cfg).eval_batches(
+      cfg.data.batch_size, cfg.train.eval_batches)])
+  train = np.asarray(np.concatenate(corpus().train), np.int64)
   if context == 0:
     counts = np.bincount(train, minlength=256) + 1.0
     return float(-np.log(counts[windows[:, 1:]] / counts.sum()).mean())

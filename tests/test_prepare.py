@@ -125,8 +125,8 @@ def test_embedded_splits_files_as_the_corpus_module_does(tmp_path, monkeypatch):
   monkeypatch.setattr(corpus_lib, "stdlib_files", lambda: (few, root))
   manifest = _prepare(["embedded"], tmp_path / "out")
   expected = corpus_lib._read_files(few, root, 5.0, "a few stdlib files")
-  np.testing.assert_array_equal(_tokens(tmp_path / "out", "train"), expected.train)
-  np.testing.assert_array_equal(_tokens(tmp_path / "out", "eval"), expected.eval)
+  np.testing.assert_array_equal(_tokens(tmp_path / "out", "train"), expected.train[0])
+  np.testing.assert_array_equal(_tokens(tmp_path / "out", "eval"), expected.eval[0])
   assert manifest["inputs"] == ["embedded"] and manifest["splits"]["eval"]["documents"] == 3
 
 

@@ -23,7 +23,7 @@ import pytest
 from decoupled_diloco import checkpointing, config as config_lib, divergence, optim, train
 from decoupled_diloco import workdir as workdir_lib
 from decoupled_diloco.algorithm import codecs, fragments, learner, merge, rounds, syncer
-from decoupled_diloco.data import corpus as corpus_lib
+from decoupled_diloco.data import corpus as corpus_lib, reader
 from decoupled_diloco.models import vit
 from decoupled_diloco.runtime import simulated
 from decoupled_diloco.tasks import lm
@@ -407,6 +407,7 @@ def test_every_choice_is_a_literal_with_the_names_its_module_knows():
       "chaos.elastic_batch": ("shrink", "keep"),
       "model.pool": vit.POOLS,
       "model.posemb": vit.POSEMBS,
+      "data.sharding": reader.SHARDINGS,
   }
 
   def strings(tree, prefix=""):

@@ -70,45 +70,48 @@ def test_load_is_deterministic_stratified_and_disjoint():
     digits_lib.load(test_fraction=1.5)
 
 
-def test_one_epoch_of_each_shard_visits_its_own_slice_once():
+@pytest.mark.parametrize("sharding", ["random", "contiguous"])
+def test_one_epoch_of_each_shard_visits_its_own_images_once(sharding):
   d = digits_lib.load()
   seen = []
-  for shard in range(5):  # 1438 // 5 = 287 = 7 batches of 41.
-    src = digits_lib.DigitsSource(d, shard=shard, num_shards=5, batch_size=41, seed=3,
-                                  augment=False)
+  for shard in range(5):  # 1438 images: shards of 288 or 287 = 7 batches of 41 (and a rest).
+    src = digits_lib.train_source(d, shard=shard, num_shards=5, batch_size=41, seed=3,
+                                  sharding=sharding, augment=False)
     batches = [next(src) for _ in range(7)]
     images = np.concatenate([b["image"] for b in batches])
     assert set(np.concatenate([b["label"] for b in batches]).tolist()) == set(range(10))
     assert len(_rows(images)) == 287
-    assert _rows(images) == _rows(d.train_x[shard * 287:(shard + 1) * 287])
+    if sharding == "contiguous":
+      lo = shard * 1438 // 5
+      assert _rows(images) <= _rows(d.train_x[lo:lo + 288])
     seen.append(_rows(images))
   assert sum(len(s) for s in seen) == len(set().union(*seen))
-  with pytest.raises(ValueError, match="batch_size=64 is larger than a digits shard"):
-    digits_lib.DigitsSource(d, shard=0, num_shards=100, batch_size=64, seed=0)
+  with pytest.raises(ValueError, match="digits' train split.*fewer than a batch of 64"):
+    digits_lib.train_source(d, shard=0, num_shards=100, batch_size=64, seed=0)
 
 
 def test_resume_from_state_continues_the_same_batches():
   d = digits_lib.load()
-  src = digits_lib.DigitsSource(d, shard=1, num_shards=2, batch_size=64, seed=7)
+  src = digits_lib.train_source(d, shard=1, num_shards=2, batch_size=64, seed=7)
   for _ in range(9):  # 719 // 64 = 11 batches an epoch: the next six cross into epoch 1.
     next(src)
   state = json.loads(json.dumps(src.get_state()))
   expected = [next(src) for _ in range(6)]
-  resumed = digits_lib.DigitsSource(d, shard=1, num_shards=2, batch_size=64, seed=7)
+  resumed = digits_lib.train_source(d, shard=1, num_shards=2, batch_size=64, seed=7)
   resumed.set_state(state)
   for want, got in zip(expected, [next(resumed) for _ in range(6)]):
-    np.testing.assert_array_equal(want["image"], got["image"])
+    np.testing.assert_array_equal(want["image"], got["image"])  # Shifts included.
     np.testing.assert_array_equal(want["label"], got["label"])
-  other = digits_lib.DigitsSource(d, shard=1, num_shards=2, batch_size=64, seed=8)
+  other = digits_lib.train_source(d, shard=1, num_shards=2, batch_size=64, seed=8)
   other.set_state(state)
   assert not np.array_equal(next(other)["label"], expected[0]["label"])
-  with pytest.raises(ValueError, match="position"):
+  with pytest.raises(ValueError, match="next_index"):
     resumed.set_state({"step": 3})
 
 
 def test_augmentation_only_shifts_by_at_most_one_pixel():
   d = digits_lib.load()
-  make = lambda augment: digits_lib.DigitsSource(d, shard=0, num_shards=1, batch_size=128,
+  make = lambda augment: digits_lib.train_source(d, shard=0, num_shards=1, batch_size=128,
                                                  seed=0, augment=augment)
   plain, augmented = next(make(False)), next(make(True))
   np.testing.assert_array_equal(plain["label"], augmented["label"])
@@ -177,7 +180,7 @@ def test_tiny_vit_learns_digits():
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  src = digits_lib.DigitsSource(d, shard=0, num_shards=1, batch_size=64, seed=0, augment=False)
+  src = digits_lib.train_source(d, shard=0, num_shards=1, batch_size=64, seed=0, augment=False)
   for _ in range(150):
     params, opt_state = train_step(params, opt_state, next(src))
   predictions_N = jax.jit(model.apply)({"params": params}, d.test_x).argmax(-1)

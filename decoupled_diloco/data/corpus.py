@@ -1,26 +1,35 @@
-"""Byte-level corpora: the embedded default, text files, or a pre-tokenized array.
+"""Token corpora: a prepared dataset, the embedded default, text files, or a token array.
 
-A corpus is two flat token arrays (train and eval). The embedded default is the
-running Python's own standard-library source: real text every machine has.
+A corpus is two lists of flat token arrays (shards of the train and eval
+splits). A prepared dataset's shards (data/prepare.py, data/dataset.py) are
+memory-mapped, never read whole; the other kinds are small, read into memory
+as bytes. The embedded default is the running Python's own standard-library
+source: real text every machine has.
 """
 
 import dataclasses
 import glob
+import json
 import os
 import sysconfig
 import zlib
 
 import numpy as np
 
+from decoupled_diloco.data import dataset as dataset_lib
+
 EMBEDDED = "embedded"  # `data.path` value that selects the standard-library corpus.
 
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-  train: np.ndarray  # [N] uint8 or uint16 tokens
-  eval: np.ndarray  # [M] tokens, held out by file
+  train: tuple[np.ndarray, ...]  # Shards of flat uint8/16/32 tokens.
+  eval: tuple[np.ndarray, ...]  # The held-out split's shards (held out by file or document).
   vocab_size: int
   description: str
+  bytes_per_token: float | None = 1.0  # Of text, on the held-out split (None: unknown).
+  tokenizer_id: str = dataset_lib.BYTES_SHA256  # The sha256 of what turned text into tokens.
+  tokenizer_file: str | None = None  # A prepared dataset's tokenizer.json, if any.
 
 
 def _eval_file(name: str, eval_percent: float) -> bool:
@@ -43,7 +52,7 @@ def _read_files(paths: list[str], root: str, eval_percent: float, what: str) -> 
         f" train and eval splits (found {len(train)} train, {len(held_out)} eval"
         f" files); give more files or change data.eval_percent."
     )
-  as_array = lambda chunks: np.frombuffer(b"".join(chunks), dtype=np.uint8)
+  as_array = lambda chunks: (np.frombuffer(b"".join(chunks), dtype=np.uint8),)
   return Corpus(as_array(train), as_array(held_out), 256,
                 f"{what}: {len(train)} train / {len(held_out)} eval files")
 
@@ -62,7 +71,8 @@ def load(path: str, eval_percent: float = 5.0) -> Corpus:
   """Loads a corpus.
 
   Args:
-    path: `embedded`; a text file, directory or glob; or a `.npy` file of
+    path: a prepared dataset's directory (its manifest decides the split);
+      `embedded`; a text file, directory or glob; or a `.npy` file of
       uint8/uint16 tokens (memory-mapped, the last `eval_percent` held out).
     eval_percent: share of files (or of tokens, for `.npy`) held out for eval.
 
@@ -71,6 +81,8 @@ def load(path: str, eval_percent: float = 5.0) -> Corpus:
   """
   if not 0 < eval_percent < 100:
     raise ValueError(f"data.eval_percent={eval_percent} must be in (0, 100).")
+  if dataset_lib.is_dataset(path):
+    return _prepared(path)
   if path == EMBEDDED:
     paths, root = stdlib_files()
     return _read_files(paths, root, eval_percent, "embedded Python stdlib")
@@ -86,8 +98,9 @@ def load(path: str, eval_percent: float = 5.0) -> Corpus:
           f"data.path={path!r}: a pre-tokenized file must be a flat uint8 or"
           f" uint16 array, got shape {tokens.shape} dtype {tokens.dtype}.")
     split = int(len(tokens) * (1 - eval_percent / 100))
-    vocab = 256 if tokens.dtype == np.uint8 else 65536
-    return Corpus(tokens[:split], tokens[split:], vocab, f"{path}: {len(tokens)} tokens")
+    vocab, per_token = (256, 1.0) if tokens.dtype == np.uint8 else (65536, None)
+    return Corpus((tokens[:split],), (tokens[split:],), vocab, f"{path}: {len(tokens)} tokens",
+                  per_token, dataset_lib.BYTES_SHA256 if per_token else f"unknown tokenizer of {path}")
   if os.path.isdir(path):
     pattern, root = os.path.join(path, "**", "*"), path
   else:  # A file or a glob: split by path relative to the glob's fixed prefix.
@@ -102,5 +115,28 @@ def load(path: str, eval_percent: float = 5.0) -> Corpus:
     if len(tokens) == 0:
       raise ValueError(f"data.path={path!r}: the file is empty.")
     split = int(len(tokens) * (1 - eval_percent / 100))
-    return Corpus(tokens[:split], tokens[split:], 256, f"{path}: {len(tokens)} bytes")
+    return Corpus((tokens[:split],), (tokens[split:],), 256, f"{path}: {len(tokens)} bytes")
   return _read_files(paths, root, eval_percent, path)
+
+
+def tokenizer_id(path: str) -> str:
+  """`load(path).tokenizer_id`, from a manifest or a header only: nothing else is read."""
+  if dataset_lib.is_dataset(path):
+    with open(os.path.join(path, dataset_lib.MANIFEST)) as f:
+      return json.load(f)["tokenizer"]["sha256"]
+  if path.endswith(".npy") and os.path.isfile(path):
+    return load(path).tokenizer_id  # Memory-mapped: a header read.
+  return dataset_lib.BYTES_SHA256
+
+
+def _prepared(path: str) -> Corpus:
+  """A prepared dataset's shards, memory-mapped (its manifest and shard headers checked)."""
+  ds = dataset_lib.open_dataset(path)
+  tok = ds.manifest["tokenizer"]
+  name = "bytes" if tok["kind"] == "bytes" else f"{tok['kind']} tokenizer of {tok['vocab_size']}"
+  tokens = lambda split: ds.manifest["splits"][split]["tokens"]
+  return Corpus(
+      tuple(ds.shards("train")), tuple(ds.shards("eval")), ds.vocab_size,
+      f"{path}: prepared, {name}, {tokens('train')} train / {tokens('eval')} eval tokens",
+      ds.bytes_per_token("eval"), ds.tokenizer_sha256,
+      os.path.join(path, tok["file"]) if tok["file"] else None)

@@ -1,4 +1,4 @@
-"""scikit-learn's handwritten digits (1,797 8x8 images): split, shards, batches.
+"""scikit-learn's handwritten digits (1,797 8x8 images): split, examples, batches.
 
 The split and every batch come from numpy's default generator (PCG64) keyed
 by small integer tuples, so they are the same on every machine; nothing
@@ -11,6 +11,8 @@ import functools
 
 import numpy as np
 from sklearn import datasets
+
+from decoupled_diloco.data import reader
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -38,7 +40,7 @@ def load(seed_split: int = 0, test_fraction: float = 0.2) -> Digits:
 
   Returns:
     Both splits in the permuted order, so a contiguous slice of the train
-    split is a fair sample of it (DigitsSource shards by slices).
+    split is a fair sample of it (`contiguous` sharding deals slices).
   """
   if not 0 < test_fraction < 1:
     raise ValueError(f"test_fraction={test_fraction} must be in (0, 1).")
@@ -71,55 +73,33 @@ def shift(images_BxHxWx1: np.ndarray, shifts_Bx2: np.ndarray) -> np.ndarray:
                    for n, (dy, dx) in enumerate(shifts_Bx2)])
 
 
-class DigitsSource:
-  """Training batches from one shard of the train split, reproducibly.
+class Images:
+  """The train split's images as examples, {"image": [H, W, 1], "label": []} (random access)."""
 
-  Each of `num_shards` shards is a disjoint contiguous slice of the (already
-  permuted) train split. Epoch e visits the shard in the order of
-  default_rng((seed, shard, e)), in batches of `batch_size` (the last
-  incomplete batch of an epoch is skipped). With `augment`, batch number p is
-  shifted by up to one pixel per image from default_rng((seed, shard, p, 1));
-  the trailing 1 keeps that stream apart from the epoch order's. The whole
-  state is the number of batches taken (`get_state`).
-  """
+  def __init__(self, digits: Digits):
+    self.digits = digits
 
-  def __init__(self, digits: Digits, *, shard: int, num_shards: int, batch_size: int,
-               seed: int, augment: bool = True):
-    if not 0 <= shard < num_shards:
-      raise ValueError(f"shard={shard} must be in [0, {num_shards}).")
-    size = len(digits.train_y) // num_shards
-    if size < batch_size:
-      raise ValueError(
-          f"batch_size={batch_size} is larger than a digits shard ({size} images ="
-          f" {len(digits.train_y)} train images / {num_shards} shards); use a smaller"
-          " batch or fewer shards.")
-    self.x_NxHxWx1 = digits.train_x[shard * size:(shard + 1) * size]
-    self.y_N = digits.train_y[shard * size:(shard + 1) * size]
-    self.shard, self.batch_size, self.seed, self.augment = shard, batch_size, seed, augment
-    self.batches_per_epoch = size // batch_size
-    self.position = 0  # Batches taken so far: the whole state.
+  def __len__(self) -> int:
+    return len(self.digits.train_y)
 
-  def get_state(self) -> dict:
-    return {"position": self.position}
+  def __getitem__(self, i: int) -> dict:
+    return {"image": self.digits.train_x[i], "label": self.digits.train_y[i]}
 
-  def set_state(self, state: dict):
-    if set(state) != {"position"} or int(state["position"]) < 0:
-      raise ValueError(f"A DigitsSource state is {{'position': batches taken >= 0}}, not {state}.")
-    self.position = int(state["position"])
 
-  def __iter__(self):
-    return self
+def random_shift(example: dict, rng: np.random.Generator) -> dict:
+  """The example with its image moved by up to one pixel each way (a grain random map)."""
+  moved = shift(example["image"][None], rng.integers(-1, 2, size=(1, 2)))[0]
+  return {**example, "image": moved}
 
-  def __next__(self) -> dict:
-    epoch, k = divmod(self.position, self.batches_per_epoch)
-    order_N = np.random.default_rng((self.seed, self.shard, epoch)).permutation(len(self.y_N))
-    idx_B = order_N[k * self.batch_size:(k + 1) * self.batch_size]
-    images_BxHxWx1 = self.x_NxHxWx1[idx_B]
-    if self.augment:
-      rng = np.random.default_rng((self.seed, self.shard, self.position, 1))
-      images_BxHxWx1 = shift(images_BxHxWx1, rng.integers(-1, 2, size=(len(idx_B), 2)))
-    self.position += 1
-    return {"image": images_BxHxWx1, "label": self.y_N[idx_B]}
+
+def train_source(digits: Digits, *, shard: int, num_shards: int, batch_size: int, seed: int,
+                 sharding: str = "random", augment: bool = True) -> reader.Source:
+  """Learner `shard`'s batches of the train split (data/reader.py), randomly shifted
+  (`augment`) with an rng keyed by the seed and the image's place in the learner's order."""
+  return reader.train_source(
+      Images(digits), shard=shard, num_shards=num_shards, batch_size=batch_size, seed=seed,
+      sharding=sharding, what="the digits' train split",
+      augment=random_shift if augment else None)
 
 
 def eval_batches(digits: Digits, batch_size: int) -> list[dict]:

@@ -70,6 +70,9 @@ class Task(Protocol):
   def eval_batches(self, batch_size: int, num_batches: int) -> list[Batch]:
     """Fixed held-out batches (the same every time)."""
 
+  # Optional: `data_id`, a string naming how the data was made (a tokenizer's sha256). A
+  # checkpoint or a mailbox written with another `data_id` is refused (a run's fingerprint).
+
   def routing(self, params, batch: Batch) -> dict | None:
     """Optional: a mixture of experts' routers on `batch`, {"probs": [layers, tokens,
     experts], "choices": [layers, tokens, k]} (routing.py); None (or absent): none."""

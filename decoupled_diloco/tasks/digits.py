@@ -54,6 +54,7 @@ class Digits:
                                                                    "num_classes")})
     vit.check(self.c)
     self.model = vit.ViT(self.c)
+    self._sharding = cfg.data.sharding
 
   @property
   def data(self) -> digits_lib.Digits:
@@ -88,8 +89,8 @@ class Digits:
     return base.axes_by_path(vit.param_axes(self.c), flat_params)
 
   def train_source(self, shard: int, num_shards: int, batch_size: int, seed: int):
-    return digits_lib.DigitsSource(self.data, shard=shard, num_shards=num_shards,
-                                   batch_size=batch_size, seed=seed)
+    return digits_lib.train_source(self.data, shard=shard, num_shards=num_shards,
+                                   batch_size=batch_size, seed=seed, sharding=self._sharding)
 
   def eval_batches(self, batch_size: int, num_batches: int) -> list:
     """Every full batch of the held-out split (it is small: `num_batches` is not used)."""

@@ -1,9 +1,10 @@
 """`lm_bytes`: next-token prediction on a token corpus (data/corpus.py): `gpt`, `llama`, `moe`.
 
-Batches are {"tokens": [B, L+1] int32} windows; the unit is the token (L per
-row), the loss the mean next-token cross-entropy in nats, and the eval
-metrics add bits per token (bits per byte on the byte vocabulary) and
-perplexity. A model that returns (logits, aux losses) (`moe`) adds its
+Batches are {"tokens": [B, L+1] int32} windows (data/reader.py); the unit is
+the token (L per row), the loss the mean next-token cross-entropy in nats, and
+the eval metrics add bits per byte of text (nats per token / (ln 2 x the
+held-out split's bytes per token): the same scale for a byte-level and a
+subword tokenizer; bits per token where the bytes are unknown) and perplexity. A model that returns (logits, aux losses) (`moe`) adds its
 weighted load-balance and z-losses to the loss and reports the cross-entropy
 apart (`cross_entropy`, which the eval metrics are computed from).
 """
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 
 from decoupled_diloco.config import Config, ModelConfig
 from decoupled_diloco.data import corpus as corpus_lib
-from decoupled_diloco.data import loader
+from decoupled_diloco.data import reader
 from decoupled_diloco.models import llama, moe, transformer
 from decoupled_diloco.tasks import base, register
 
@@ -40,22 +41,6 @@ def model_config(c: ModelConfig) -> ModelConfig:
 def load_corpus(path: str, eval_percent: float) -> corpus_lib.Corpus:
   """One read per process of a corpus (its arrays are never written)."""
   return corpus_lib.load(path, eval_percent)
-
-
-class TokenSource:
-  """A learner's {"tokens"} batches (loader.ShardIterator) with a JSON state."""
-
-  def __init__(self, iterator: loader.ShardIterator):
-    self.iterator = iterator
-
-  def __next__(self) -> dict:
-    return {"tokens": next(self.iterator)}
-
-  def get_state(self) -> dict:
-    return {"position": self.iterator.position}
-
-  def set_state(self, state: dict) -> None:
-    self.iterator.position = int(state["position"])
 
 
 class LanguageModel:
@@ -85,6 +70,19 @@ class LanguageModel:
                          f" data's vocabulary ({corpus.vocab_size}).")
       self._corpus = corpus
     return self._corpus
+
+  @property
+  def data_id(self) -> str:
+    """The sha256 of the tokenizer that made the tokens (base.Task's optional `data_id`),
+    read before the data (a run is refused before any data is loaded)."""
+    if self._corpus is not None:
+      return self._corpus.tokenizer_id
+    return corpus_lib.tokenizer_id(self._data.path)
+
+  @property
+  def tokenizer_file(self) -> str | None:
+    """A prepared dataset's tokenizer.json (train.py copies it into the workdir), or None."""
+    return self.corpus.tokenizer_file
 
   @property
   def description(self) -> str:
@@ -144,8 +142,10 @@ class LanguageModel:
   def eval_metrics(self, means: dict) -> dict:
     # Bits and perplexity measure the prediction alone: the cross-entropy, not the aux losses.
     loss = means["cross_entropy"] if "cross_entropy" in means else means["loss"]
-    bits = "bits_per_byte" if self.c.vocab_size <= 256 else "bits_per_token"
-    return {bits: loss / math.log(2), "perplexity": math.exp(min(loss, 700.0))}
+    per_token = self.corpus.bytes_per_token
+    bits = ({"bits_per_byte": loss / (math.log(2) * per_token)} if per_token
+            else {"bits_per_token": loss / math.log(2)})
+    return {**bits, "perplexity": math.exp(min(loss, 700.0))}
 
   def roles(self, flat_params: dict) -> dict:
     return {k: base.role_by_name(k) for k in flat_params}
@@ -153,15 +153,20 @@ class LanguageModel:
   def axes(self, flat_params: dict) -> dict:
     return base.axes_by_path(self._axes(self.c), flat_params)
 
+  def _windows(self, split: str) -> tuple[reader.TokenWindows, str]:
+    what = f"model.seq_len={self.seq_len} windows of data.path={self._data.path!r} ({split})"
+    return reader.TokenWindows(getattr(self.corpus, split), self.seq_len), what
+
   def train_source(self, shard: int, num_shards: int, batch_size: int, seed: int):
-    return TokenSource(loader.ShardIterator(
-        self.corpus.train, shard=shard, num_shards=num_shards, batch_size=batch_size,
-        seq_len=self.seq_len, seed=seed))
+    windows, what = self._windows("train")
+    return reader.train_source(windows, shard=shard, num_shards=num_shards,
+                               batch_size=batch_size, seed=seed,
+                               sharding=self._data.sharding, what=what)
 
   def eval_batches(self, batch_size: int, num_batches: int) -> list:
-    return [{"tokens": b} for b in loader.eval_batches(
-        self.corpus.eval, batch_size=batch_size, seq_len=self.seq_len,
-        num_batches=num_batches)]
+    windows, what = self._windows("eval")
+    return reader.eval_batches(windows, batch_size=batch_size, num_batches=num_batches,
+                               what=what)
 
 
 register("lm_bytes")(LanguageModel)

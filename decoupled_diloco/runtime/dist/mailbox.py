@@ -460,7 +460,7 @@ class Mailbox:
       return
     try:
       stored = decode_message(self.read("run/config") or b"", self._secret, "config")[0]
-      same, why = stored.get("text") == text, "is another config"
+      same, why = stored.get("text") == text, _differences(stored.get("text"), text)
     except MessageError:
       same, why = False, "does not read under this run's secret"
     if not same:
@@ -484,3 +484,19 @@ class Mailbox:
                  if (n := _numbers(k, prefix, count)) and n[0] < below_version and n[0] != latest]
     self.delete(doomed)
     return len(doomed)
+
+
+def _differences(stored, text: str, most: int = 4) -> str:
+  """What differs between two JSON run records, by dotted key (the first `most`)."""
+  def flat(value, prefix=""):
+    if not isinstance(value, dict):
+      return {prefix: value}
+    return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+  try:
+    old, new = flat(json.loads(stored)), flat(json.loads(text))
+  except (TypeError, ValueError):
+    return "is another config"
+  keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  shown = "; ".join(f"{k.rstrip('.')}: {old.get(k)!r} there, {new.get(k)!r} here"
+                    for k in keys[:most])
+  return f"differs in {shown}" + (f" and {len(keys) - most} more" if len(keys) > most else "")
