@@ -581,6 +581,11 @@ def write_csv(rows: list[dict], path: str) -> None:
     w.writerows(rows)
 
 
+# Runs made before `data.sharding` existed: each learner read its contiguous block of the
+# corpus, windows at random offsets (the reader before data/reader.py).
+_BEFORE_SHARDING = "contiguous (made before data.sharding: random-offset windows)"
+
+
 def parts(sweeps: list[dict], out: str) -> tuple[list[str], list[str], list[str]]:
   """(the sweeps' command lines, their rows of the checks table, their sections)."""
   commands = [f"- {s['name']}: `{s['command']}`" for s in sweeps]
@@ -599,6 +604,9 @@ def parts(sweeps: list[dict], out: str) -> tuple[list[str], list[str], list[str]
                  f" sweep file `{s['sweep_file']}`).", ""]
     if s["set"]:
       sections += [f"Every cell also set: `{json.dumps(s['set'], sort_keys=True)}`.", ""]
+    sharding = {r.get("config", {}).get("data", {}).get("sharding", _BEFORE_SHARDING)
+                for runs in s["runs"].values() for r in runs.values()}
+    sections += [f"Data: `data.sharding` {', '.join(sorted(sharding))}.", ""]
     sections += table(s)
     if s["missing"]:
       sections += ["", f"Not finished (left out): {', '.join(s['missing'])}."]

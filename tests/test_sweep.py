@@ -144,6 +144,7 @@ def test_report_shows_what_the_runs_wrote(tmp_path):
   out = os.path.join(workdir, "report")
   with open(os.path.join(out, "report.md")) as f:
     text = f.read()
+  assert "Data: `data.sharding` random." in text  # What the runs' resolved configs say.
   rows = {line.split("|")[1].strip(): line for line in text.splitlines()
           if line.startswith("| fp32 ") or line.startswith("| int4 ")}
   for cell in ("fp32", "int4"):
