@@ -1,6 +1,6 @@
 """Data-parallel training of a byte-level transformer: the baseline.
 
-Command (about 1.5 minutes on a 2-core CPU, final eval loss about 2.1 nats/byte):
+Command (about 1.5 minutes on a 2-core CPU, final eval loss 2.14 nats/byte):
   python -m decoupled_diloco.main --config=experiments/data_parallel.py \
       --workdir=/tmp/dp
 

@@ -538,7 +538,6 @@ _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", *dataset.DTYPES], "Token dt
                            " uint8 for bytes, uint16 up to 65536 tokens, else uint32).")
 _MAX_TRAIN_DOCS = flags.DEFINE_integer("max_train_docs_for_bpe", 0, "Train the BPE on the"
                                        " first this many train documents (0: all).")
-flags.mark_flags_as_required(["input", "output_dir"])
 
 
 def main(argv):
@@ -555,4 +554,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.mark_flags_as_required(["input", "output_dir"])  # Here: importers keep their own flags.
   app.run(main)
