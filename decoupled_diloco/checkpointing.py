@@ -88,7 +88,6 @@ def fingerprint(cfg: config_lib.Config, data_id: str | None = None) -> dict:
   return fields
 
 
-# Every field a fingerprint can have, at its default (a non-data-parallel runtime has them all).
 def run_record(config, task) -> str:
   """What every process of a run must agree on (the mailbox's run/config): its config
   (an ml_collections ConfigDict) and how its data was made (`task.data_id`)."""
@@ -96,7 +95,8 @@ def run_record(config, task) -> str:
                     sort_keys=True)
 
 
-# Checkpoints written before `data_id` were all of byte tokens (data/dataset.py BYTES_SHA256).
+# Every field a fingerprint can have, at its default (a non-data-parallel runtime has them
+# all); checkpoints written before `data_id` were all of byte tokens (dataset.BYTES_SHA256).
 _DEFAULT_FINGERPRINT = fingerprint(config_lib.Config(runtime="decoupled"),
                                    data_id=hashlib.sha256(b"bytes").hexdigest())
 

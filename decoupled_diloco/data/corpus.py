@@ -98,9 +98,12 @@ def load(path: str, eval_percent: float = 5.0) -> Corpus:
           f"data.path={path!r}: a pre-tokenized file must be a flat uint8 or"
           f" uint16 array, got shape {tokens.shape} dtype {tokens.dtype}.")
     split = int(len(tokens) * (1 - eval_percent / 100))
-    vocab, per_token = (256, 1.0) if tokens.dtype == np.uint8 else (65536, None)
+    if tokens.dtype == np.uint8:  # Bytes.
+      vocab, per_token, tokenizer = 256, 1.0, dataset_lib.BYTES_SHA256
+    else:  # Made by a tokenizer we know nothing of: its path is its name.
+      vocab, per_token, tokenizer = 65536, None, f"unknown tokenizer of {path}"
     return Corpus((tokens[:split],), (tokens[split:],), vocab, f"{path}: {len(tokens)} tokens",
-                  per_token, dataset_lib.BYTES_SHA256 if per_token else f"unknown tokenizer of {path}")
+                  per_token, tokenizer)
   if os.path.isdir(path):
     pattern, root = os.path.join(path, "**", "*"), path
   else:  # A file or a glob: split by path relative to the glob's fixed prefix.

@@ -4,9 +4,10 @@ Batches are {"tokens": [B, L+1] int32} windows (data/reader.py); the unit is
 the token (L per row), the loss the mean next-token cross-entropy in nats, and
 the eval metrics add bits per byte of text (nats per token / (ln 2 x the
 held-out split's bytes per token): the same scale for a byte-level and a
-subword tokenizer; bits per token where the bytes are unknown) and perplexity. A model that returns (logits, aux losses) (`moe`) adds its
-weighted load-balance and z-losses to the loss and reports the cross-entropy
-apart (`cross_entropy`, which the eval metrics are computed from).
+subword tokenizer; bits per token where the bytes are unknown) and perplexity.
+A model that returns (logits, aux losses) (`moe`) adds its weighted
+load-balance and z-losses to the loss and reports the cross-entropy apart
+(`cross_entropy`, which the eval metrics are computed from).
 """
 
 import dataclasses
