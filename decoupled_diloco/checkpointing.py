@@ -31,7 +31,6 @@ the bad one to `checkpoints_failed/` so that the run can write that step again.
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -44,6 +43,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from decoupled_diloco import config as config_lib
+from decoupled_diloco.data import dataset
 
 _STATE = ocp.checkpoint_manager.DEFAULT_ITEM_NAME
 
@@ -96,9 +96,9 @@ def run_record(config, task) -> str:
 
 
 # Every field a fingerprint can have, at its default (a non-data-parallel runtime has them
-# all); checkpoints written before `data_id` were all of byte tokens (dataset.BYTES_SHA256).
+# all); checkpoints written before `data_id` were all of byte tokens.
 _DEFAULT_FINGERPRINT = fingerprint(config_lib.Config(runtime="decoupled"),
-                                   data_id=hashlib.sha256(b"bytes").hexdigest())
+                                   data_id=dataset.BYTES_SHA256)
 
 
 class Checkpointer:

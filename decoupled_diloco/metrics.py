@@ -16,6 +16,8 @@ import jax
 from absl import logging
 from tensorboardX import SummaryWriter
 
+from decoupled_diloco import workdir as workdir_lib
+
 # Tracing, lowering and XLA compilation, as jax reports them (seconds, summed over the process).
 _COMPILE_EVENTS = frozenset({
     "/jax/core/compile/jaxpr_trace_duration",
@@ -149,18 +151,8 @@ def trim(workdir: str, last_step: int) -> int:
     if line.endswith("\n") and record.get("step", 0) <= last_step:
       kept.append(line)
   if len(kept) < len(lines):
-    _replace(path, "".join(kept))
+    workdir_lib.write_atomically(path, "".join(kept))
   return len(lines) - len(kept)
-
-
-def _replace(path: str, text: str) -> None:
-  """Writes `path` atomically: a crash leaves the old file or the new one."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -183,7 +175,7 @@ def read_jsonl(path: str) -> list[dict]:
 
 def write_summary(workdir: str, summary: dict) -> str:
   path = os.path.join(workdir, "summary.json")
-  _replace(path, json.dumps(summary, indent=2, sort_keys=True))
+  workdir_lib.write_atomically(path, json.dumps(summary, indent=2, sort_keys=True))
   return path
 
 

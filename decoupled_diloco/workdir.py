@@ -137,3 +137,13 @@ def _is_dead_here(holder: dict) -> bool:
   except PermissionError:  # Alive, another user's.
     return False
   return False
+
+
+def write_atomically(path: str, text: str) -> None:
+  """Writes `path` atomically: a crash leaves the old file or the new one."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)

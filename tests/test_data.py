@@ -24,7 +24,7 @@ def test_embedded_split_is_deterministic_and_by_file():
   share = len(held) / (len(train) + len(held))
   assert 0.02 < share < 0.10, share  # About 5% of the files.
   paths, root = corpus_lib.stdlib_files()
-  held_out = [p for p in paths if corpus_lib._eval_file(os.path.relpath(p, root), 5.0)]
+  held_out = [p for p in paths if corpus_lib.held_out(os.path.relpath(p, root), 5.0)]
   with open(sorted(held_out)[0], "rb") as f:
     first = f.read()
   assert held[:len(first)].tobytes() == first  # Whole files, in sorted order.

@@ -74,7 +74,7 @@ def test_a_folder_with_bytes_is_its_files_bytes_in_sorted_order(tmp_path):
   assert ds.tokenizer_sha256 == dataset.BYTES_SHA256
   for split in dataset.SPLITS:
     mine = [files[p] for p in sorted(files)
-            if corpus_lib._eval_file(os.path.relpath(p, tmp_path / "in"), 20) == (split == "eval")]
+            if corpus_lib.held_out(os.path.relpath(p, tmp_path / "in"), 20) == (split == "eval")]
     assert _tokens(tmp_path / "out", split).tobytes() == b"".join(mine)
     info = manifest["splits"][split]
     assert info["documents"] == len(mine) and info["tokens"] == info["bytes"] == len(b"".join(mine))
@@ -95,7 +95,7 @@ def test_json_lines_with_bpe_decode_back_and_end_with_eos(tmp_path):
   assert (manifest["tokenizer"]["kind"], manifest["tokenizer"]["file"]) == ("bpe", "tokenizer.json")
   for split in dataset.SPLITS:
     mine = [text for line, text in docs.items()
-            if corpus_lib._eval_file(f"docs.jsonl:{line}", 20) == (split == "eval")]
+            if corpus_lib.held_out(f"docs.jsonl:{line}", 20) == (split == "eval")]
     tokens = _tokens(tmp_path / "out", split)
     assert tokens[-1] == ds.eos_id
     got = np.split(tokens, np.flatnonzero(tokens == ds.eos_id) + 1)[:-1]
@@ -120,7 +120,7 @@ def test_json_lines_with_bpe_decode_back_and_end_with_eos(tmp_path):
 def test_embedded_splits_files_as_the_corpus_module_does(tmp_path, monkeypatch):
   paths, root = corpus_lib.stdlib_files()
   paths = [p for p in sorted(paths) if 500 < os.path.getsize(p) < 20_000]
-  held_out = lambda p: corpus_lib._eval_file(os.path.relpath(p, root), 5.0)
+  held_out = lambda p: corpus_lib.held_out(os.path.relpath(p, root), 5.0)
   few = [p for p in paths if held_out(p)][:3] + [p for p in paths if not held_out(p)][:5]
   monkeypatch.setattr(corpus_lib, "stdlib_files", lambda: (few, root))
   manifest = _prepare(["embedded"], tmp_path / "out")

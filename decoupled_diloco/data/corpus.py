@@ -32,29 +32,29 @@ class Corpus:
   tokenizer_file: str | None = None  # A prepared dataset's tokenizer.json, if any.
 
 
-def _eval_file(name: str, eval_percent: float) -> bool:
-  """Deterministic by-file split: a stable hash of the relative path."""
+def held_out(name: str, eval_percent: float) -> bool:
+  """Whether document `name` (a relative path, or `path:line`) is held out: a stable hash."""
   return zlib.crc32(name.encode()) % 10_000 < eval_percent * 100
 
 
 def _read_files(paths: list[str], root: str, eval_percent: float, what: str) -> Corpus:
-  train, held_out = [], []
+  train, evals = [], []
   for path in sorted(paths):
     with open(path, "rb") as f:
       data = f.read()
     if not data:
       continue
     rel = os.path.relpath(path, root)
-    (held_out if _eval_file(rel, eval_percent) else train).append(data)
-  if not train or not held_out:
+    (evals if held_out(rel, eval_percent) else train).append(data)
+  if not train or not evals:
     raise ValueError(
         f"data.path={what!r}: needs at least one non-empty file in each of the"
-        f" train and eval splits (found {len(train)} train, {len(held_out)} eval"
+        f" train and eval splits (found {len(train)} train, {len(evals)} eval"
         f" files); give more files or change data.eval_percent."
     )
   as_array = lambda chunks: (np.frombuffer(b"".join(chunks), dtype=np.uint8),)
-  return Corpus(as_array(train), as_array(held_out), 256,
-                f"{what}: {len(train)} train / {len(held_out)} eval files")
+  return Corpus(as_array(train), as_array(evals), 256,
+                f"{what}: {len(train)} train / {len(evals)} eval files")
 
 
 def stdlib_files() -> tuple[list[str], str]:

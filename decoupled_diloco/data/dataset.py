@@ -19,6 +19,8 @@ import os
 
 import numpy as np
 
+from decoupled_diloco import workdir
+
 FORMAT = "decoupled_diloco.tokens/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "eval")
@@ -36,12 +38,8 @@ def sha256_file(path: str) -> str:
 
 
 def write_json(path: str, value: dict) -> None:
-  """Writes JSON (sorted keys, indent 1) atomically: a temporary file, then os.replace."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, sort_keys=True, indent=1)
-    f.write("\n")
-  os.replace(tmp, path)
+  """Writes JSON (sorted keys, indent 1) atomically (workdir.write_atomically)."""
+  workdir.write_atomically(path, json.dumps(value, sort_keys=True, indent=1) + "\n")
 
 
 def write_manifest(path: str, manifest: dict) -> None:

@@ -152,8 +152,7 @@ def _groups(items, size_of, limit: float):
 
 
 def _split(doc_id: str, eval_percent: float) -> str:
-  held_out = corpus._eval_file(doc_id, eval_percent)  # pylint: disable=protected-access
-  return "eval" if held_out else "train"
+  return "eval" if corpus.held_out(doc_id, eval_percent) else "train"
 
 
 def _decode(raw: bytes) -> tuple[str, int]:

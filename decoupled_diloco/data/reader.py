@@ -68,7 +68,6 @@ class Source:
   """A learner's endless batches (a grain iterator) and their JSON state (tasks/base.py)."""
 
   def __init__(self, dataset: grain.MapDataset):
-    self._dataset = dataset
     self._iter = iter(dataset.to_iter_dataset(_NO_READ_AHEAD))
 
   def __iter__(self):
