@@ -4,14 +4,17 @@ r"""What the launchers share: the command each host runs, shown or run, and loca
 `gcloud ... ssh --worker=all`, GPU hosts through ssh, Slurm jobs, or this
 machine with `--local`); this module decides what each of them runs:
 
-  cd SRC && unset <every MEGASCALE_* variable> \
-    && DILOCO_SECRET="$(cat RUN_DIR/secret)" && export DILOCO_SECRET \
+  cd SRC && unset <every MEGASCALE_* variable> && unset DILOCO_SECRET \
+    && DILOCO_KEY="$(cat RUN_DIR/learnerM.key)" && export DILOCO_KEY \
     && exec PYTHON -m decoupled_diloco.main --config=... --workdir=RUN_DIR/work/NAME \
          --role=learner --learner=M --mailbox=URL [--distributed ...] [--config.x.y=v ...]
 
-- The run secret (it keys every message's HMAC) reaches the process through its
-  environment, read from a file only its owner can read. It is never on a
-  command line: `ps` shows every user's command lines, shells keep history,
+- Keys reach a process through its environment, read from a file only its
+  owner can read. The syncer's host holds the run secret (RUN_DIR/secret, into
+  $DILOCO_SECRET); learner M's hosts hold only learner M's credential
+  (RUN_DIR/learnerM.key, into $DILOCO_KEY; `runtime/dist/keys.py`), so a
+  learner's host can sign as that learner and nobody else. Neither is ever on
+  a command line: `ps` shows every user's command lines, shells keep history,
   and a dry run's output gets pasted into tickets.
 - No MEGASCALE_* variable reaches a learner. Cloud TPU sets them for
   multislice jobs (one SPMD program over several slices); a stale one makes
@@ -33,8 +36,11 @@ import sys
 import threading
 import time
 
+from decoupled_diloco.runtime.dist import keys
+
 ENTRY = "decoupled_diloco.main"
-SECRET_ENV = "DILOCO_SECRET"
+SECRET_ENV = keys.SECRET_ENV  # The run secret: the syncer's and the launcher's hosts.
+KEY_ENV = keys.KEY_ENV  # One learner's credential: that learner's hosts only.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON_VERSION = "3.12"  # What `setup` installs on hosts; Ubuntu 22.04 TPU images ship 3.10.
 UV = '"$HOME/.local/bin/uv"'  # Where uv's installer puts it (https://docs.astral.sh/uv/).
@@ -53,6 +59,10 @@ class Layout:
 
   def secret(self, from_src: bool = False) -> str:
     return f"{self.back if from_src else self.root}/secret"
+
+  def key(self, m: int, from_src: bool = False) -> str:
+    """Learner m's credential (one file per learner: a run directory may be shared)."""
+    return f"{self.back if from_src else self.root}/learner{m}.key"
 
   def log(self, name: str) -> str:
     return f"{self.root}/logs/{name}.log"
@@ -78,6 +88,7 @@ class Process:
   """One process of a run: its name (log, pid file) and `decoupled_diloco.main`'s flags."""
   name: str
   args: tuple[str, ...]
+  learner: int | None = None  # Whose credential it holds; None: the syncer (the secret).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +110,7 @@ class RunSpec:
   def learner(self, layout: Layout, m: int, distributed=(), name: str = "") -> Process:
     """Learner `m`; `distributed` are its jax.distributed flags when it spans hosts."""
     role = ["--role=learner", f"--learner={m}", *distributed]
-    return Process(name or f"learner{m}", self._args(layout, f"learner{m}", role))
+    return Process(name or f"learner{m}", self._args(layout, f"learner{m}", role), learner=m)
 
 
 def check_sets(sets, num_learners: int) -> tuple[str, ...]:
@@ -117,11 +128,18 @@ def check_sets(sets, num_learners: int) -> tuple[str, ...]:
 # --- Shell commands -------------------------------------------------------------------
 
 
-def prelude(layout: Layout) -> list[str]:
-  """Into the checkout, MEGASCALE_* gone, the secret in the environment (sh, one a line)."""
-  secret = shlex.quote(layout.secret(from_src=True))
-  return [f"cd {shlex.quote(layout.src)}", DROP_MEGASCALE,
-          f'{SECRET_ENV}="$(cat {secret})"', f"export {SECRET_ENV}"]
+def prelude(layout: Layout, learner: int | None) -> list[str]:
+  """Into the checkout, MEGASCALE_* gone, the process's key in its environment (sh, one a line).
+
+  The syncer (`learner` None) gets the run secret, learner m its credential and
+  never the secret, even if the host's environment had it.
+  """
+  if learner is None:
+    var, path, drop = SECRET_ENV, layout.secret(from_src=True), KEY_ENV
+  else:
+    var, path, drop = KEY_ENV, layout.key(learner, from_src=True), SECRET_ENV
+  return [f"cd {shlex.quote(layout.src)}", DROP_MEGASCALE, f"unset {drop}",
+          f'{var}="$(cat {shlex.quote(path)})"', f"export {var}"]
 
 
 def _main(layout: Layout, proc: Process) -> str:
@@ -136,7 +154,7 @@ def _running(pid_file: str) -> str:
 
 def foreground(layout: Layout, proc: Process) -> str:
   """The shell command that becomes `proc` (exec: its pid is the process's own)."""
-  return " && ".join(prelude(layout) + ["exec " + _main(layout, proc)])
+  return " && ".join(prelude(layout, proc.learner) + ["exec " + _main(layout, proc)])
 
 
 def start(layout: Layout, proc: Process) -> str:
@@ -150,7 +168,7 @@ def start(layout: Layout, proc: Process) -> str:
   log = f"{layout.back}/logs/{proc.name}.log"
   pid = f"{layout.back}/logs/{proc.name}.pid"
   busy = shlex.quote(f"{proc.name} is already running; stop it first.")
-  return " && ".join(prelude(layout) + [
+  return " && ".join(prelude(layout, proc.learner) + [
       f"mkdir -p {shlex.quote(layout.back + '/logs')}",
       f"if {_running(pid)}; then echo {busy} >&2; exit 1; fi",
       f"{{ setsid nohup {_main(layout, proc)} > {shlex.quote(log)} 2>&1 < /dev/null"
@@ -236,15 +254,20 @@ class Shell:
       sys.exit("error: these commands failed:\n  " + "\n  ".join(map(shlex.join, failed)))
 
 
-def setup(shell: "Shell", secret: str, repo_flag: str, commit_flag: str, commands) -> None:
-  """`setup` on every platform: the run secret, then installs and copies on every host.
+def setup(shell: "Shell", secret: str, learners, repo_flag: str, commit_flag: str,
+          commands) -> None:
+  """`setup` on every platform: the run secret and `learners`' keys, then installs and copies.
 
   `commands(repo, commit)` gives (installs, copies) for the repository and
-  commit the flags name (default: this checkout's origin and HEAD).
+  commit the flags name (default: this checkout's origin and HEAD); the copies
+  send learner m's hosts `key_file(secret, m)` and the syncer's the secret.
   """
   shell.note(f"write a random run secret to {secret} (mode 0600) unless it exists")
+  for m in learners:
+    shell.note(f"write learner {m}'s credential to {key_file(secret, m)} (mode 0600)")
   if not shell.dry_run:
     ensure_secret(secret)
+    write_keys(read_secret(secret), {m: key_file(secret, m) for m in learners})
   repo = from_git(repo_flag, "repo", "remote", "get-url", "origin")
   commit = from_git(commit_flag, "commit", "rev-parse", "HEAD")
   installs, copies = commands(repo, commit)
@@ -288,6 +311,33 @@ def read_secret(path: str) -> str:
   if os.environ.get(SECRET_ENV):
     return os.environ[SECRET_ENV]
   raise ValueError(f"no run secret: {path} does not exist and ${SECRET_ENV} is unset.")
+
+
+def key_file(secret_file: str, m: int) -> str:
+  """Where `setup` keeps learner m's credential on this machine: beside the run secret."""
+  return f"{secret_file.removesuffix('.secret')}.learner{m}.key"
+
+
+def write_keys(secret: str, paths: dict[int, str]) -> None:
+  """Writes learner m's credential (`keys.learner_credential`) to `paths[m]`, mode 0600.
+
+  A file that already holds it is left as it is.
+  """
+  for m, path in paths.items():
+    path = os.path.expanduser(path)
+    credential = keys.learner_credential(secret.encode(), m)
+    if os.path.exists(path):
+      with open(path) as f:
+        if f.read() == credential:
+          continue
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    tmp = f"{path}.tmp"
+    if os.path.exists(tmp):  # A crashed write's: its mode may be anything.
+      os.remove(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+      f.write(credential)
+    os.replace(tmp, path)
 
 
 # --- Local processes ------------------------------------------------------------------

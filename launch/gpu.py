@@ -15,16 +15,21 @@ first host coordinates, on --coordinator_port). Every host is one process.
   gpu-b1 gpu-b2
 
 Subcommands: `setup` (clone --repo at --commit on every host, install it with
-the [cuda] extra, the syncer's with CPU jax, and copy the run secret), `run`
+the [cuda] extra, the syncer's with CPU jax; copy the run secret to the
+syncer's host and learner M's credential to learner M's hosts), `run`
 (the syncer, then every learner; `run --learner=M` starts one again), `status`
 (the mailbox: versions, leases, steps), `logs`, `stop`, and `slurm`: one batch
 script per learner and one for the syncer, each its own job (a failed node
 ends its learner only; the others keep training), written under --workdir on
 the cluster's shared filesystem and submitted with sbatch.
 
-Processes run as in `launch/common.py`: secret from a 0600 file into
-$DILOCO_SECRET, never on a command line; no MEGASCALE_* variable; files under
-~/diloco/NAME on each host (src/, secret, logs/, work/). --dry_run prints the
+Processes run as in `launch/common.py`: the syncer's secret from a 0600 file
+into $DILOCO_SECRET, learner M's credential from learnerM.key into $DILOCO_KEY,
+never on a command line; no MEGASCALE_* variable; files under ~/diloco/NAME on
+each host (src/, secret or learnerM.key, logs/, work/). On a Slurm cluster the
+run directory is on the shared filesystem, so every job can read every key
+file there: per-learner keys separate learners only where the hosts do (use
+`setup` and `run` over ssh for that). --dry_run prints the
 commands, one a line (a Slurm script as the here-document that writes it),
 and runs nothing.
 """
@@ -154,13 +159,19 @@ def make_plan() -> Plan:
 
 def setup_commands(plan: Plan, learners, syncer: bool, repo: str, commit: str,
                    secret_file: str) -> tuple[list[list[str]], list[list[str]]]:
-  """(installs, secret copies), one per host; each list runs in parallel."""
+  """(installs, key copies), one install per host; each list runs in parallel.
+
+  Learner m's hosts get its credential only; the syncer's host gets the secret.
+  """
+  layout = plan.layout
   extras = {h: "cuda" for m in learners for h in plan.learners[m]}
   if syncer:
     extras.setdefault(plan.syncer_host, "")
-  installs = [["ssh", h, common.install(plan.layout, repo, commit, extra)]
+  installs = [["ssh", h, common.install(layout, repo, commit, extra)]
               for h, extra in extras.items()]
-  copies = [["scp", secret_file, f"{h}:{plan.layout.secret()}"] for h in extras]
+  copies = [["scp", common.key_file(secret_file, m), f"{h}:{layout.key(m)}"]
+            for m in learners for h in plan.learners[m]]
+  copies += [["scp", secret_file, f"{plan.syncer_host}:{layout.secret()}"]] if syncer else []
   return installs, copies
 
 
@@ -210,7 +221,7 @@ def slurm_script(name: str, spec: common.RunSpec, layout: common.Layout, m: int 
   what = ("The syncer" if m is None else f"Learner {m}") + f" of run {name}, in a job of its own"
   lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives),
            f"# {what}: a failed node ends this job only; the others keep training.",
-           "set -eu", *common.prelude(layout)]
+           "set -eu", *common.prelude(layout, m)]
   if m is None or nodes == 1:
     proc = spec.syncer(layout) if m is None else spec.learner(layout, m)
     lines.append("exec " + shlex.join([layout.python, "-m", common.ENTRY, *proc.args]))
@@ -237,8 +248,9 @@ def _slurm(shell: common.Shell) -> None:
                           partition=_PARTITION.value, account=_ACCOUNT.value,
                           port=_COORDINATOR_PORT.value)
              for i in [None, *range(m)]}
-  secret = layout.secret()
-  shell.note(f"write a random run secret to {secret} (mode 0600) unless it exists")
+  secret, key_files = layout.secret(), {i: layout.key(i) for i in range(m)}
+  shell.note(f"write a random run secret to {secret} (mode 0600) unless it exists, and"
+             f" learner M's credential to {layout.root}/learnerM.key")
   dirs = ["mkdir", "-p", f"{layout.root}/logs", f"{layout.root}/slurm"]
   if shell.dry_run:
     shell.run([dirs])
@@ -247,6 +259,7 @@ def _slurm(shell: common.Shell) -> None:
       shell.run([["sbatch", path]])
     return
   common.ensure_secret(secret)
+  common.write_keys(common.read_secret(secret), key_files)
   shell.run([dirs])
   for path, text in scripts.items():
     with open(path, "w") as f:
@@ -292,7 +305,7 @@ def main(argv) -> int:
       return 0
     learners, syncer = _targets(plan)
     if command == "setup":
-      common.setup(shell, secret, _REPO.value, _COMMIT.value,
+      common.setup(shell, secret, learners, _REPO.value, _COMMIT.value,
                    lambda repo, commit: setup_commands(plan, learners, syncer, repo, commit,
                                                        secret))
     elif command == "run":

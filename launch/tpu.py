@@ -9,8 +9,10 @@ Subcommands, in the order of a run's life (BUILD.md walks through one):
           and with --create_bucket the bucket. Wait until the queued resources are
           ACTIVE (`gcloud compute tpus queued-resources list`) before `setup`.
   setup   on every TPU host and the syncer's host: clone --repo at --commit, install
-          it with the [tpu] extra (the syncer: CPU jax) in a uv venv, and copy the
-          run secret (--secret_file, created if missing) into ~/diloco/NAME (0700).
+          it with the [tpu] extra (the syncer: CPU jax) in a uv venv, and copy into
+          ~/diloco/NAME (0700) the run secret (--secret_file, created if missing) to
+          the syncer's host, and learner M's credential (derived from it, written
+          beside it as NAME.learnerM.key) to learner M's hosts, as learnerM.key.
   run     start the syncer, then each learner on every host of its slice
           (--worker=all; `--distributed` initializes jax.distributed inside the slice).
           `run --learner=M` starts one learner again, e.g. on a slice re-created after
@@ -24,7 +26,8 @@ Subcommands, in the order of a run's life (BUILD.md walks through one):
 
 Names: queued resource and TPU node NAME-learnerM, syncer VM NAME-syncer, mailbox
 gs://B/NAME. On every host the run lives in ~/diloco/NAME: src/ (the checkout and
-its .venv), secret, logs/NAME.log and .pid, work/NAME (each process's workdir).
+its .venv), secret (the syncer's host) or learnerM.key (learner M's hosts),
+logs/NAME.log and .pid, work/NAME (each process's workdir).
 
 Each learner is its own queued resource with one node (`--node-id`), not one
 request with `--node-count`: that makes a multislice of identical slices for one
@@ -33,7 +36,8 @@ while here each slice is an independent program of its own type and zone, and
 a preempted one is re-created alone.
 
 --dry_run prints the commands a subcommand would run, one a line, ready to
-paste, and runs nothing; local actions (writing the secret) show as comments.
+paste, and runs nothing; local actions (writing the secret and keys) show as
+comments.
 `run --local` runs the same per-host commands as processes on this machine,
 one per learner plus the syncer, with a file:// mailbox under --workdir.
 """
@@ -245,13 +249,16 @@ def create_commands(plan: Plan, learners, syncer: bool, bucket: bool) -> list[li
 
 def setup_commands(plan: Plan, learners, syncer: bool, repo: str, commit: str,
                    secret_file: str) -> tuple[list[list[str]], list[list[str]]]:
-  """(installs, secret copies): each list runs in parallel, the copies after the installs."""
+  """(installs, key copies): each list runs in parallel, the copies after the installs.
+
+  Learner m's hosts get its credential only; the syncer's host gets the secret.
+  """
   layout, installs, copies = plan.layout, [], []
   for m in learners:
     installs.append(tpu_ssh(plan, m, common.install(layout, repo, commit, "tpu")))
-    copies.append(["gcloud", "compute", "tpus", "tpu-vm", "scp", secret_file,
-                   f"{plan.node(m)}:{layout.secret()}", *_where(plan, plan.zones[m]),
-                   "--worker=all"])
+    copies.append(["gcloud", "compute", "tpus", "tpu-vm", "scp",
+                   common.key_file(secret_file, m), f"{plan.node(m)}:{layout.key(m)}",
+                   *_where(plan, plan.zones[m]), "--worker=all"])
   if syncer:
     installs.append(syncer_ssh(plan, common.install(layout, repo, commit, "")))
     if plan.syncer_host:
@@ -339,12 +346,15 @@ def _local(plan: Plan, command: str, shell: common.Shell) -> int:
       _print_status(plan, common.read_secret(secret))
     return 0
   commands = local_commands(plan, run_dir)
-  shell.note(f"write a random run secret to {secret} (mode 0600) unless it exists")
+  key_files = {m: common.local_layout(run_dir).key(m) for m in range(plan.num_learners)}
+  shell.note(f"write a random run secret to {secret} (mode 0600) unless it exists,"
+             f" and learner M's credential to {run_dir}/learnerM.key")
   if shell.dry_run:
     for cmd in commands.values():
       print(shlex.join(["sh", "-c", cmd]), file=shell.out)
     return 0
   common.ensure_secret(secret)
+  common.write_keys(common.read_secret(secret), key_files)
   return common.run_local(commands, log_dir=os.path.join(run_dir, "logs"),
                           timeout_s=_TIMEOUT_S.value)
 
@@ -370,7 +380,7 @@ def main(argv) -> int:
       shell.run(create_commands(plan, learners, syncer, _CREATE_BUCKET.value))
     elif command == "setup":
       secret = _secret_file(plan)
-      common.setup(shell, secret, _REPO.value, _COMMIT.value,
+      common.setup(shell, secret, learners, _REPO.value, _COMMIT.value,
                    lambda repo, commit: setup_commands(plan, learners, syncer, repo, commit,
                                                        secret))
     elif command == "run":

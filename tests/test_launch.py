@@ -2,8 +2,9 @@
 
 The printed commands are checked as a user would paste them (shlex-split),
 and the per-host command is run in a sandbox home with a fake interpreter, so
-the tests see what a host would do: the secret reaches the process through its
-environment, no MEGASCALE_* variable does, the flags are right. The end-to-end
+the tests see what a host would do: the syncer gets the run secret and learner
+M only its credential, through their environment; no MEGASCALE_* variable
+reaches them; the flags are right. The end-to-end
 test runs `launch/tpu.py run --local` (two learners and a syncer on this
 machine) and checks that it trains.
 """
@@ -20,6 +21,7 @@ import time
 
 import pytest
 
+from decoupled_diloco.runtime.dist import keys
 from launch import common, gpu
 from tests import helpers
 
@@ -35,10 +37,13 @@ def launch(tool: str, *args, returncode: int = 0) -> str:
   got = subprocess.run([sys.executable, "-m", f"launch.{tool}", *args], cwd=common.REPO, env=env,
                        capture_output=True, text=True, timeout=120, check=False)
   assert got.returncode == returncode, got.stderr
+  credentials = [keys.learner_credential(s.encode(), m) for s in (SECRET, ENV_SECRET)
+                 for m in range(3)]
   for text in (got.stdout, got.stderr):
     assert SECRET not in text and ENV_SECRET not in text
-    # The only assignment of the secret reads it from a file.
-    assert not re.search(r'DILOCO_SECRET=(?!"\$\(cat )', text)
+    assert not any(c.split(":")[1] in text for c in credentials)
+    # The only assignments of the secret and of a learner's key read them from a file.
+    assert not re.search(r'DILOCO_(SECRET|KEY)=(?!"\$\(cat )', text)
   return got.stdout if returncode == 0 else got.stderr
 
 
@@ -89,6 +94,8 @@ def test_tpu_run_starts_the_syncer_then_every_host_of_every_slice():
   syncer, *learners = cmds
   assert syncer[:4] == ["gcloud", "compute", "ssh", "dd1-syncer"]
   assert flag(main_args(flag(syncer, "command")), "role") == "syncer"
+  assert 'DILOCO_SECRET="$(cat ../secret)"' in flag(syncer, "command")
+  assert "DILOCO_KEY=" not in flag(syncer, "command")
   for m, (cmd, zone) in enumerate(zip(learners, ["us-east5-a", "us-east1-d"])):
     assert cmd[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", f"dd1-learner{m}"]
     assert (flag(cmd, "zone"), flag(cmd, "worker")) == (zone, "all")
@@ -99,7 +106,10 @@ def test_tpu_run_starts_the_syncer_then_every_host_of_every_slice():
     assert flag(args, "workdir") == f"../work/learner{m}"
     assert "--distributed" in args  # jax.distributed inside the slice, no arguments.
     assert "--config.diloco.num_learners=2" in args and "--config.train.steps=1000" in args
-    assert common.DROP_MEGASCALE in remote and 'DILOCO_SECRET="$(cat ../secret)"' in remote
+    assert common.DROP_MEGASCALE in remote
+    # Its own credential only; never the run secret.
+    assert f'DILOCO_KEY="$(cat ../learner{m}.key)"' in remote
+    assert "unset DILOCO_SECRET" in remote and "DILOCO_SECRET=" not in remote
 
 
 def test_tpu_run_one_learner_restarts_only_that_learner():
@@ -110,7 +120,7 @@ def test_tpu_run_one_learner_restarts_only_that_learner():
   assert [c[5] for c in recreate] == ["dd1-learner1"]
 
 
-def test_tpu_setup_installs_the_commit_and_copies_the_secret_file(tmp_path):
+def test_tpu_setup_installs_the_commit_and_copies_each_host_its_key(tmp_path):
   secret = tmp_path / "run.secret"
   secret.write_text(SECRET)
   secret.chmod(0o600)
@@ -121,12 +131,16 @@ def test_tpu_setup_installs_the_commit_and_copies_the_secret_file(tmp_path):
     remote = flag(installs[m], "command")
     assert flag(installs[m], "worker") == "all"
     assert "git checkout --quiet --force 0123abc" in remote and "'.[tpu]'" in remote
-    assert copies[m] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", str(secret),
-                         f"dd1-learner{m}:diloco/dd1/secret", "--project=my-proj",
+    # Learner m's hosts: its credential, never the secret.
+    assert copies[m] == ["gcloud", "compute", "tpus", "tpu-vm", "scp",
+                         str(tmp_path / f"run.learner{m}.key"),
+                         f"dd1-learner{m}:diloco/dd1/learner{m}.key", "--project=my-proj",
                          f"--zone={['us-east5-a', 'us-east1-d'][m]}", "--worker=all"]
   assert installs[2][:4] == ["gcloud", "compute", "ssh", "dd1-syncer"]
   assert flag(installs[2], "command").endswith("-e .")  # CPU jax for the syncer.
-  assert copies[2][:4] == ["gcloud", "compute", "scp", str(secret)]
+  assert copies[2] == ["gcloud", "compute", "scp", str(secret), "dd1-syncer:diloco/dd1/secret",
+                       "--project=my-proj", "--zone=us-east5-a"]
+  assert not list(tmp_path.glob("*.key"))  # A dry run writes nothing.
 
 
 def test_tpu_stop_logs_delete_status():
@@ -163,7 +177,7 @@ def test_tpu_flag_mistakes_get_one_sentence(args, message):
   assert message in launch("tpu", "run", *TPU, *args, "--dry_run", returncode=1)
 
 
-def test_tpu_host_command_runs_the_learner_with_the_secret_in_its_environment(tmp_path):
+def test_tpu_host_command_runs_the_learner_with_its_key_in_its_environment(tmp_path):
   """The printed per-host command, run by sh in a fake home as gcloud ssh would run it."""
   [cmd] = commands(launch("tpu", "run", *TPU, "--learner=1", "--dry_run"))
   start = flag(cmd, "command")
@@ -176,9 +190,12 @@ def test_tpu_host_command_runs_the_learner_with_the_secret_in_its_environment(tm
   python.write_text('#!/bin/sh\nenv > "$HOME/env.txt"\nprintf "%s\\n" "$@" > "$HOME/argv.txt"\n'
                     "while :; do sleep 0.1; done\n")
   python.chmod(0o755)
-  (run_dir / "secret").write_text(SECRET)
+  credential = keys.learner_credential(SECRET.encode(), 1)
+  (run_dir / "secret").write_text(SECRET)  # As if the syncer shared the host.
+  (run_dir / "learner1.key").write_text(credential)
   host_env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path),
-              "MEGASCALE_COORDINATOR_ADDRESS": "stale:8080", "MEGASCALE_SLICE_ID": "3"}
+              "MEGASCALE_COORDINATOR_ADDRESS": "stale:8080", "MEGASCALE_SLICE_ID": "3",
+              common.SECRET_ENV: SECRET}  # E.g. from the host's profile: dropped.
   sh = lambda command: subprocess.run(["sh", "-c", command], cwd=tmp_path, env=host_env,
                                       capture_output=True, text=True, timeout=30, check=False)
   assert sh(start).returncode == 0
@@ -189,7 +206,7 @@ def test_tpu_host_command_runs_the_learner_with_the_secret_in_its_environment(tm
   time.sleep(0.1)
   env = dict(line.split("=", 1) for line in (tmp_path / "env.txt").read_text().splitlines()
              if "=" in line)
-  assert env[common.SECRET_ENV] == SECRET
+  assert env[common.KEY_ENV] == credential and common.SECRET_ENV not in env
   assert not [k for k in env if k.startswith("MEGASCALE_")]
   argv = (tmp_path / "argv.txt").read_text().splitlines()
   assert argv == ["-m", "decoupled_diloco.main", *main_args(start)]
@@ -227,7 +244,11 @@ def test_tpu_run_local_runs_the_same_learner_command_here(tmp_path):
     strip = lambda a: [x for x in a if x.split("=")[0] not in
                        ("--mailbox", "--workdir", "--distributed")]
     assert strip(args) == strip(remote_args)
-    assert f'DILOCO_SECRET="$(cat {tmp_path}/secret)"' in here[2]
+    if flag(args, "role") == "syncer":
+      assert f'DILOCO_SECRET="$(cat {tmp_path}/secret)"' in here[2]
+    else:
+      assert f'DILOCO_KEY="$(cat {tmp_path}/learner{flag(args, "learner")}.key)"' in here[2]
+      assert "DILOCO_SECRET=" not in here[2]
     assert common.DROP_MEGASCALE in here[2]
 
 
@@ -264,6 +285,21 @@ def test_secret_file_is_private_and_read_as_the_hosts_read_it(tmp_path, monkeypa
     common.ensure_secret(str(path))
 
 
+def test_learner_key_files_hold_one_credential_each(tmp_path):
+  paths = {m: str(tmp_path / "keys" / f"learner{m}.key") for m in (0, 1)}
+  common.write_keys(SECRET, paths)
+  for m, path in paths.items():
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with open(path) as f:
+      text = f.read()
+    assert text == keys.learner_credential(SECRET.encode(), m) and SECRET not in text
+    assert keys.Keyring.from_credential(text).learner == m
+  before = os.stat(paths[0]).st_mtime_ns
+  common.write_keys(SECRET, paths)  # Already there: untouched.
+  assert os.stat(paths[0]).st_mtime_ns == before
+  assert common.key_file("/x/dd1.secret", 2) == "/x/dd1.learner2.key"
+
+
 # --- GPU hosts and Slurm --------------------------------------------------------------
 
 
@@ -293,9 +329,11 @@ def test_gpu_hosts_file_one_process_per_host_with_jax_distributed(tmp_path):
   assert [c[:2] for c in installs] == [["ssh", h] for h in ("gpu-a1", "me@gpu-b1", "gpu-b2",
                                                             "cpu-1")]
   assert ["'.[cuda]'" in c[2] for c in installs] == [True, True, True, False]
-  assert [c[0] for c in copies] == ["scp"] * 4
-  assert [c[2] for c in copies] == [f"{h}:diloco/g1/secret" for h in ("gpu-a1", "me@gpu-b1",
-                                                                       "gpu-b2", "cpu-1")]
+  home = os.path.expanduser("~/.config/decoupled_diloco")
+  assert copies == [["scp", f"{home}/g1.learner0.key", "gpu-a1:diloco/g1/learner0.key"],
+                    ["scp", f"{home}/g1.learner1.key", "me@gpu-b1:diloco/g1/learner1.key"],
+                    ["scp", f"{home}/g1.learner1.key", "gpu-b2:diloco/g1/learner1.key"],
+                    ["scp", f"{home}/g1.secret", "cpu-1:diloco/g1/secret"]]
   restart = commands(launch("gpu", "run", *gpu_flags, "--learner=1", "--dry_run"))
   assert [c[1] for c in restart] == ["me@gpu-b1", "gpu-b2"]
 
@@ -319,7 +357,7 @@ def test_slurm_scripts_run_one_learner_per_job(tmp_path):
   (fake / "srun").write_text('#!/bin/sh\nshift\nfor i in 0 1; do SLURM_NTASKS=2 SLURM_PROCID=$i'
                              ' "$@" || exit 1; done\n')
   (fake / "python").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/argv.$SLURM_PROCID\n'
-                               f'echo "$DILOCO_SECRET" > {tmp_path}/secret.$SLURM_PROCID\n')
+                               f'echo "$DILOCO_KEY${{DILOCO_SECRET-}}" > {tmp_path}/key.$SLURM_PROCID\n')
   for f in fake.iterdir():
     f.chmod(0o755)
   workdir = tmp_path / "run"
@@ -340,10 +378,12 @@ def test_slurm_scripts_run_one_learner_per_job(tmp_path):
   assert "--gpus-per-node" not in scripts[f"{workdir}/slurm/syncer.sbatch"]
   workdir.mkdir()
   (workdir / "secret").write_text(SECRET)
+  (workdir / "learner1.key").write_text(keys.learner_credential(SECRET.encode(), 1))
   path = tmp_path / "learner1.sbatch"
   path.write_text(learner1)
   env = {"PATH": f"{fake}:{os.environ['PATH']}", "HOME": str(tmp_path),
-         "SLURM_JOB_NODELIST": "node-[a-b]", "MEGASCALE_SLICE_ID": "1"}
+         "SLURM_JOB_NODELIST": "node-[a-b]", "MEGASCALE_SLICE_ID": "1",
+         common.SECRET_ENV: SECRET}  # Dropped: a learner gets its credential only.
   got = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True, timeout=30,
                        check=False)
   assert got.returncode == 0, got.stderr
@@ -354,7 +394,8 @@ def test_slurm_scripts_run_one_learner_per_job(tmp_path):
     assert flag(argv, "coordinator_address") == "node-a:8476"
     assert (flag(argv, "num_processes"), flag(argv, "process_id")) == ("2", str(i))
     assert flag(argv, "workdir") == f"{workdir}/work/learner1"
-    assert (tmp_path / f"secret.{i}").read_text() == SECRET + "\n"
+    assert (tmp_path / f"key.{i}").read_text() == (
+        keys.learner_credential(SECRET.encode(), 1) + "\n")
 
 
 # --- Status and an end-to-end run -----------------------------------------------------
