@@ -223,6 +223,8 @@ class DistConfig:
   gc_every: int = 10  # Commits of a fragment between two garbage collections of its old keys.
   keep_versions: int = 4  # Publications kept behind the newest (for learners catching up).
   min_step_s: float = 0.0  # A learner's step takes at least this long (emulates slower islands for tiny demo models; 0: off).
+  store_timeout_s: float = 10.0  # Deadline of one mailbox operation: an unreachable store (no credentials, a wrong endpoint) fails this fast.
+  store_retry_s: float = 300.0  # Store errors that may pass (permissions, unavailable, timeouts) are retried this long before the process stops.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,6 +338,7 @@ RANGES = {
     "dist.lease_s": _POSITIVE, "dist.poll_s": _POSITIVE, "dist.startup_s": _AT_LEAST_0,
     "dist.resume_max_versions": _AT_LEAST_0, "dist.gc_every": _AT_LEAST_1,
     "dist.keep_versions": _AT_LEAST_1, "dist.min_step_s": _AT_LEAST_0,
+    "dist.store_timeout_s": _POSITIVE, "dist.store_retry_s": _AT_LEAST_0,
     # And not 0, and at most one -1 (all of an island's devices the others leave): _validate.
     "islands.fsdp": "[-1, inf)", "islands.tensor": "[-1, inf)", "islands.expert": "[-1, inf)",
 }

@@ -9,7 +9,9 @@ The real runtime runs one process per role over a shared mailbox
   --role=syncer --mailbox=URL
   --role=learner --learner=M --mailbox=URL [--distributed ...]
 
-with the run secret that authenticates messages in `$DILOCO_SECRET`.
+The syncer needs the run secret in `$DILOCO_SECRET`; a learner needs only its
+own credential in `$DILOCO_KEY` (runtime/dist/keys.py; the launchers write
+both), or the secret on a host trusted with every key.
 """
 
 import logging as py_logging
@@ -30,7 +32,9 @@ _ROLE = flags.DEFINE_enum("role", None, ["learner", "syncer"],
                           " this process, with the config's runtime).")
 _LEARNER = flags.DEFINE_integer("learner", None, "With --role=learner: which learner (0..M-1).")
 _MAILBOX = flags.DEFINE_string("mailbox", None, "With --role: the mailbox URL (file:///path,"
-                               " gs://bucket/prefix, s3://bucket/prefix).")
+                               " gs://bucket/prefix, s3://bucket/prefix, or"
+                               " s3://bucket/prefix?endpoint=http://host:port for an"
+                               " S3-compatible store).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "A learner spanning several hosts:"
                                  " call jax.distributed.initialize() (on a TPU slice it needs"
                                  " no more flags).")
@@ -45,7 +49,6 @@ _CACHE = flags.DEFINE_string("compilation_cache", None, "JAX's persistent compil
                              " run on one machine share one, so a restarted one is quickly"
                              " stepping again.")
 flags.mark_flags_as_required(["config", "workdir"])
-SECRET_ENV = "DILOCO_SECRET"
 
 
 class _OnlyWarningsFromLibraries(py_logging.Filter):
@@ -83,7 +86,7 @@ def run_syncer(config, workdir: str, mailbox) -> dict:
   workdir_lib.check_writable(workdir)
   with workdir_lib.Lock(workdir):
     task = tasks.build(cfg)
-    mailbox.put_config(checkpointing.run_record(config, task))
+    mailbox.put_config(checkpointing.run_record(config, task))  # The syncer creates the run.
     summary = SyncerService(cfg, task, workdir, mailbox).run()
     path = metrics.write_summary(workdir, {**summary, "config": config.to_dict()})
     logging.info("syncer: results in %s", path)
@@ -94,22 +97,36 @@ def run_learner(config, workdir: str, mailbox, m: int) -> dict:
   """`--role=learner`: learner m trains (or resumes) in `workdir`, the train.py loop."""
   from decoupled_diloco import tasks  # pylint: disable=g-import-not-at-top
   from decoupled_diloco.runtime.dist.learner import LearnerRuntime  # pylint: disable=g-import-not-at-top
-  mailbox.put_config(checkpointing.run_record(config, tasks.build(config_lib.parse(config))))
+  cfg = config_lib.parse(config)
+  # A learner joins a run the syncer created; it never creates one.
+  mailbox.join(checkpointing.run_record(config, tasks.build(cfg)), cfg.dist.startup_s,
+               cfg.diloco.num_fragments)
   make = lambda cfg, task, wd: LearnerRuntime(cfg, task, wd, mailbox, m)
   return train.train_and_evaluate(config, workdir, runtime_factory=make, kind="learner")
 
 
-def _mailbox():
-  from decoupled_diloco.runtime.dist import mailbox  # pylint: disable=g-import-not-at-top
+def _mailbox(cfg):
+  """The mailbox of `--role`, with the keys this process holds."""
+  from decoupled_diloco.runtime.dist import keys, mailbox  # pylint: disable=g-import-not-at-top
   if not _MAILBOX.value:
     sys.exit("error: --role needs --mailbox=URL (e.g. file:///tmp/run/mailbox).")
-  secret = os.environ.get(SECRET_ENV)
-  if not secret:
-    sys.exit(f"error: --role needs the run secret in ${SECRET_ENV} (any string, the same for"
-             " every process of the run; never put it on a command line).")
+  secret, credential = os.environ.get(keys.SECRET_ENV), os.environ.get(keys.KEY_ENV)
   try:
-    return mailbox.Mailbox(_MAILBOX.value, secret.encode())
-  except ValueError as e:
+    if _ROLE.value == "learner" and credential:
+      keyring = keys.Keyring.from_credential(credential)
+      if keyring.learner != _LEARNER.value:
+        sys.exit(f"error: ${keys.KEY_ENV} is learner {keyring.learner}'s credential, not"
+                 f" --learner={_LEARNER.value}'s.")
+    elif secret:
+      keyring = keys.Keyring.from_secret(
+          secret.encode(), keys.learner(_LEARNER.value) if _ROLE.value == "learner" else keys.SYNCER)
+    else:
+      sys.exit(f"error: --role={_ROLE.value} needs the run secret in ${keys.SECRET_ENV}"
+               + (f" or its learner credential in ${keys.KEY_ENV}" if _ROLE.value == "learner"
+                  else "") + " (never on a command line; the launchers set it).")
+    return mailbox.Mailbox(_MAILBOX.value, keyring, num_learners=cfg.diloco.num_learners,
+                           timeout_s=cfg.dist.store_timeout_s, retry_s=cfg.dist.store_retry_s)
+  except (ValueError, mailbox.StoreError) as e:
     sys.exit(f"error: --mailbox={_MAILBOX.value}: {e}")
 
 
@@ -135,11 +152,11 @@ def main(argv):
   if _DISTRIBUTED.value:
     from decoupled_diloco.runtime.dist import multihost  # pylint: disable=g-import-not-at-top
     multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  box = _mailbox()
+  if _ROLE.value == "learner" and _LEARNER.value is None:
+    sys.exit("error: --role=learner needs --learner=M.")
+  box = _mailbox(config_lib.parse(_CONFIG.value))
   if _ROLE.value == "syncer":
     run_syncer(_CONFIG.value, _WORKDIR.value, box)
-  elif _LEARNER.value is None:
-    sys.exit("error: --role=learner needs --learner=M.")
   else:
     run_learner(_CONFIG.value, _WORKDIR.value, box, _LEARNER.value)
 

@@ -16,6 +16,7 @@ import os
 
 from decoupled_diloco import config as config_lib
 from decoupled_diloco import steps, tasks
+from decoupled_diloco.runtime.dist.keys import Keyring, learner_credential
 from decoupled_diloco.runtime.dist.learner import LearnerRuntime
 from decoupled_diloco.runtime.dist.mailbox import Mailbox
 from decoupled_diloco.runtime.dist.syncer import SyncerService
@@ -65,8 +66,10 @@ class InProcessRun:
     for m in range(num):
       self.restart(m)
 
-  def mailbox(self, clock) -> Mailbox:
-    return Mailbox(self.url, SECRET, clock=clock)
+  def mailbox(self, clock, m: int | None = None) -> Mailbox:
+    """The syncer's mailbox (every key), or learner m's (its credential only)."""
+    keys = SECRET if m is None else Keyring.from_credential(learner_credential(SECRET, m))
+    return Mailbox(self.url, keys, clock=clock)
 
   def _syncer(self, step_s_prior: float = 0.0) -> SyncerService:
     workdir = os.path.join(self.root, "syncer")
@@ -82,7 +85,7 @@ class InProcessRun:
     clock = self.clocks[m] = Clock(self.now)
     workdir = os.path.join(self.root, f"learner{m}")
     os.makedirs(workdir, exist_ok=True)
-    rt = LearnerRuntime(cfg, self.task, workdir, self.mailbox(clock), m, clock=clock,
+    rt = LearnerRuntime(cfg, self.task, workdir, self.mailbox(clock, m), m, clock=clock,
                         sleep=clock.sleep, threaded=False, island=self.islands[m])
     if state is not None:
       rt.load_state(state)

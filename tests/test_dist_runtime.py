@@ -62,8 +62,10 @@ def _assert_holds(tensors, full_copy):
 class Run(InProcessRun):
   """The harness, with learner checkpoints and a link that waits on the fake clock."""
 
-  def mailbox(self, clock) -> Mailbox:
-    return Mailbox(self.url, SECRET, clock=clock, sleep=clock.sleep)
+  def mailbox(self, clock, m: int | None = None) -> Mailbox:
+    box = super().mailbox(clock, m)
+    box._sleep = clock.sleep  # pylint: disable=protected-access
+    return box
 
   def checkpoint(self, m: int) -> dict:
     """Learner m's state now, as its checkpoint holds it (host copies; `extra`: its
@@ -116,7 +118,7 @@ class SyncerAlone:
     payload = tuple(jax.device_get(codecs.encode_tree(self.svc.syncer.up, deltas)))
     c = Contribution(m, p, rnd, base_version, steps, steps * self.tokens_per_step, payload,
                      codecs.payload_nbytes(payload), sent_at=self.clock(), step_seconds=step_s)
-    assert self.box.send(c, incarnation=1)
+    assert self.box.send(c, incarnation=1) == "sent"
     return c
 
   def lease(self, m, *, incarnation=1, position=0):

@@ -86,10 +86,10 @@ def test_a_checkpoint_or_a_mailbox_of_another_tokenizer_is_refused_naming_it(bpe
     train.train_and_evaluate(_config(other, steps=4), str(tmp_path / "run"))
 
   # One config, whose data.path holds another dataset on another machine.
-  box = mailbox_lib.Mailbox(f"memory://{tmp_path}/box", secret=b"s" * 32)
+  box = mailbox_lib.Mailbox(f"memory://{tmp_path}/box", b"s" * 32)
   record = lambda path: checkpointing.run_record(_config(bpe), helpers.task(_config(path)))
   box.put_config(record(bpe))
   box.put_config(record(bpe))  # The same run: fine.
   with pytest.raises(ValueError, match=r"differs in data_id: '[0-9a-f]{64}' there, '[0-9a-f]{64}'"
-                                       r" here\); pick another"):
+                                       r" here\. Use the same config"):
     box.put_config(record(other))

@@ -331,6 +331,21 @@ def mean_paths(cfg: Config, task: Task, flat: dict) -> frozenset[str]:
   return frozenset(k for k, role in task.roles(flat).items() if role in cfg.diloco.mean_roles)
 
 
+def payload_bytes(cfg: Config, flat: dict, fragments) -> tuple[list[int], list[int]]:
+  """Per fragment, the array bytes of a contribution and of a publication (the larger
+  of an update under the down codec and a full copy): what the mailbox bounds reads by."""
+  up, down = make_codec(cfg.codec, "up"), make_codec(cfg.codec, "down")
+  sizes = []
+  for names in fragments:
+    f32 = [jax.ShapeDtypeStruct(np.shape(flat[k]), np.float32) for k in names]
+    own = [jax.ShapeDtypeStruct(np.shape(flat[k]), flat[k].dtype) for k in names]
+    nbytes = lambda codec, spec: codecs.payload_nbytes(
+        jax.eval_shape(lambda ts: codecs.encode_tree(codec, ts), spec))
+    sizes.append((nbytes(up, f32), max(nbytes(down, f32), nbytes(codecs.EXACT, f32),
+                                       nbytes(codecs.EXACT, own))))
+  return [u for u, _ in sizes], [d for _, d in sizes]
+
+
 def make_syncer(cfg: Config, task: Task, flat: dict, fragments, device=None) -> Syncer:
   """The syncer over the global model `flat`, with the config's admission bounds."""
   d = cfg.diloco

@@ -142,13 +142,22 @@ class Courier:
       return False
     try:
       c = c._replace(payload=tuple(jax.device_get(list(c.payload))))
-      if self.mailbox.send(c, self.incarnation):
+      outcome = self.mailbox.send(c, self.incarnation)
+      if outcome in ("sent", "replaced"):
         self.bytes_up += c.nbytes
         self.log("send", fragment=c.fragment, round=c.round, base_version=c.base_version,
-                 steps=c.steps, bytes=c.nbytes)
-      else:
+                 steps=c.steps, bytes=c.nbytes, replaced=outcome == "replaced")
+        if outcome == "replaced":
+          logging.warning("learner %d: fragment %d round %d: an object that did not"
+                          " authenticate held its key; replaced it", self.m, c.fragment,
+                          c.round)
+      elif outcome == "duplicate":
         self.duplicates += 1
         self.log("send_duplicate", fragment=c.fragment, round=c.round)
+      else:
+        logging.error("learner %d: fragment %d round %d: its key kept being overwritten;"
+                      " the contribution is lost", self.m, c.fragment, c.round)
+        self.log("send_failed", fragment=c.fragment, round=c.round, error=outcome)
     except Exception as e:  # pylint: disable=broad-except  (a send is lost work, not a crash)
       logging.error("learner %d: send of fragment %d round %d failed: %s", self.m,
                     c.fragment, c.round, e)
@@ -207,11 +216,10 @@ class Courier:
           self.fetched[p] = max(self.fetched[p], pub.version)
         self._land(pub, extra)
     if self.notices:
-      for p, rnd in enumerate(self.mailbox.latest_notices(len(self.noticed))):
-        if rnd is not None and rnd > self.noticed[p]:
-          self.noticed[p] = rnd
-          if (notice := self.mailbox.notice(p, rnd)) is not None:
-            self._land(notice)
+      for p, notice in enumerate(self.mailbox.latest_notices(len(self.noticed), self.noticed)):
+        if notice is not None:
+          self.noticed[p] = notice.round
+          self._land(notice)
 
   def _apply_link(self) -> None:
     """Takes up a chaos throttle written into the learner's workdir (or its removal)."""

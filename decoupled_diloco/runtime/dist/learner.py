@@ -34,7 +34,7 @@ from decoupled_diloco.algorithm import syncer as syncer_lib
 from decoupled_diloco.algorithm.messages import Notice, Publication
 from decoupled_diloco.config import Config
 from decoupled_diloco.runtime import serialization, team as team_lib
-from decoupled_diloco.runtime.dist import multihost, wire
+from decoupled_diloco.runtime.dist import mailbox as mb_lib, multihost, wire
 from decoupled_diloco.runtime.dist.courier import Courier, EventLog
 from decoupled_diloco.runtime.dist.mailbox import Lease, Mailbox
 from decoupled_diloco.runtime.router_probe import RouterProbe
@@ -47,6 +47,12 @@ LINK_FILE = "link.json"  # In a learner's workdir: {"bytes_per_s", "latency_s"} 
 
 def learner_lease(m: int) -> str:
   return f"{LEARNER_LEASES}{m}"
+
+
+def learner_index(name: str, num_learners: int) -> int | None:
+  """m of lease name `learner/m`, if it is one of this run's learners."""
+  m = name.removeprefix(LEARNER_LEASES)
+  return int(m) if m.isascii() and m.isdigit() and int(m) < num_learners else None
 
 
 def live(lease: Lease | None, now: float) -> bool:
@@ -71,6 +77,8 @@ class LearnerRuntime:
     self.task, self.eval_island = task, self.island
     self.inner_tx = optim.inner_optimizer(cfg.inner, cfg.train.steps)
     params, self.fragments, self.offsets = team_lib.global_model(cfg, task)
+    up, down = team_lib.payload_bytes(cfg, fragments_lib.flatten(params), self.fragments)
+    mailbox.limits = mb_lib.Limits.of(up, down, [0] * len(up), d.num_learners)
     opt_state = self.inner_tx.init(params)
     inner = steps.make_inner_step(task, self.inner_tx, self.island, params, opt_state)
     self.learner = team_lib.make_learner(cfg, task, m, self.island, inner, params, opt_state,
@@ -265,7 +273,8 @@ class LearnerRuntime:
         self.position, [int(i.get("position", 0)) for i in others], published,
         self.schedule.schedule)
     schedule_step = max([int(i.get("step", 0)) for i in others] + [self.learner.step])
-    return multihost.pack([wire.publication_bytes(pub, multihost.LOCAL) for pub in pubs],
+    return multihost.pack([wire.publication_bytes(pub, multihost.LOCAL, [multihost.LOCAL.me])
+                           for pub in pubs],
                           {"behind": behind, "position": position, "schedule_step": schedule_step})
 
   def _rejoin(self, parts: list[bytes], plan: dict) -> None:

@@ -13,6 +13,7 @@ from jax.experimental import multihost_utils
 
 from decoupled_diloco.algorithm.messages import Notice
 from decoupled_diloco.runtime.dist import wire
+from decoupled_diloco.runtime.dist.keys import Keyring
 
 
 def pack(parts: list[bytes], meta: dict) -> bytes:
@@ -42,7 +43,8 @@ def share(blob: bytes | None) -> bytes:
   return np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes()
 
 
-LOCAL = b"learner"  # Key of messages between the processes of one learner (no network).
+# Keys of messages between the processes of one learner (no network, nothing to guard).
+LOCAL = Keyring("local", {"local": b"learner"})
 
 
 def share_landed(landed: list | None) -> list:
@@ -51,8 +53,9 @@ def share_landed(landed: list | None) -> list:
     return landed
   blob = None
   if landed is not None:
-    parts = [wire.notice_bytes(m, LOCAL) if isinstance(m, Notice) else wire.publication_bytes(m, LOCAL)
-             for m, _ in landed]
+    write = lambda m: (wire.notice_bytes if isinstance(m, Notice) else wire.publication_bytes)(
+        m, LOCAL, [LOCAL.me])
+    parts = [write(m) for m, _ in landed]
     blob = pack(parts, {"landed": [t for _, t in landed],
                         "notice": [isinstance(m, Notice) for m, _ in landed]})
   parts, meta = unpack(share(blob))

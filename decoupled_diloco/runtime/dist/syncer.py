@@ -35,7 +35,9 @@ from decoupled_diloco.algorithm.messages import Notice, Publication
 from decoupled_diloco.config import Config
 from decoupled_diloco.runtime import team as team_lib
 from decoupled_diloco.runtime.dist.courier import EventLog
-from decoupled_diloco.runtime.dist.learner import LEARNER_LEASES, SYNCER_LEASE, learner_lease, live
+from decoupled_diloco.runtime.dist.learner import (LEARNER_LEASES, SYNCER_LEASE, learner_index,
+                                                   live)
+from decoupled_diloco.runtime.dist import mailbox as mb_lib
 from decoupled_diloco.runtime.dist.mailbox import Lease, Mailbox
 from decoupled_diloco.tasks import base as tasks_base
 from decoupled_diloco.tasks.base import Task
@@ -62,6 +64,11 @@ class SyncerService:
     self.local_init = team_lib.local_state(task, params)
     flat = tasks_base.mergeable(task, fragments_lib.flatten(params))
     self.syncer = team_lib.make_syncer(cfg, task, flat, self.fragments)
+    up, down = team_lib.payload_bytes(cfg, flat, self.fragments)
+    outer = [sum(np.asarray(a).nbytes for a in jax.tree.leaves(self.syncer.fragment_state(p)))
+             for p in range(len(self.fragments))]
+    mailbox.limits = mb_lib.Limits.of(up, down, outer, d.num_learners)
+    mailbox.audience = mb_lib.audience(d.num_learners)  # Who its publications are for.
     del params, flat
     self.num_fragments, self.num_learners = len(self.fragments), d.num_learners
     self.protocol = protocol_lib.SyncerProtocol(
@@ -70,6 +77,7 @@ class SyncerService:
     # Per fragment and learner, the newest round read (consumed once merged).
     self.seen = np.full((self.num_fragments, self.num_learners), -1, np.int64)
     self.deferred: set[tuple[int, int, int]] = set()  # Keys too far ahead to read yet.
+    self.leases: dict[int, Lease] = {}  # Each learner's newest lease that counted.
     self.incarnations = [None] * self.num_learners
     self.live = [None] * self.num_learners
     self.commits = np.zeros(self.num_fragments, np.int64)
@@ -131,7 +139,9 @@ class SyncerService:
     meta = {"open": r.open[p], "reported": r.reported[p].tolist(), "seen": self.seen[p].tolist(),
             "published": int(proto.published[p]), "clipped": self.syncer.clipped,
             "rejected": dict(self.syncer.rejected), "counts": {**proto.counts, **self.counts},
-            "xi": [r.xi_step, r.xi_quorum, r.xi_sync], "step_s": proto.step_s.tolist()}
+            "xi": [r.xi_step, r.xi_quorum, r.xi_sync], "step_s": proto.step_s.tolist(),
+            "mailbox_rejected": self.mailbox.rejected_counts(),
+            "bad_objects": self.mailbox.bad_objects()}
     leaves = jax.tree.leaves(self.syncer.fragment_state(p))
     return meta, [np.asarray(a) for a in jax.device_get(leaves)]
 
@@ -171,6 +181,7 @@ class SyncerService:
         (self.counts if name in _SERVICE_COUNTS else proto.counts)[name] = value
       proto.rounds.xi_step, proto.rounds.xi_quorum, proto.rounds.xi_sync = meta["xi"]
       proto.step_s = np.array(meta["step_s"], np.float64)
+      self.mailbox.load_rejected(meta.get("mailbox_rejected", {}), meta.get("bad_objects", []))
       self.counts["recoveries"] += 1
       logging.info("syncer: recovered versions %s from the mailbox",
                    self.syncer.version.tolist())
@@ -233,10 +244,14 @@ class SyncerService:
 
   def _update_live(self, now: float) -> bool:
     """Live learners from their leases; True when every learner is done."""
-    leases = self.mailbox.leases(LEARNER_LEASES)
+    for name, lease in self.mailbox.leases(LEARNER_LEASES).items():
+      # A lease counts until it expires, even if an object that does not count
+      # replaced it meanwhile (that object is absent for every decision).
+      if (m := learner_index(name, self.num_learners)) is not None:
+        self.leases[m] = lease
     done = 0
     for m in range(self.num_learners):
-      lease = leases.get(learner_lease(m))
+      lease = self.leases.get(m)
       if lease is not None:
         self.learners_info[m] = lease.info
         done += lease.info.get("status") == "done"
@@ -255,6 +270,7 @@ class SyncerService:
     return done == self.num_learners
 
   def _read(self, p: int, now: float) -> None:
+    unread: dict[int, list[int]] = {}  # Per learner, rounds whose key holds no contribution.
     for rnd, m in self.mailbox.contributions(p):
       if not 0 <= m < self.num_learners or rnd <= self.seen[p, m]:
         continue
@@ -265,13 +281,17 @@ class SyncerService:
           self.deferred.add((p, rnd, m))
           self.log("defer", learner=m, fragment=p, round=rnd, open=self.protocol.rounds.open[p])
         break
-      self.seen[p, m] = rnd
       got = self.mailbox.receive(p, rnd, m)
-      if got is None:
+      if got is None:  # Absent (an object that does not count): the learner may still send.
+        unread.setdefault(m, []).append(rnd)
+        continue
+      # Learners send each fragment's rounds in order: one that sent this round
+      # will not replace what did not count in an earlier one.
+      for skipped in unread.pop(m, []):
         self.counts["rejected_mailbox"] += 1
-        self._perform(self.protocol.unreadable(m, p, rnd, now, "message", decide=False))
-      else:
-        self._perform(self.protocol.arrive(got[0], now, decide=False))
+        self._perform(self.protocol.unreadable(m, p, skipped, now, "message", decide=False))
+      self.seen[p, m] = rnd
+      self._perform(self.protocol.arrive(got[0], now, decide=False))
     self._perform(self.protocol.decide(p, now))  # What this poll read came together.
 
   def step(self, now: float) -> bool:
@@ -330,7 +350,7 @@ class SyncerService:
         "versions": self.syncer.version.tolist(), "outer_steps": int(self.syncer.merges.sum()),
         "merges_per_fragment": self.syncer.merges.tolist(),
         "rejected_contributions": dict(self.syncer.rejected),
-        "rejected_messages": dict(self.mailbox.rejected), "clipped": self.syncer.clipped,
+        "rejected_objects": self.mailbox.rejected_counts(), "clipped": self.syncer.clipped,
         "protocol": {**self.protocol.counts, **self.counts, "xi_step": rounds.xi_step,
                      "xi_quorum": rounds.xi_quorum, "xi_sync": rounds.xi_sync},
         "wall_seconds": self.clock() - self.started, "epoch": self.lease.epoch,
