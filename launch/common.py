@@ -26,6 +26,7 @@ prints can be pasted into a POSIX shell as is, one command a line.
 
 import ctypes
 import dataclasses
+import functools
 import importlib.util
 import os
 import secrets
@@ -111,6 +112,17 @@ class RunSpec:
     """Learner `m`; `distributed` are its jax.distributed flags when it spans hosts."""
     role = ["--role=learner", f"--learner={m}", *distributed]
     return Process(name or f"learner{m}", self._args(layout, f"learner{m}", role), learner=m)
+
+
+def check_range(flag: str, value, low, high=None, *, above: bool = False) -> None:
+  """Raises ValueError naming `--flag` unless `value` is in range.
+
+  In range: `low <= value` (`low < value` with `above`), and `value <= high` if given.
+  """
+  if not ((value > low if above else value >= low) and (high is None or value <= high)):
+    allowed = f"above {low}" if above else f"at least {low}"
+    allowed += f" and at most {high}" if high is not None else ""
+    raise ValueError(f"--{flag}={value}: must be {allowed}.")
 
 
 def check_sets(sets, num_learners: int) -> tuple[str, ...]:
@@ -343,12 +355,24 @@ def write_keys(secret: str, paths: dict[int, str]) -> None:
 # --- Local processes ------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-  """Children get SIGKILL if the launcher dies, even by kill -9 (Linux)."""
-  try:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-  except OSError:
-    pass
+# prctl(2), to tie a child's life to the launcher's (Linux; elsewhere None).
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with(parent: int) -> None:
+  """A child's `preexec_fn`: SIGKILL as soon as the launcher `parent` dies, even by kill -9.
+
+  Use as `functools.partial(die_with, os.getpid())`. The kernel sends it when
+  the *thread* that forked the child exits, so children are started from the
+  main thread. A launcher already gone before the call left an orphan: it
+  kills itself.
+  """
+  if _PRCTL is None:
+    return
+  _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+  if os.getppid() != parent:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _kill(procs: dict, grace_s: float = 10.0) -> None:
@@ -404,7 +428,7 @@ def run_local(commands: dict[str, str], *, log_dir: str, timeout_s: float,
       procs[name] = subprocess.Popen(
           ["sh", "-c", commands[name]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
           stdin=subprocess.DEVNULL, text=True, start_new_session=True,
-          preexec_fn=_die_with_parent)
+          preexec_fn=functools.partial(die_with, os.getpid()))
       pumps.append(threading.Thread(
           target=_pump, args=(name, procs[name], os.path.join(log_dir, f"{name}.log"), out, lock),
           daemon=True))

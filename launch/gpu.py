@@ -237,8 +237,9 @@ def slurm_script(name: str, spec: common.RunSpec, layout: common.Layout, m: int 
 
 def _slurm(shell: common.Shell) -> None:
   name, m = _name(), _NUM_LEARNERS.value
-  if m < 1 or _NODES_PER_LEARNER.value < 1:
-    raise ValueError("--num_learners and --nodes_per_learner must be at least 1.")
+  common.check_range("num_learners", m, 1)
+  common.check_range("nodes_per_learner", _NODES_PER_LEARNER.value, 1)
+  common.check_range("gpus_per_node", _GPUS_PER_NODE.value, 1)
   layout = slurm_layout(_WORKDIR.value or f"~/diloco/{name}", _PYTHON.value)
   spec = common.RunSpec(config=_CONFIG.value, mailbox=_mailbox(), num_learners=m,
                         sets=common.check_sets(_SET.value, m))
@@ -289,6 +290,8 @@ def main(argv) -> int:
     sys.exit(f"usage: python -m launch.gpu {{{','.join(SUBCOMMANDS)}}} [flags]; see --help.")
   command, shell = argv[1], common.Shell(_DRY_RUN.value)
   try:
+    common.check_range("coordinator_port", _COORDINATOR_PORT.value, 1, 65535)
+    common.check_range("lines", _LINES.value, 1)
     if command == "slurm":
       _slurm(shell)
       return 0

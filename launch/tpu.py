@@ -364,11 +364,21 @@ def _print_status(plan: Plan, secret: str) -> None:
   print("\n".join(common.status_lines(plan.spec.mailbox, secret, fragments, plan.num_learners)))
 
 
+def check_numbers() -> None:
+  """Every number among the flags, in range; ValueError naming the flag."""
+  common.check_range("timeout_s", _TIMEOUT_S.value, 0, above=True)
+  common.check_range("lines", _LINES.value, 1)
+  if not re.fullmatch(r"all|\d+", _WORKER.value):
+    raise ValueError(f"--worker={_WORKER.value}: a host's index in its slice (0, 1, ...) or"
+                     " `all`.")
+
+
 def main(argv) -> int:
   if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
     sys.exit(f"usage: python -m launch.tpu {{{','.join(SUBCOMMANDS)}}} [flags]; see --help.")
   command, shell = argv[1], common.Shell(_DRY_RUN.value)
   try:
+    check_numbers()
     if _LOCAL.value and command not in ("run", "status"):
       raise ValueError(f"--local stands in for the slices in `run` and `status`, not"
                        f" `{command}`.")

@@ -172,6 +172,9 @@ def test_tpu_stop_logs_delete_status():
     (["--set=steps"], "section.field=value"),
     (["--run_name=Bad_Name"], "--run_name"),
     (["--learner=2"], "learners are 0..1"),
+    (["--timeout_s=0"], "--timeout_s=0.0: must be above 0."),
+    (["--lines=0"], "--lines=0: must be at least 1."),
+    (["--worker=-1"], "--worker=-1: a host's index"),
 ])
 def test_tpu_flag_mistakes_get_one_sentence(args, message):
   assert message in launch("tpu", "run", *TPU, *args, "--dry_run", returncode=1)
@@ -338,6 +341,19 @@ def test_gpu_hosts_file_one_process_per_host_with_jax_distributed(tmp_path):
   assert [c[1] for c in restart] == ["me@gpu-b1", "gpu-b2"]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--gpus_per_node=0"], "--gpus_per_node=0: must be at least 1."),
+    (["--nodes_per_learner=0"], "--nodes_per_learner=0: must be at least 1."),
+    (["--num_learners=-1"], "--num_learners=-1: must be at least 1."),
+    (["--coordinator_port=70000"], "--coordinator_port=70000: must be at least 1 and at most"
+     " 65535."),
+])
+def test_gpu_number_mistakes_get_one_sentence(args, message):
+  err = launch("gpu", "slurm", "--run_name=g1", "--mailbox=gs://b/g1", *args, "--dry_run",
+               returncode=1)
+  assert err == f"error: {message}\n"
+
+
 def test_gpu_hosts_file_mistakes(tmp_path):
   hosts = tmp_path / "hosts.txt"
   hosts.write_text("a b\nb\n")
@@ -444,3 +460,7 @@ def test_tpu_run_local_trains_two_learners_and_a_syncer(tmp_path):
     assert math.isfinite(json.load(f)["final_eval_loss"])
   secret = common.read_secret(str(tmp_path / "secret"))
   assert secret not in got.stdout and secret not in got.stderr
+  for m in (0, 1):  # What the learners ran with: their own credential, private.
+    key = tmp_path / f"learner{m}.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert key.read_text() == keys.learner_credential(secret.encode(), m)
