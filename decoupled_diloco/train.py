@@ -82,13 +82,14 @@ def _train(config: ml_collections.ConfigDict, cfg: config_lib.Config, workdir: s
                        f" checkpoint in {workdir} ({latest}); raise it or use another --workdir.")
     tasks_base.check(task, cfg.data.batch_size, jax.random.key(cfg.seed))
     memory.check_fits(cfg, task)
-    return _train_with(config, cfg, workdir, ckpt, factory, task)
+    return _train_with(config, cfg, workdir, ckpt, factory, task, kind)
   finally:
     ckpt.close()
 
 
 def _train_with(config, cfg: config_lib.Config, workdir: str,
-                ckpt: checkpointing.Checkpointer, factory, task: tasks_base.Task) -> dict:
+                ckpt: checkpointing.Checkpointer, factory, task: tasks_base.Task,
+                kind: str) -> dict:
   """The loop.
 
   Checkpoints vouched for by a loss: the loss of step t is measured on the
@@ -237,7 +238,9 @@ def _train_with(config, cfg: config_lib.Config, workdir: str,
   path = metrics.write_summary(workdir, summary) if primary else None
   if final is not None:
     ckpt.write(final)
-  logging.info("final eval loss %.4f after %d %s (%s)", summary["final_eval_loss"],
+  # A learner process evaluates its own copy; the run's final eval loss is the syncer's.
+  own = "learner's own " if kind == "learner" else ""
+  logging.info("%sfinal eval loss %.4f after %d %s (%s)", own, summary["final_eval_loss"],
                summary[unit], unit, ", ".join(f"{k} {v:.4g}" for k, v in eval_scalars.items()
                                                if k != "eval_loss"))
   if "goodput" in summary:

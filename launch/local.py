@@ -5,35 +5,51 @@
 
 Every process is `python -m decoupled_diloco.main --role=...` with its own
 workdir (`WORKDIR/syncer`, `WORKDIR/learner{m}`) and one `file://` mailbox
-(`WORKDIR/mailbox`); the run secret is generated into `WORKDIR/secret` (mode
-600) and passed through the environment. Logs stream with a prefix per
-process; one progress line shows the whole run (global versions, steps and
-tokens/s per learner, goodput so far). Ctrl-C stops every process.
+(`WORKDIR/mailbox`). The run secret is generated into `WORKDIR/secret` (mode
+600) and reaches the syncer through its environment; learner m gets only its
+credential (`runtime/dist/keys.py`). Logs stream with a prefix per process;
+one progress line shows the whole run (global versions, steps and tokens/s per
+learner, goodput so far).
+
+The launcher supervises (launch/supervise.py): a process that dies is
+restarted after a back-off (--restart_backoff_s, doubling); one that dies
+--crash_deaths times within --crash_window_s stops the run with the end of
+its log. Ctrl-C, SIGTERM and SIGHUP stop every process; so does the
+launcher's own death, even by kill -9 (the children's PR_SET_PDEATHSIG).
 
 `--chaos` injects real faults on a seeded schedule, triggered by the
-learners' progress: SIGKILL a learner and restart it, SIGKILL the syncer and
-restart it, SIGSTOP a learner for a while (a straggler), and throttle a
-learner's link (its mailbox emulates the bandwidth and latency). At the end,
-`WORKDIR/summary.json` has the syncer's final eval loss, real wall-clock
-goodput and uptime, and each process's summary; `WORKDIR/events.jsonl` merges
-every process's events. Re-running with the same workdir resumes the run.
+learners' progress: SIGKILL a learner, SIGKILL the syncer (both come back
+through the supervisor), SIGSTOP a learner for a while (a straggler), and
+throttle a learner's link (its mailbox emulates the bandwidth and latency).
+
+Re-running with the same workdir resumes the run; the run's state there is
+`config.json` (a workdir of another config is refused), `segments.json` (each
+launch's start, end, restarts), `chaos.json` (the fault plan and which faults
+fired: none fires twice) and `pids.json`. At the end, `WORKDIR/summary.json`
+has the syncer's final eval loss, the wall-clock goodput and uptime over every
+launch, and each process's summary; `WORKDIR/events.jsonl` merges every
+process's events. Re-running a finished run prints its result and changes
+nothing.
 """
 
 import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from decoupled_diloco import metrics
+from decoupled_diloco import metrics, workdir as workdir_lib
+from decoupled_diloco.runtime.dist import keys
+from launch import common, supervise
 
+SECRET_ENV, KEY_ENV = keys.SECRET_ENV, keys.KEY_ENV
+MAX_BACKOFF_S = 30.0  # The longest wait before a restart.
+Process = supervise.Process  # What tests and benchmarks build runs from.
 
 
 def _define_flags() -> None:
@@ -45,68 +61,27 @@ def _define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (processes, mailbox, results).")
   flags.DEFINE_bool("chaos", False, "Kill, stop and throttle processes on a seeded schedule.")
-  flags.DEFINE_integer("chaos_seed", 0, "Seeds which learners the faults hit.")
+  flags.DEFINE_integer("chaos_seed", 0, "Seeds which learners the faults hit (a resumed run"
+                       " keeps the plan it was started with).")
   flags.DEFINE_integer("devices_per_learner", 1, "CPU devices per learner process (its"
                        " island).")
-  flags.DEFINE_float("timeout_s", 3600.0, "Stop everything after this long.")
+  flags.DEFINE_float("timeout_s", 3600.0, "Stop everything after this long (this launch).")
+  flags.DEFINE_float("restart_backoff_s", 1.0, "Wait before restarting a process that died;"
+                     " doubled after each further death within --crash_window_s (at most"
+                     f" {MAX_BACKOFF_S:.0f} s).")
+  flags.DEFINE_integer("crash_deaths", 4, "A process that dies this many times within"
+                       " --crash_window_s is in a crash loop: the run stops.")
+  flags.DEFINE_float("crash_window_s", 300.0, "See --crash_deaths.")
   flags.mark_flags_as_required(["config", "workdir"])
-
-SECRET_ENV = "DILOCO_SECRET"
-
-
-class Process:
-  """One child process, its log file, and its output streamed with a prefix."""
-
-  def __init__(self, name: str, args: list[str], env: dict, log_path: str, echo: bool):
-    self.name, self.args, self.env, self.log_path, self.echo = name, args, env, log_path, echo
-    self.popen: subprocess.Popen | None = None
-    self.starts = 0
-
-  def start(self) -> None:
-    self.popen = subprocess.Popen(self.args, env=self.env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                  start_new_session=True)  # Ctrl-C reaches us, not them.
-    self.starts += 1
-    threading.Thread(target=self._pump, args=(self.popen,), daemon=True).start()
-
-  def _pump(self, popen) -> None:
-    with open(self.log_path, "a") as log:
-      for line in popen.stdout:
-        log.write(line)
-        log.flush()
-        if self.echo:
-          sys.stdout.write(f"[{self.name}] {line}")
-
-  @property
-  def pid(self) -> int | None:
-    return self.popen.pid if self.popen else None
-
-  def running(self) -> bool:
-    return self.popen is not None and self.popen.poll() is None
-
-  def signal(self, sig: int) -> None:
-    if self.running():
-      os.kill(self.popen.pid, sig)
-
-  def wait(self, timeout: float | None = None) -> int | None:
-    try:
-      return self.popen.wait(timeout)
-    except subprocess.TimeoutExpired:
-      return None
-
-  def stop(self, grace_s: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after `grace_s` (by pid; a stopped process is continued)."""
-    if not self.running():
-      return
-    self.signal(signal.SIGCONT)
-    self.signal(signal.SIGTERM)
-    if self.wait(grace_s) is None:
-      self.signal(signal.SIGKILL)
-      self.wait(grace_s)
 
 
 class LocalRun:
-  """The syncer and M learners of one run, started from `config_path` (a saved config)."""
+  """The syncer and M learners of one run, started from `config_path` (a saved config).
+
+  The syncer's environment has the run secret; learner m's has only its
+  credential (`keys.learner_credential`). `WORKDIR/pids.json` names the
+  launcher's and each child's pid, rewritten at each start.
+  """
 
   def __init__(self, workdir: str, config_path: str, num_learners: int, *,
                devices_per_learner: int = 1, echo: bool = True, extra_flags=()):
@@ -115,24 +90,26 @@ class LocalRun:
     os.makedirs(os.path.join(self.workdir, "logs"), exist_ok=True)
     self.mailbox_url = f"file://{self.workdir}/mailbox"
     self.secret = _secret(os.path.join(self.workdir, "secret"))
-    base = {**os.environ, SECRET_ENV: self.secret, "PYTHONUNBUFFERED": "1",
-            "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    base = {k: v for k, v in base.items() if not k.startswith("MEGASCALE_")}
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("MEGASCALE_") and k not in (SECRET_ENV, KEY_ENV)}
+    base.update(PYTHONUNBUFFERED="1", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     saved = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "experiments", "saved.py")
-    common = [sys.executable, "-m", "decoupled_diloco.main", f"--config={saved}:{config_path}", f"--mailbox={self.mailbox_url}",
-              "--compilation_cache=" + os.environ.get("JAX_COMPILATION_CACHE_DIR",
-                                                      f"{self.workdir}/jax_cache"),
-              *extra_flags]
-    self.syncer = Process("syncer", [*common, "--role=syncer",
+    argv = [sys.executable, "-m", "decoupled_diloco.main", f"--config={saved}:{config_path}",
+            f"--mailbox={self.mailbox_url}",
+            "--compilation_cache=" + os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                                                    f"{self.workdir}/jax_cache"),
+            *extra_flags]
+    self.syncer = Process("syncer", [*argv, "--role=syncer",
                                      f"--workdir={self.workdir}/syncer"],
-                          {**base, "JAX_NUM_CPU_DEVICES": "1"},
-                          f"{self.workdir}/logs/syncer.log", echo)
+                          {**base, SECRET_ENV: self.secret, "JAX_NUM_CPU_DEVICES": "1"},
+                          f"{self.workdir}/logs/syncer.log", echo, self._record_pids)
     self.learners = [
-        Process(f"learner {m}", [*common, "--role=learner", f"--learner={m}",
+        Process(f"learner {m}", [*argv, "--role=learner", f"--learner={m}",
                                  f"--workdir={self.workdir}/learner{m}"],
-                {**base, "JAX_NUM_CPU_DEVICES": str(devices_per_learner)},
-                f"{self.workdir}/logs/learner{m}.log", echo)
+                {**base, KEY_ENV: keys.learner_credential(self.secret.encode(), m),
+                 "JAX_NUM_CPU_DEVICES": str(devices_per_learner)},
+                f"{self.workdir}/logs/learner{m}.log", echo, self._record_pids)
         for m in range(num_learners)]
 
   @property
@@ -153,9 +130,13 @@ class LocalRun:
     for p in self.learners:
       p.start()
 
-  def stop(self) -> None:
-    for p in self.processes:
-      p.stop()
+  def stop(self, grace_s: float = 5.0) -> None:
+    """Stops every process at once: SIGTERM, then SIGKILL after `grace_s`."""
+    supervise.stop_all(self.processes, grace_s)
+
+  def _record_pids(self, _=None) -> None:
+    pids = {"launcher": os.getpid(), **{p.name: p.pid for p in self.processes if p.pid}}
+    workdir_lib.write_atomically(os.path.join(self.workdir, "pids.json"), json.dumps(pids))
 
   def link(self, m: int, bytes_per_s: float | None, latency_s: float = 0.0) -> None:
     """Throttles learner m's link (None: back to unthrottled)."""
@@ -183,12 +164,85 @@ def _secret(path: str) -> str:
     return f.read().strip()
 
 
+def stop_leftovers(workdir: str, log) -> None:
+  """Kills children that an earlier launcher of `workdir` left running.
+
+  They die with their launcher (PR_SET_PDEATHSIG, Linux); this catches any
+  that did not: a pid in `pids.json` whose command line is a process of this
+  run (a pid reused since by anything else is left alone).
+  """
+  try:
+    with open(os.path.join(workdir, "pids.json")) as f:
+      pids = json.load(f)
+  except (OSError, ValueError):
+    return
+  for name, pid in pids.items():
+    if name == "launcher" or not isinstance(pid, int):
+      continue
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+      continue
+    if "decoupled_diloco.main" in argv and any(a.startswith(f"--workdir={workdir}/")
+                                               for a in argv):
+      os.kill(pid, signal.SIGKILL)
+      log(f"killed {name} (pid {pid}), left running by an earlier launcher")
+
+
+class Segments:
+  """The launches of one run (`segments.json`): each one's start, end, restarts and events.
+
+  A running segment's end is rewritten at least every `beat_s`, so a segment
+  whose launcher was killed (kill -9, a lost machine) counts up to its last beat.
+  """
+
+  def __init__(self, path: str, beat_s: float = 1.0):
+    self.path, self.beat_s = path, beat_s
+    self.all = []
+    if os.path.exists(path):
+      with open(path) as f:
+        self.all = json.load(f)
+    for s in self.all:
+      if s["ended"] == "running":  # Its launcher died without a word.
+        s["ended"] = "launcher lost"
+    now = time.time()
+    self.all.append({"start": now, "end": now, "ended": "running", "restarts": {}, "events": []})
+    self._written = 0.0
+    self.write()
+
+  @property
+  def current(self) -> dict:
+    return self.all[-1]
+
+  def elapsed(self, now: float) -> float:
+    """Wall seconds of the run so far: the earlier segments', and this one's until `now`."""
+    return sum(s["end"] - s["start"] for s in self.all[:-1]) + now - self.current["start"]
+
+  def beat(self, supervisor, ended: str | None = None) -> None:
+    """Records this segment's end so far (`ended`: how it ended, written at once)."""
+    now = time.time()
+    self.current.update(end=now, restarts=dict(supervisor.restarts), events=supervisor.events)
+    if ended:
+      self.current["ended"] = ended
+    if ended or now - self._written >= self.beat_s:
+      self.write()
+
+  def write(self) -> None:
+    workdir_lib.write_atomically(self.path, json.dumps(self.all, indent=1))
+    self._written = time.time()
+
+
 # --- progress and chaos ---------------------------------------------------------------------
 
 
 def progress(box, num_fragments: int, num_learners: int, units_per_step: int,
-             started: float, unit: str = "tokens") -> tuple[str, dict]:
-  """One line for the whole run, and the learners' lease info it was made from."""
+             elapsed_s: float, unit: str = "tokens") -> tuple[str, dict]:
+  """One line for the whole run, and the learners' lease info it was made from.
+
+  `elapsed_s`: the run's wall time so far, over every launch (a learner's
+  busy time is over all of them too: it is checkpointed).
+  """
   versions = box.latest_versions(num_fragments)
   leases = box.leases("learner/")
   now, info, parts = time.time(), {}, []
@@ -198,34 +252,58 @@ def progress(box, num_fragments: int, num_learners: int, units_per_step: int,
       parts.append(f"L{m} -")
       continue
     info[m] = lease.info
-    up = lease.expires_at > now
     step_s = lease.info.get("step_seconds") or 0.0
     rate = units_per_step / step_s if step_s else 0.0
-    state = lease.info.get("status", "?") if up else "down"
+    status = lease.info.get("status", "?")
+    state = status if status == "done" or lease.expires_at > now else "down"
     parts.append(f"L{m} step {lease.info.get('step', 0)} {rate:,.0f} {unit}/s {state}")
   busy = sum(i.get("busy_s", 0.0) for i in info.values())
-  goodput = busy / max(num_learners * (now - started), 1e-9)
+  # At most 1: a launcher killed with -9 last wrote its segment's end up to a second early.
+  goodput = min(busy / max(num_learners * elapsed_s, 1e-9), 1.0)
   shown = versions if len(versions) <= 8 else f"{min(v or 0 for v in versions)}..{max(v or 0 for v in versions)}"
   return f"versions {shown} | {' | '.join(parts)} | goodput {goodput:.0%}", info
+
+
+def chaos_plan(seed: int, num_learners: int) -> list[list]:
+  """(share of train.steps, what, learner, duration in seconds), learners drawn with `seed`."""
+  rng = np.random.default_rng(seed)
+  a, b = rng.choice(num_learners, size=2, replace=num_learners < 2)
+  return [[0.25, "kill_learner", int(a), 8.0], [0.45, "kill_syncer", None, 3.0],
+          [0.6, "stop_learner", int(b), 6.0], [0.75, "throttle_learner", int(a), 6.0]]
 
 
 class Chaos:
   """Seeded real faults, each fired once when the learners reach a share of the run.
 
-  (share of train.steps, what, learner, duration in seconds); learners are
-  drawn with `seed`. Restarts happen after the duration.
+  The plan (`chaos_plan`), which faults have fired, those still in force and
+  what was done are the run's state, in `path`: a resumed run keeps its plan
+  and fires no fault twice. A killed process comes back through the
+  supervisor `duration` after its death; a stop or a throttle is undone after
+  `duration`, when the run ends, or when it resumes if its launcher died first.
   """
 
-  def __init__(self, run: LocalRun, steps: int, seed: int, log):
-    rng = np.random.default_rng(seed)
-    m = run.num_learners
-    a, b = rng.choice(m, size=2, replace=m < 2)
-    self.plan = [(0.25, "kill_learner", int(a), 8.0), (0.45, "kill_syncer", None, 3.0),
-                 (0.6, "stop_learner", int(b), 6.0), (0.75, "throttle_learner", int(a), 6.0)]
-    self.run, self.steps, self.log = run, steps, log
+  def __init__(self, run: LocalRun, supervisor: supervise.Supervisor, steps: int, seed: int,
+               log, path: str):
+    self.run, self.supervisor, self.steps, self.log, self.path = run, supervisor, steps, log, path
+    if os.path.exists(path):
+      with open(path) as f:
+        state = json.load(f)
+      if state["seed"] != seed:
+        log(f"chaos: this run's plan was drawn with --chaos_seed={state['seed']}; it keeps it")
+    else:
+      state = {"seed": seed, "plan": chaos_plan(seed, run.num_learners), "fired": [],
+               "pending": [], "events": []}
+    self.seed, self.plan, self.events = state["seed"], state["plan"], state["events"]
+    self.fired = set(state["fired"])
     self.pending: list[tuple[float, str, int | None]] = []  # (when, action, learner)
-    self.fired = set()
-    self.events = []
+    self._save()
+    for _, what, m in state["pending"]:  # In force when the last launcher died.
+      self._undo(what, m)
+
+  def _save(self) -> None:
+    state = {"seed": self.seed, "plan": self.plan, "fired": sorted(self.fired),
+             "pending": self.pending, "events": self.events}
+    workdir_lib.write_atomically(self.path, json.dumps(state, indent=1))
 
   def tick(self, info: dict) -> None:
     now = time.time()
@@ -235,23 +313,26 @@ class Chaos:
       if i in self.fired or share < at:
         continue
       self.fired.add(i)
-      self._do(what, m)
-      self.pending.append((now + duration, what, m))
+      if what in ("stop_learner", "throttle_learner"):
+        self.pending.append((now + duration, what, m))
+      self._save()  # Before the fault: a launcher that dies now never fires it twice.
+      self._do(what, m, duration)
     for item in [x for x in self.pending if x[0] <= now]:
       self.pending.remove(item)
       self._undo(item[1], item[2])
 
   def _note(self, what: str, **fields) -> None:
     self.events.append({"t": round(time.time(), 6), "event": what, **fields})
-    self.log("chaos: %s %s", what, fields)
+    self._save()
+    self.log(f"chaos: {what} {fields}")
 
-  def _do(self, what: str, m) -> None:
+  def _do(self, what: str, m, duration: float) -> None:
     run = self.run
     if what == "kill_learner":
-      run.learners[m].signal(signal.SIGKILL)
+      self.supervisor.kill(run.learners[m], restart_after_s=duration)
       self._note("sigkill", process=f"learner{m}")
     elif what == "kill_syncer":
-      run.syncer.signal(signal.SIGKILL)
+      self.supervisor.kill(run.syncer, restart_after_s=duration)
       self._note("sigkill", process="syncer")
     elif what == "stop_learner":
       run.learners[m].signal(signal.SIGSTOP)
@@ -261,28 +342,19 @@ class Chaos:
       self._note("throttle", process=f"learner{m}", bytes_per_s=1e6, latency_s=0.2)
 
   def _undo(self, what: str, m) -> None:
-    run = self.run
-    if what == "kill_learner":
-      run.learners[m].wait(10)
-      run.learners[m].start()
-      self._note("restart", process=f"learner{m}")
-    elif what == "kill_syncer":
-      run.syncer.wait(10)
-      run.syncer.start()
-      self._note("restart", process="syncer")
-    elif what == "stop_learner":
-      run.learners[m].signal(signal.SIGCONT)
+    if what == "stop_learner":
+      self.run.learners[m].signal(signal.SIGCONT)
       self._note("sigcont", process=f"learner{m}")
     elif what == "throttle_learner":
-      run.link(m, None)
+      self.run.link(m, None)
       self._note("unthrottle", process=f"learner{m}")
 
   def finish(self) -> None:
-    """Undoes what is still pending (a run may end inside a fault's window)."""
-    for _, what, m in self.pending:
-      if what in ("stop_learner", "throttle_learner"):
-        self._undo(what, m)
-    self.pending = [x for x in self.pending if x[1] not in ("stop_learner", "throttle_learner")]
+    """Undoes what is still in force (a run may end inside a fault's window)."""
+    pending, self.pending = self.pending, []
+    for _, what, m in pending:
+      self._undo(what, m)
+    self._save()
 
 
 # --- results -----------------------------------------------------------------------------
@@ -302,40 +374,49 @@ def busy_intervals(events: list[dict]) -> list[tuple[float, float]]:
   return spans
 
 
-def uptime(spans, t0: float, t1: float) -> float:
-  """Share of [t0, t1] during which at least one learner was stepping."""
-  covered, end = 0.0, t0
-  for a, b in sorted(spans):
-    a, b = max(a, end), min(b, t1)
-    if b > a:
-      covered += b - a
-      end = b
-  return covered / max(t1 - t0, 1e-9)
+def uptime(spans, windows) -> float:
+  """Share of the `windows` (the launches' [start, end]) during which a learner was stepping."""
+  covered, total = 0.0, sum(t1 - t0 for t0, t1 in windows)
+  for t0, t1 in windows:
+    end = t0
+    for a, b in sorted(spans):
+      a, b = max(a, end), min(b, t1)
+      if b > a:
+        covered += b - a
+        end = b
+  return min(covered / max(total, 1e-9), 1.0)
 
 
-def collect_results(run: LocalRun, started: float, ended: float, chaos_events: list) -> dict:
-  """summary.json of the whole run, and every process's events merged by time."""
+def collect_results(run: LocalRun, segments: list[dict], chaos_events: list) -> dict:
+  """summary.json of the whole run over every launch (`segments`), and every process's
+  events merged by time (WORKDIR/events.jsonl; the launcher's own as process `launcher`)."""
   events = []
   for name in ["syncer", *[f"learner{m}" for m in range(run.num_learners)]]:
     events += [{**e, "process": name} for e in metrics.read_jsonl(f"{run.workdir}/{name}/events.jsonl")]
   events += chaos_events
+  events += [{**e, "process": "launcher", "of": e["process"]} for s in segments
+             for e in s["events"]]
   events.sort(key=lambda e: e["t"])
   with open(f"{run.workdir}/events.jsonl", "w") as f:
     f.writelines(json.dumps(e) + "\n" for e in events)
   read = lambda name: json.load(open(p)) if os.path.exists(p := f"{run.workdir}/{name}/summary.json") else {}
   syncer = read("syncer")
   learners = [read(f"learner{m}") for m in range(run.num_learners)]
-  wall = ended - started
+  windows = [(s["start"], s["end"]) for s in segments]
+  wall = sum(t1 - t0 for t0, t1 in windows)
   busy = sum(l.get("busy_s", 0.0) for l in learners)
   learner_events = [e for e in events if e.get("process", "").startswith("learner")]
+  restarts = {p.name: sum(s["restarts"].get(p.name, 0) for s in segments) for p in run.processes}
   return {
       **{k: v for k, v in syncer.items() if k.startswith("final_eval_")},  # The task's metrics.
-      "wall_seconds": wall,
-      # Useful learner time (steps whose state survived) over the learners' wall time.
-      "goodput": busy / max(run.num_learners * wall, 1e-9),
-      "uptime": uptime(busy_intervals(learner_events), started, ended),
+      "wall_seconds": wall,  # Over every launch (`segments`), not the gaps between them.
+      # Useful learner time (steps whose state survived) over the learners' wall time;
+      # at most 1 (see `progress`).
+      "goodput": min(busy / max(run.num_learners * wall, 1e-9), 1.0),
+      "uptime": uptime(busy_intervals(learner_events), windows),
+      "segments": [{k: s[k] for k in ("start", "end", "ended")} for s in segments],
       "outer_steps": syncer.get("outer_steps"), "versions": syncer.get("versions"),
-      "restarts": {p.name: p.starts - 1 for p in run.processes},
+      "restarts": restarts,
       "chaos": chaos_events,
       "syncer": {k: v for k, v in syncer.items() if k != "config"},
       "learners": [{k: v for k, v in l.items() if k != "config"} for l in learners],
@@ -343,73 +424,154 @@ def collect_results(run: LocalRun, started: float, ended: float, chaos_events: l
   }
 
 
+def final_line(summary: dict, workdir: str) -> str:
+  """The run's result: the syncer's final eval of the global model, goodput, restarts."""
+  loss = summary.get("final_eval_loss")
+  named = ", ".join(f"{k[len('final_eval_'):]} {v:.4g}" for k, v in summary.items()
+                    if k.startswith("final_eval_") and k != "final_eval_loss")
+  result = (f"final eval loss {loss:.4f} ({named})" if loss is not None
+            else "no final eval loss (the syncer's summary has none)")
+  launches = len(summary.get("segments", [])) or 1
+  return (f"{result}, goodput {summary['goodput']:.1%}, uptime {summary['uptime']:.1%} over"
+          f" {summary['wall_seconds']:.0f} s in {launches} launch{'es' * (launches > 1)};"
+          f" {summary['outer_steps']} outer steps; restarts {summary['restarts']}.\n"
+          f"results in {workdir} (summary.json, events.jsonl, logs/)")
+
+
+# --- the launcher ------------------------------------------------------------------------
+
+
+class Stopped(Exception):
+  """The launcher got SIGINT, SIGTERM or SIGHUP."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal.Signals(signum).name)
+    self.signum = signum
+
+
+def _raise_stopped(signum, frame) -> None:
+  del frame
+  raise Stopped(signum)
+
+
+def check_flags(f) -> None:
+  """Every number the command line gives, in range; ValueError naming the flag."""
+  common.check_range("timeout_s", f.timeout_s, 0, above=True)
+  common.check_range("devices_per_learner", f.devices_per_learner, 1)
+  common.check_range("chaos_seed", f.chaos_seed, 0)
+  common.check_range("restart_backoff_s", f.restart_backoff_s, 0, high=MAX_BACKOFF_S)
+  common.check_range("crash_deaths", f.crash_deaths, 1)
+  common.check_range("crash_window_s", f.crash_window_s, 0, above=True)
+
+
+def check_config(config_path: str, text: str) -> None:
+  """ValueError naming each field where the workdir's saved config differs from `text`."""
+  if not os.path.exists(config_path):
+    return
+  with open(config_path) as f:
+    stored = f.read()
+  if stored != text:
+    from decoupled_diloco import checkpointing  # pylint: disable=g-import-not-at-top
+    why = checkpointing.differences(stored, text, most=1000)
+    raise ValueError(f"--workdir={os.path.dirname(config_path)} holds a run of another config:"
+                     f" its {config_path} {why}. Use another --workdir (or this run's config"
+                     " to resume it).")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from decoupled_diloco import config as config_lib, tasks  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.INFO)
-  config = flags.FLAGS.config
-  cfg = config_lib.parse(config)
-  workdir = os.path.abspath(flags.FLAGS.workdir)
-  os.makedirs(workdir, exist_ok=True)
+  f = flags.FLAGS
+  workdir = os.path.abspath(f.workdir)
   config_path = os.path.join(workdir, "config.json")
-  text = config.to_json(sort_keys=True)
-  if os.path.exists(config_path) and open(config_path).read() != text:
-    sys.exit(f"error: {workdir} holds a run of another config ({config_path}); use another"
-             " --workdir.")
-  with open(config_path, "w") as f:
-    f.write(text)
+  text = f.config.to_json(sort_keys=True)
+  try:
+    check_flags(f)
+    check_config(config_path, text)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  if os.path.exists(summary_path := os.path.join(workdir, "summary.json")):
+    with open(summary_path) as fp:
+      summary = json.load(fp)
+    print(f"this run is finished; nothing to do.\n{final_line(summary, workdir)}", flush=True)
+    return 0
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    lock = workdir_lib.Lock(workdir)
+  except workdir_lib.WorkdirBusyError as e:
+    sys.exit(f"error: {e}")
+  with lock:
+    if not os.path.exists(config_path):
+      workdir_lib.write_atomically(config_path, text)
+    return run_once(f, workdir, config_path)
+
+
+def run_once(f, workdir: str, config_path: str) -> int:
+  """One launch of the run in `workdir` until it finishes, is stopped, or fails; its exit code."""
+  from decoupled_diloco import config as config_lib, tasks  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.parse(f.config)
+  say = lambda line: print(f"[run] {line}", flush=True)
+  stop_leftovers(workdir, say)
+  segments = Segments(os.path.join(workdir, "segments.json"))
   run = LocalRun(workdir, config_path, cfg.diloco.num_learners,
-                 devices_per_learner=flags.FLAGS.devices_per_learner)
+                 devices_per_learner=f.devices_per_learner)
   task = tasks.build(cfg)
   per_learner = task.num_units(task.batch_spec(cfg.data.batch_size // cfg.diloco.num_learners))
-  chaos = (Chaos(run, cfg.train.steps, flags.FLAGS.chaos_seed, logging.info)
-           if flags.FLAGS.chaos else None)
-  started = time.time()
-  print(f"starting a syncer and {run.num_learners} learners; logs in {workdir}/logs,"
+  supervisor = supervise.Supervisor(lambda: run.processes, backoff_s=f.restart_backoff_s,
+                                    max_backoff_s=MAX_BACKOFF_S, max_deaths=f.crash_deaths,
+                                    window_s=f.crash_window_s, log=say)
+  chaos = (Chaos(run, supervisor, cfg.train.steps, f.chaos_seed, say,
+                 os.path.join(workdir, "chaos.json")) if f.chaos else None)
+  for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(sig, _raise_stopped)
+  resumed = f" (launch {len(segments.all)} of this run)" if len(segments.all) > 1 else ""
+  print(f"starting a syncer and {run.num_learners} learners{resumed}; logs in {workdir}/logs,"
         f" mailbox {run.mailbox_url}", flush=True)
-  run.start()
-  box, last_line = run.mailbox(), 0.0
+  ended, code, last_line = "failed", 1, 0.0
   try:
+    run.start()
+    box = run.mailbox()
     while True:
-      if time.time() - started > flags.FLAGS.timeout_s:
-        raise TimeoutError(f"the run took over --timeout_s={flags.FLAGS.timeout_s:.0f} s")
-      line, info = progress(box, cfg.diloco.num_fragments, run.num_learners,
-                            per_learner, started, task.unit)
+      now = time.time()
+      if now - segments.current["start"] > f.timeout_s:
+        ended, code = "timed out", 124
+        print(f"error: the run took over --timeout_s={f.timeout_s:.0f} s; stopping every"
+              " process.", file=sys.stderr, flush=True)
+        break
+      line, info = progress(box, cfg.diloco.num_fragments, run.num_learners, per_learner,
+                            segments.elapsed(now), task.unit)
+      supervisor.tick()
       if chaos:
         chaos.tick(info)
-      if time.time() - last_line > 5:
-        print(f"[run] {line}", flush=True)
-        last_line = time.time()
-      restarting = {what for _, what, _ in chaos.pending} if chaos else set()
-      failed = [p for p in run.processes if p.popen.poll() not in (None, 0)
-                and not (p is run.syncer and "kill_syncer" in restarting)
-                and not (p in run.learners and "kill_learner" in restarting)]
-      if failed:
-        raise RuntimeError(f"{failed[0].name} exited with code {failed[0].popen.poll()};"
-                           f" see {failed[0].log_path}")
-      if all(p.popen.poll() == 0 for p in run.processes) and not (chaos and chaos.pending):
+      segments.beat(supervisor)
+      if now - last_line > 5:
+        say(line)
+        last_line = now
+      if (all(p.poll() == 0 for p in run.processes) and not supervisor.busy()
+          and not (chaos and chaos.pending)):
+        ended, code = "finished", 0
         break
       time.sleep(0.5)
-  except KeyboardInterrupt:
-    print("stopping every process (Ctrl-C)", flush=True)
+  except Stopped as e:
+    ended, code = f"stopped ({e})", 128 + e.signum
+    print(f"stopping every process ({e})", file=sys.stderr, flush=True)
+  except supervise.CrashLoop as e:
+    ended, code = "crash loop", 1
+    print(f"error: {e}", file=sys.stderr, flush=True)
+  finally:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+      signal.signal(sig, signal.SIG_IGN)  # Stopping is bounded; let it finish.
     run.stop()
-    sys.exit(130)
-  except Exception:
-    run.stop()
-    raise
-  if chaos:
-    chaos.finish()
-  summary = collect_results(run, started, time.time(), chaos.events if chaos else [])
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-  metrics = ", ".join(f"{k[len('final_eval_'):]} {v:.4g}" for k, v in summary.items()
-                      if k.startswith("final_eval_") and k != "final_eval_loss")
-  print(f"final eval loss {summary['final_eval_loss']:.4f} ({metrics}), goodput"
-        f" {summary['goodput']:.1%}, uptime {summary['uptime']:.1%} over"
-        f" {summary['wall_seconds']:.0f} s; {summary['outer_steps']} outer steps;"
-        f" restarts {summary['restarts']}.\nresults in {workdir} (summary.json, events.jsonl,"
-        " logs/)", flush=True)
+    if chaos:
+      chaos.finish()
+    segments.beat(supervisor, ended)
+  if code:
+    return code
+  summary = collect_results(run, segments.all, chaos.events if chaos else [])
+  workdir_lib.write_atomically(os.path.join(workdir, "summary.json"),
+                               json.dumps(summary, indent=1))
+  print(final_line(summary, workdir), flush=True)
+  return 0
 
 
 if __name__ == "__main__":
