@@ -22,7 +22,7 @@ import time
 import pytest
 
 from decoupled_diloco.runtime.dist import keys
-from launch import common, gpu
+from launch import common, gpu, local
 from tests import helpers
 
 SECRET = "file-s3cret-never-printed-1234"
@@ -276,6 +276,20 @@ def test_local_runner_prefixes_output_and_stops_everyone(tmp_path):
   with open(out, "w") as f:
     assert common.run_local({"learner0": "exit 3", "learner1": "sleep 60"},
                             log_dir=str(tmp_path / "logs"), timeout_s=30, out=f) == 3
+
+
+def test_launch_local_gives_learners_their_credential_and_the_syncer_the_secret(
+    tmp_path, monkeypatch):
+  monkeypatch.setenv(common.SECRET_ENV, "a secret this shell happens to hold")
+  monkeypatch.setenv(common.KEY_ENV, "a stale credential")
+  run = local.LocalRun(str(tmp_path), "unused.json", 2, echo=False)
+  secret = (tmp_path / "secret").read_text()
+  assert stat.S_IMODE((tmp_path / "secret").stat().st_mode) == 0o600
+  assert run.syncer.env[common.SECRET_ENV] == secret and common.KEY_ENV not in run.syncer.env
+  for m, learner in enumerate(run.learners):
+    assert learner.env[common.KEY_ENV] == keys.learner_credential(secret.encode(), m)
+    assert common.SECRET_ENV not in learner.env
+    assert not any(secret in arg for arg in learner.args)
 
 
 def test_secret_file_is_private_and_read_as_the_hosts_read_it(tmp_path, monkeypatch):
