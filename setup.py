@@ -27,7 +27,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5",  # Two test processes on two cores (.ci/run).
-                 "import-linter>=2.17"],  # .importlinter, run by .ci/run.
+                 "import-linter>=2.17",  # .importlinter, run by .ci/run.
+                 "moto[server]>=5.0"],  # An S3 server in the tests: the mailbox over s3://.
         "cuda": ["jax[cuda12]>=0.7.0"],
         "tpu": ["jax[tpu]>=0.7.0"],
     },

@@ -19,6 +19,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 _OWN_CACHE = "DD_TESTS_JAX_CACHE" not in os.environ  # Else a pytest-xdist controller's.
 if _OWN_CACHE:
   os.environ["DD_TESTS_JAX_CACHE"] = tempfile.mkdtemp(prefix="jax_cache_tests_")
@@ -64,3 +66,34 @@ def pytest_unconfigure(config):
   del config
   if _OWN_CACHE:
     shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+  """An S3 server (moto, in this process, on a free port): `http://host:port`.
+
+  tensorstore's s3 driver enforces create-once and compare-and-swap with
+  S3's conditional writes, which moto implements; credentials come from the
+  environment, as on a real S3-compatible store.
+  """
+  import logging  # pylint: disable=g-import-not-at-top
+  from moto.server import ThreadedMotoServer  # pylint: disable=g-import-not-at-top
+  logging.getLogger("werkzeug").setLevel(logging.ERROR)
+  os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+  os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+  server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+  server.start()
+  host, port = server.get_host_and_port()
+  yield f"http://{host}:{port}"
+  server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_endpoint):
+  """A fresh bucket on the test S3 server, as a mailbox URL."""
+  import urllib.request  # pylint: disable=g-import-not-at-top
+  import uuid  # pylint: disable=g-import-not-at-top
+  bucket = f"run-{uuid.uuid4().hex[:12]}"
+  urllib.request.urlopen(urllib.request.Request(f"{s3_endpoint}/{bucket}", method="PUT"),
+                         timeout=30).read()
+  return f"s3://{bucket}/mailbox?endpoint={s3_endpoint}"

@@ -69,7 +69,7 @@ class InProcessRun:
   def mailbox(self, clock, m: int | None = None) -> Mailbox:
     """The syncer's mailbox (every key), or learner m's (its credential only)."""
     keys = SECRET if m is None else Keyring.from_credential(learner_credential(SECRET, m))
-    return Mailbox(self.url, keys, clock=clock)
+    return Mailbox(self.url, keys, clock=clock, sleep=clock.sleep)
 
   def _syncer(self, step_s_prior: float = 0.0) -> SyncerService:
     workdir = os.path.join(self.root, "syncer")

@@ -186,3 +186,48 @@ def test_a_deleted_or_garbage_lease_is_written_back_by_its_holder(tmp_path):
   # Renewals always change the bytes (S3's generations are MD5s of the content).
   again = box.renew(b, ttl_s=10)
   assert again.serial == b.serial + 1 and again.generation != b.generation
+
+
+class _Outage:
+  """A store that refuses writes (PERMISSION_DENIED) until `until` on the caller's clock."""
+
+  def __init__(self, kv, clock, until: float):
+    self._kv, self._clock, self.until, self.refused = kv, clock, until, 0
+
+  def write(self, *args, **kwargs):
+    if self._clock() < self.until:
+      self.refused += 1
+      return _Failed(ValueError("PERMISSION_DENIED: Error writing: read-only (test outage)"))
+    return self._kv.write(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._kv, name)
+
+
+class _Failed:
+  def __init__(self, error):
+    self.error = error
+
+  def result(self, timeout=None):
+    raise self.error
+
+
+def test_a_mailbox_unwritable_for_20_s_loses_no_contribution_and_crashes_nothing(tmp_path):
+  run = InProcessRun(_config(), tmp_path, [1.0, 1.0])
+  outages = []
+
+  def break_the_store():
+    for box, clock in [(run.syncer.mailbox, run.syncer_clock),
+                       *[(rt.mailbox, run.clocks[m]) for m, rt in enumerate(run.learners)]]:
+      box._kv = _Outage(box._kv, clock, run.now + 20.0)  # pylint: disable=protected-access
+      outages.append(box._kv)  # pylint: disable=protected-access
+  run.at(4.0, break_the_store)
+  summary = _final(run)
+  assert sum(o.refused for o in outages) > 10  # Uploads, publications and leases were refused.
+  sent = {(e["fragment"], e["round"], e["learner"]) for m in range(2)
+          for e in _events(run, f"learner{m}", "send")}
+  received = {(e["fragment"], e["round"], e["learner"])
+              for kind in ("arrive", "late", "reject") for e in _events(run, "syncer", kind)}
+  assert sent and sent <= received, sorted(sent - received)
+  assert not any(_events(run, f"learner{m}", "send_failed") for m in range(2))
+  assert sum(summary["merges_per_fragment"]) > 0

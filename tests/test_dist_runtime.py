@@ -60,12 +60,7 @@ def _assert_holds(tensors, full_copy):
 
 
 class Run(InProcessRun):
-  """The harness, with learner checkpoints and a link that waits on the fake clock."""
-
-  def mailbox(self, clock, m: int | None = None) -> Mailbox:
-    box = super().mailbox(clock, m)
-    box._sleep = clock.sleep  # pylint: disable=protected-access
-    return box
+  """The harness, with learner checkpoints."""
 
   def checkpoint(self, m: int) -> dict:
     """Learner m's state now, as its checkpoint holds it (host copies; `extra`: its

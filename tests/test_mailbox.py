@@ -4,7 +4,9 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -48,11 +50,13 @@ class FakeClock:
     return self.now
 
 
-@pytest.fixture(params=["memory", "file"])
+@pytest.fixture(params=["memory", "file", "s3"])
 def url(request, tmp_path):
-  """A fresh, empty mailbox URL on each store under test."""
+  """A fresh, empty mailbox URL on each store under test (s3: moto's server)."""
   if request.param == "memory":
     return f"memory://{uuid.uuid4().hex}"
+  if request.param == "s3":
+    return request.getfixturevalue("s3_url")
   return f"file://{tmp_path}/mailbox"
 
 
@@ -128,8 +132,10 @@ print(json.dumps([k for k in range(keys) if box.create(f"race/{k:03d}", me.encod
 """
 
 
-def test_create_race_between_processes_each_key_won_once(tmp_path):
-  url, go, racers, keys = f"file://{tmp_path}/mailbox", str(tmp_path / "go"), 4, 50
+@pytest.mark.parametrize("store", ["file", "s3"])
+def test_create_race_between_processes_each_key_won_once(tmp_path, request, store):
+  url = request.getfixturevalue("s3_url") if store == "s3" else f"file://{tmp_path}/mailbox"
+  go, racers, keys = str(tmp_path / "go"), 4, 50
   procs = []
   try:
     for me in range(racers):
@@ -537,3 +543,52 @@ def test_latest_versions_skip_what_does_not_count(tmp_path):
   assert box.latest_versions(3) == [11, None, 1]
   assert box.latest_versions(3) == [box.latest_version(p) for p in range(3)]
   assert box.rejected_counts() == {"publication": {"truncated": 1}}
+
+
+@pytest.mark.parametrize("where", ["s3 endpoint", "gs"])
+def test_an_unreachable_store_fails_at_open_in_seconds_with_one_line(where):
+  if where == "gs":  # No credentials here (and no network in CI).
+    url = "gs://dd-no-such-bucket/run"
+  else:
+    with socket.socket() as s:  # A port nothing listens on.
+      s.bind(("127.0.0.1", 0))
+      url = f"s3://dd-no-such-bucket/run?endpoint=http://127.0.0.1:{s.getsockname()[1]}"
+  start = time.monotonic()
+  with pytest.raises(mailbox_lib.StoreError, match=f"cannot reach the mailbox {re.escape(url)}"
+                                                   " within 2 s: "):
+    Mailbox(url, SECRET, timeout_s=2)
+  assert time.monotonic() - start < 10
+
+
+def test_store_errors_that_may_pass_are_retried_then_reported_in_one_line(url):
+  clock = FakeClock()
+  sleeps = []
+  box = Mailbox(url, SECRET, clock=clock, retry_s=30,
+                sleep=lambda s: (sleeps.append(s), setattr(clock, "now", clock.now + s)))
+  kv, failures = box._kv, [3]  # pylint: disable=protected-access
+
+  class Flaky:
+    def write(self, *args, **kwargs):
+      if failures[0]:
+        failures[0] -= 1
+        raise ValueError("UNAVAILABLE: the store is restarting")
+      return kv.write(*args, **kwargs)
+    def __getattr__(self, name):
+      return getattr(kv, name)
+  box._kv = Flaky()  # pylint: disable=protected-access
+  assert box.create("a", b"1") and len(sleeps) == 3  # Three refusals, then it went through.
+  failures[0] = 10**6
+  with pytest.raises(mailbox_lib.StoreError, match="write b failed for 30 s: UNAVAILABLE"):
+    box.create("b", b"2")
+  assert clock.now - 1000.0 <= 30 + 10
+
+  class AnswerLost:  # The write lands; its answer does not.
+    def write(self, *args, **kwargs):
+      kv.write(*args, **kwargs).result()
+      box._kv = kv  # pylint: disable=protected-access
+      raise ValueError("UNAVAILABLE: connection reset")
+    def __getattr__(self, name):
+      return getattr(kv, name)
+  box._kv = AnswerLost()  # pylint: disable=protected-access
+  assert box.create("c", b"3")  # The retry finds its own bytes there: created.
+  assert not box.create("c", b"3")  # ...which a create without an error would not say.

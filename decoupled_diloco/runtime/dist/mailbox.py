@@ -253,8 +253,9 @@ class Mailbox:
       self._kv = ts.KvStore.open(spec, context=context).result(timeout=timeout_s)
       self._kv.list(ts.KvStore.KeyRange("run/", "run0")).result(timeout=timeout_s)
     except Exception as e:  # pylint: disable=broad-except  (any reason: one line)
-      raise StoreError(f"cannot reach the mailbox {url} within {timeout_s:.0f} s: "
-                       f"{_reason(e)}") from None
+      why = ("no answer (check the URL, the endpoint, the credentials and the network)"
+             if isinstance(e, TimeoutError) else _reason(e))
+      raise StoreError(f"cannot reach the mailbox {url} within {timeout_s:g} s: {why}") from None
 
   def __repr__(self):
     return f"Mailbox({self.url!r})"
