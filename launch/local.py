@@ -260,7 +260,8 @@ def progress(box, num_fragments: int, num_learners: int, units_per_step: int,
   busy = sum(i.get("busy_s", 0.0) for i in info.values())
   # At most 1: a launcher killed with -9 last wrote its segment's end up to a second early.
   goodput = min(busy / max(num_learners * elapsed_s, 1e-9), 1.0)
-  shown = versions if len(versions) <= 8 else f"{min(v or 0 for v in versions)}..{max(v or 0 for v in versions)}"
+  shown = (versions if len(versions) <= 8
+           else f"{min(v or 0 for v in versions)}..{max(v or 0 for v in versions)}")
   return f"versions {shown} | {' | '.join(parts)} | goodput {goodput:.0%}", info
 
 
@@ -392,16 +393,17 @@ def collect_results(run: LocalRun, segments: list[dict], chaos_events: list) -> 
   events merged by time (WORKDIR/events.jsonl; the launcher's own as process `launcher`)."""
   events = []
   for name in ["syncer", *[f"learner{m}" for m in range(run.num_learners)]]:
-    events += [{**e, "process": name} for e in metrics.read_jsonl(f"{run.workdir}/{name}/events.jsonl")]
+    events += [{**e, "process": name}
+               for e in metrics.read_jsonl(f"{run.workdir}/{name}/events.jsonl")]
   events += chaos_events
   events += [{**e, "process": "launcher", "of": e["process"]} for s in segments
              for e in s["events"]]
   events.sort(key=lambda e: e["t"])
   with open(f"{run.workdir}/events.jsonl", "w") as f:
     f.writelines(json.dumps(e) + "\n" for e in events)
-  read = lambda name: json.load(open(p)) if os.path.exists(p := f"{run.workdir}/{name}/summary.json") else {}
-  syncer = read("syncer")
-  learners = [read(f"learner{m}") for m in range(run.num_learners)]
+  syncer = metrics.read_summary(f"{run.workdir}/syncer") or {}
+  learners = [metrics.read_summary(f"{run.workdir}/learner{m}") or {}
+              for m in range(run.num_learners)]
   windows = [(s["start"], s["end"]) for s in segments]
   wall = sum(t1 - t0 for t0, t1 in windows)
   busy = sum(l.get("busy_s", 0.0) for l in learners)
@@ -490,9 +492,7 @@ def main(argv):
     check_config(config_path, text)
   except ValueError as e:
     sys.exit(f"error: {e}")
-  if os.path.exists(summary_path := os.path.join(workdir, "summary.json")):
-    with open(summary_path) as fp:
-      summary = json.load(fp)
+  if (summary := metrics.read_summary(workdir)) is not None:
     print(f"this run is finished; nothing to do.\n{final_line(summary, workdir)}", flush=True)
     return 0
   os.makedirs(workdir, exist_ok=True)

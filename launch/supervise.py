@@ -61,7 +61,7 @@ class Process:
     return self.popen.pid if self.popen else None
 
   def poll(self) -> int | None:
-    """Its exit status (negative: the signal that killed it); None while it runs or before it starts."""
+    """Its exit status (negative: the killing signal); None while it runs, or before it starts."""
     return self.popen.poll() if self.popen else None
 
   def running(self) -> bool:

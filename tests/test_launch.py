@@ -386,8 +386,10 @@ def test_slurm_scripts_run_one_learner_per_job(tmp_path):
   # Runs the step's command once per node, as Slurm would on each node.
   (fake / "srun").write_text('#!/bin/sh\nshift\nfor i in 0 1; do SLURM_NTASKS=2 SLURM_PROCID=$i'
                              ' "$@" || exit 1; done\n')
+  # Records its arguments, and its key (with the secret, which it must not have, after it).
   (fake / "python").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/argv.$SLURM_PROCID\n'
-                               f'echo "$DILOCO_KEY${{DILOCO_SECRET-}}" > {tmp_path}/key.$SLURM_PROCID\n')
+                               f'echo "$DILOCO_KEY${{DILOCO_SECRET-}}"'
+                               f' > {tmp_path}/key.$SLURM_PROCID\n')
   for f in fake.iterdir():
     f.chmod(0o755)
   workdir = tmp_path / "run"

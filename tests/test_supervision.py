@@ -95,10 +95,10 @@ def test_a_killed_process_restarts_and_a_planned_kill_is_not_a_crash(tmp_path):
 
 def test_children_die_with_their_launcher_even_by_kill_9(tmp_path):
   """A launcher (a python process starting a `sleep` child) killed by SIGKILL."""
+  log = str(tmp_path / "c.log")
   code = ("import os, sys, time\n"
           "from launch import supervise\n"
-          f"p = supervise.Process('c', ['sleep', '60'], dict(os.environ), {str(tmp_path / 'c.log')!r},"
-          " False)\n"
+          f"p = supervise.Process('c', ['sleep', '60'], dict(os.environ), {log!r}, False)\n"
           "p.start()\n"
           "print(p.pid, flush=True)\n"
           "time.sleep(60)\n")
