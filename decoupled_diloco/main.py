@@ -99,8 +99,11 @@ def run_learner(config, workdir: str, mailbox, m: int) -> dict:
   from decoupled_diloco.runtime.dist.learner import LearnerRuntime  # pylint: disable=g-import-not-at-top
   cfg = config_lib.parse(config)
   # A learner joins a run the syncer created; it never creates one.
-  mailbox.join(checkpointing.run_record(config, tasks.build(cfg)), cfg.dist.startup_s,
-               cfg.diloco.num_fragments)
+  try:
+    mailbox.join(checkpointing.run_record(config, tasks.build(cfg)), cfg.dist.startup_s,
+                 cfg.diloco.num_fragments)
+  except (TimeoutError, ValueError) as e:
+    sys.exit(f"error: learner {m}: {e}")
   make = lambda cfg, task, wd: LearnerRuntime(cfg, task, wd, mailbox, m)
   return train.train_and_evaluate(config, workdir, runtime_factory=make, kind="learner")
 

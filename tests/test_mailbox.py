@@ -592,3 +592,25 @@ def test_store_errors_that_may_pass_are_retried_then_reported_in_one_line(url):
   box._kv = AnswerLost()  # pylint: disable=protected-access
   assert box.create("c", b"3")  # The retry finds its own bytes there: created.
   assert not box.create("c", b"3")  # ...which a create without an error would not say.
+
+
+def test_a_learner_joins_only_a_run_that_exists_and_agrees(url):
+  clock = FakeClock()
+  learner = Mailbox(url, Keyring.from_credential(keys_lib.learner_credential(SECRET, 0)),
+                    clock=clock, sleep=lambda s: setattr(clock, "now", clock.now + s))
+  with pytest.raises(TimeoutError, match=f"no run at mailbox {re.escape(url)}: waited 30 s"
+                                         r" \(dist.startup_s\) for run/config"):
+    learner.join('{"lr": 0.7}', startup_s=30, num_fragments=1)
+  assert clock.now - 1000.0 <= 31
+  syncer = Mailbox(url, SECRET, num_learners=1, clock=clock)
+  syncer.put_config('{"lr": 0.7}')
+  with pytest.raises(TimeoutError, match="for the first publications"):
+    learner.join('{"lr": 0.7}', startup_s=5, num_fragments=1)
+  with pytest.raises(ValueError, match="lr: 0.7 there, 0.5 here"):  # At once, not after 5 s.
+    learner.join('{"lr": 0.5}', startup_s=5, num_fragments=1)
+  lease = syncer.acquire("syncer", "S", ttl_s=10)
+  assert syncer.publish(_publication(version=0, base_version=FULL), lease=lease, outer=_outer(0))
+  learner.join('{"lr": 0.7}', startup_s=5, num_fragments=1)
+  # Learners never create a run: they cannot even sign a config.
+  with pytest.raises(ValueError, match="cannot tag"):
+    Mailbox(url, Keyring.from_credential(keys_lib.learner_credential(SECRET, 1))).put_config("x")
