@@ -512,7 +512,6 @@ def run_once(f, workdir: str, config_path: str) -> int:
   cfg = config_lib.parse(f.config)
   say = lambda line: print(f"[run] {line}", flush=True)
   stop_leftovers(workdir, say)
-  segments = Segments(os.path.join(workdir, "segments.json"))
   run = LocalRun(workdir, config_path, cfg.diloco.num_learners,
                  devices_per_learner=f.devices_per_learner)
   task = tasks.build(cfg)
@@ -522,6 +521,7 @@ def run_once(f, workdir: str, config_path: str) -> int:
                                     window_s=f.crash_window_s, log=say)
   chaos = (Chaos(run, supervisor, cfg.train.steps, f.chaos_seed, say,
                  os.path.join(workdir, "chaos.json")) if f.chaos else None)
+  segments = Segments(os.path.join(workdir, "segments.json"))
   for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(sig, _raise_stopped)
   resumed = f" (launch {len(segments.all)} of this run)" if len(segments.all) > 1 else ""
