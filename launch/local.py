@@ -65,6 +65,9 @@ def _define_flags() -> None:
                        " keeps the plan it was started with).")
   flags.DEFINE_integer("devices_per_learner", 1, "CPU devices per learner process (its"
                        " island).")
+  flags.DEFINE_string("mailbox", None, "The mailbox URL (default: file://WORKDIR/mailbox;"
+                      " e.g. s3://bucket/run?endpoint=http://host:port for an S3-compatible"
+                      " store, credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY).")
   flags.DEFINE_float("timeout_s", 3600.0, "Stop everything after this long (this launch).")
   flags.DEFINE_float("restart_backoff_s", 1.0, "Wait before restarting a process that died;"
                      " doubled after each further death within --crash_window_s (at most"
@@ -84,11 +87,12 @@ class LocalRun:
   """
 
   def __init__(self, workdir: str, config_path: str, num_learners: int, *,
-               devices_per_learner: int = 1, echo: bool = True, extra_flags=()):
+               devices_per_learner: int = 1, echo: bool = True, extra_flags=(),
+               mailbox_url: str | None = None):
     self.workdir = os.path.abspath(workdir)
     self.num_learners = num_learners
     os.makedirs(os.path.join(self.workdir, "logs"), exist_ok=True)
-    self.mailbox_url = f"file://{self.workdir}/mailbox"
+    self.mailbox_url = mailbox_url or f"file://{self.workdir}/mailbox"
     self.secret = _secret(os.path.join(self.workdir, "secret"))
     base = {k: v for k, v in os.environ.items()
             if not k.startswith("MEGASCALE_") and k not in (SECRET_ENV, KEY_ENV)}
@@ -506,6 +510,25 @@ def main(argv):
     return run_once(f, workdir, config_path)
 
 
+def _mailbox_url(workdir: str, given: str | None) -> str:
+  """The run's mailbox: `given` at its first launch (default file://WORKDIR/mailbox), the
+  same at every later one (recorded in WORKDIR/mailbox_url)."""
+  from decoupled_diloco.runtime.dist import mailbox  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "mailbox_url")
+  recorded = open(path).read().strip() if os.path.exists(path) else None
+  url = given or recorded or f"file://{workdir}/mailbox"
+  if recorded is not None and url != recorded:
+    sys.exit(f"error: --mailbox={url}: this run's mailbox is {recorded} ({path}); use it,"
+             " or another --workdir for another run.")
+  try:
+    mailbox.kvstore_spec(url)
+  except ValueError as e:
+    sys.exit(f"error: --mailbox: {e}")
+  if recorded is None:
+    workdir_lib.write_atomically(path, url)
+  return url
+
+
 def run_once(f, workdir: str, config_path: str) -> int:
   """One launch of the run in `workdir` until it finishes, is stopped, or fails; its exit code."""
   from decoupled_diloco import config as config_lib, tasks  # pylint: disable=g-import-not-at-top
@@ -513,7 +536,8 @@ def run_once(f, workdir: str, config_path: str) -> int:
   say = lambda line: print(f"[run] {line}", flush=True)
   stop_leftovers(workdir, say)
   run = LocalRun(workdir, config_path, cfg.diloco.num_learners,
-                 devices_per_learner=f.devices_per_learner)
+                 devices_per_learner=f.devices_per_learner,
+                 mailbox_url=_mailbox_url(workdir, f.mailbox))
   task = tasks.build(cfg)
   per_learner = task.num_units(task.batch_spec(cfg.data.batch_size // cfg.diloco.num_learners))
   supervisor = supervise.Supervisor(lambda: run.processes, backoff_s=f.restart_backoff_s,

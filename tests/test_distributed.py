@@ -1,10 +1,11 @@
-"""The real runtime: learner and syncer processes over a file:// mailbox.
+"""The real runtime: learner and syncer processes over a mailbox (S3 or file://).
 
 What a process adds to the in-process runs (tests/test_dist_inprocess.py,
 tests/test_dist_runtime.py): real kill -9s, wall time, threads, orbax
 checkpoints, and one learner spanning two processes. Every process a test
-starts has a timeout, a mailbox of its own (under tmp_path), and is stopped by
-its pid when the test ends, pass or fail.
+starts has a timeout, a mailbox of its own (a fresh bucket on the test session's
+S3 server, or under tmp_path), and is stopped by its pid when the test ends,
+pass or fail.
 """
 
 import json
@@ -83,8 +84,9 @@ def _chaos_config(steps):
 
 
 @pytest.mark.slow
-def test_kill_9_of_a_learner_then_of_the_syncer_never_stops_the_run(start_run):
-  """One run, two real faults: each is survived, and nothing is lost or applied twice.
+def test_kill_9_of_a_learner_then_of_the_syncer_never_stops_the_run(start_run, s3_url):
+  """One run over S3 (moto), two real faults: each is survived, and nothing is lost or
+  applied twice.
 
   The learner comes back from its checkpoint (step 25 or a later multiple), more than
   `dist.resume_max_versions` behind: it resumes, then rejoins. The syncer comes back with
@@ -94,7 +96,7 @@ def test_kill_9_of_a_learner_then_of_the_syncer_never_stops_the_run(start_run):
   steps = 500
   config = _chaos_config(steps=steps)
   cfg = config_lib.parse(config)
-  run = start_run(config)
+  run = start_run(config, mailbox_url=s3_url)
   box = run.mailbox()
   versions = lambda: [box.latest_version(p) for p in range(2)]
 

@@ -360,6 +360,6 @@ class SyncerService:
     self.mailbox.release(self.lease)
     self.log("done", versions=self.syncer.version.tolist(), eval_loss=loss)
     self.log.close()
-    logging.info("syncer: final eval loss %.4f after versions %s", loss,
+    logging.info("syncer: the global model's eval loss %.4f after versions %s", loss,
                  self.syncer.version.tolist())
     return summary
