@@ -429,7 +429,11 @@ def test_a_restarted_syncer_recovers_its_state_bitwise(tmp_path):
   run = Run(_config(**_INT8, **{"diloco.quorum": 0}), tmp_path, [1.0, 1.0])
   run.syncer.mailbox.latency_s = 0.01  # Commits take (fake) time: xi_sync moves.
   svc = run.syncer
+  junk = Mailbox(run.url, SECRET)
+  junk._kv.write("lease/learner/7", b"junk").result()  # pylint: disable=protected-access
   run.run_until(lambda: all(svc.commits >= 3))
+  rejected = svc.mailbox.rejected_counts()
+  assert rejected == {"lease": {"truncated": 1}}
   before = {p: _host(svc.syncer.fragment_state(p)) for p in range(2)}
   state = _protocol_state(svc)
   assert all(before[p].held is not None for p in range(2))
@@ -444,6 +448,9 @@ def test_a_restarted_syncer_recovers_its_state_bitwise(tmp_path):
   for p in range(2):
     helpers.assert_trees_equal(_host(recovered.syncer.fragment_state(p)), before[p])
   assert _protocol_state(recovered) == state
+  assert recovered.mailbox.rejected_counts() == rejected  # Carried over with the state,
+  recovered.step(clock())  # and the same object, read again, is not counted twice.
+  assert recovered.mailbox.rejected_counts() == rejected
 
 
 # --- the syncer service --------------------------------------------------------------
