@@ -310,7 +310,11 @@ class Mailbox:
     except StoreError as e:
       if "OUT_OF_RANGE" not in str(e):
         raise
-      return _Read("bad", b"", b"", "truncated")
+      # Shorter than any message; its generation, for a compare-and-swap over it.
+      head = self._op(f"read {key}", start(slice(0, 0)))
+      if head.state != "value":
+        return _Read("missing", b"", head.stamp.generation)
+      return _Read("bad", b"", head.stamp.generation, "truncated")
     if head.state != "value":
       return _Read("missing", b"", head.stamp.generation)
     generation = head.stamp.generation
@@ -394,7 +398,7 @@ class Mailbox:
       parsed, generation = self._parsed(key, parse)
       if parsed is not None:
         return "authentic"
-      if generation != _MISSING and self._write(key, value, if_equal=generation):
+      if generation and generation != _MISSING and self._write(key, value, if_equal=generation):
         logging.warning("Mailbox %s: took %s over from an object that did not count",
                         self.url, key)
         return "replaced"
