@@ -55,6 +55,7 @@ from decoupled_diloco.algorithm import fragments as fragments_lib
 from decoupled_diloco.algorithm.messages import Contribution
 from decoupled_diloco.runtime.dist import mailbox as mailbox_lib
 from decoupled_diloco.runtime.dist import wire
+from decoupled_diloco.runtime.dist.keys import Keyring
 from decoupled_diloco.runtime import team as team_lib
 from experiments import decoupled_diloco, saved
 from launch import local
@@ -277,14 +278,15 @@ def _mailbox_row(box, secret: bytes, file_prefix: str, p: int, nbytes: int) -> d
   values = np.random.default_rng(p).standard_normal(nbytes // 4, dtype=np.float32)
   c = Contribution(learner=0, fragment=p, round=0, base_version=0, steps=1, tokens=1,
                    payload=({"values": values},), nbytes=values.nbytes)
-  data = wire.contribution_bytes(c, 1, secret)
+  keys = Keyring.from_secret(secret)
+  data = wire.contribution_bytes(c, 1, keys)
   ops = {"mailbox_write": lambda r: box.send(c._replace(round=r), incarnation=1),
          "mailbox_read": lambda r: box.receive(p, r, 0) is not None,
          "file_write": lambda r: _write_synced(f"{file_prefix}{r}", data),
          "file_read": lambda r: len(_read(f"{file_prefix}{r}")) == len(data),
          # What the mailbox adds in memory alone: framing and the HMAC, each way.
-         "encode": lambda r: len(wire.contribution_bytes(c, 1, secret)) == len(data),
-         "decode": lambda r: wire.parse_contribution(data, secret) is not None}
+         "encode": lambda r: len(wire.contribution_bytes(c, 1, keys)) == len(data),
+         "decode": lambda r: wire.parse_contribution(data, keys, 0) is not None}
   times = {k: [] for k in ops}
   for r in range(_REPEATS.value):
     for k, op in ops.items():
