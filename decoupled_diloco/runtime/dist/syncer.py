@@ -34,10 +34,10 @@ from decoupled_diloco.algorithm import protocol as protocol_lib
 from decoupled_diloco.algorithm.messages import Notice, Publication
 from decoupled_diloco.config import Config
 from decoupled_diloco.runtime import team as team_lib
+from decoupled_diloco.runtime.dist import mailbox as mb_lib
 from decoupled_diloco.runtime.dist.courier import EventLog
 from decoupled_diloco.runtime.dist.learner import (LEARNER_LEASES, SYNCER_LEASE, learner_index,
                                                    live)
-from decoupled_diloco.runtime.dist import mailbox as mb_lib
 from decoupled_diloco.runtime.dist.mailbox import Lease, Mailbox
 from decoupled_diloco.tasks import base as tasks_base
 from decoupled_diloco.tasks.base import Task
