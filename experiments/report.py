@@ -19,7 +19,10 @@ every run's `summary.json`, `metrics.jsonl` (eval loss vs step) and
     `utilisation_vs_bandwidth`, `timeline` (one run's events.jsonl: per learner
     busy, down and slice failures, and the merges of every fragment), `routing`
     (a mixture of experts' `routing/*` diagnostics at each eval, by cell, mean
-    over seeds; decoupled/router_probe.py says what each measures).
+    over seeds; decoupled/router_probe.py says what each measures),
+    `gap_vs_tokens` (cells named `{kind}_x{scale}`: each kind's metric relative
+    to the reference kind's at the same scale, vs tokens, with a line fitted in
+    log tokens).
 
 Check kinds (dicts in the sweep's `checks`; `metric` defaults to the sweep's):
   within a b tol         |mean(a)/mean(b) - 1| <= tol
@@ -529,7 +532,46 @@ def fig_routing(sweep: dict, out: str) -> str | None:
   return f"{sweep['name']}_routing.png"
 
 
+def fig_gap_vs_tokens(sweep: dict, out: str) -> str | None:
+  """Each cell `{kind}_x{scale}`'s loss relative to `{reference kind}_x{scale}`, vs tokens,
+  with a least-squares line in log tokens per kind."""
+  reference = sweep["reference"].rsplit("_x", 1)[0]
+  gaps = collections.defaultdict(list)  # kind -> [(tokens, gap %, s.e. %)]
+  for c in sweep["cells"]:
+    kind, _, scale = c["name"].rpartition("_x")
+    base = f"{reference}_x{scale}"
+    if kind == reference or not sweep["runs"].get(c["name"]) or not sweep["runs"].get(base):
+      continue
+    mean, se, _ = cell_stats(sweep, c["name"], sweep["metric"])
+    ref, ref_se, _ = cell_stats(sweep, base, sweep["metric"])
+    tokens = next(iter(sweep["runs"][c["name"]].values()))["tokens"]
+    gaps[kind].append((tokens, 100 * (mean / ref - 1),
+                       100 * math.hypot(se / ref, mean * ref_se / ref**2)))
+  if not gaps:
+    return None
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for kind, pts in sorted(gaps.items()):
+    pts.sort()
+    x, y, e = (np.array(v) for v in zip(*pts))
+    line = ax.errorbar(x / 1e6, y, yerr=e, fmt="o", capsize=2, label=kind)[0]
+    if len(pts) > 1:
+      slope, intercept = np.polyfit(np.log10(x), y, 1)
+      fit = np.geomspace(x.min(), x.max() * 4, 20)
+      ax.plot(fit / 1e6, slope * np.log10(fit) + intercept, "--", color=line.get_color(),
+              label=f"{kind}: {slope:+.1f} points per 10x tokens")
+  ax.axhline(0, color="k", lw=0.8)
+  ax.set_xscale("log")
+  ax.set_xlabel("tokens (millions, log scale)")
+  ax.set_ylabel(f"eval loss vs {reference} (%)")
+  ax.set_title(f"{sweep['title']}\nmean over seeds, ±1 s.e.; dashed: fit in log tokens",
+               fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, out, f"{sweep['name']}_gap_vs_tokens.png")
+
+
 FIGURES = {"loss_curves": fig_loss_curves, "bytes": fig_bytes,
+           "gap_vs_tokens": fig_gap_vs_tokens,
            "goodput_vs_chips": fig_goodput_vs_chips,
            "utilisation_vs_bandwidth": fig_utilisation_vs_bandwidth, "timeline": fig_timeline,
            "routing": fig_routing}

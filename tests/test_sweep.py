@@ -320,3 +320,31 @@ def test_merge_into_adds_or_replaces_one_sweep_and_keeps_the_others(tmp_path):
   assert sorted((r["sweep"], r["cell"], r["seed"]) for r in rows) == sorted(
       (s, c, str(seed)) for s in ("one", "two", "three") for c in "ab" for seed in (0, 1))
   assert {r["final_eval_loss"] for r in rows if r["sweep"] == "two"} == {"3.0", "3.1"}
+
+
+def test_gap_vs_tokens_draws_each_kind_against_the_reference_at_its_scale(tmp_path):
+  from experiments import report  # pylint: disable=g-import-not-at-top
+  loss = {"data_parallel_x1": 2.0, "tuned_x1": 2.2, "data_parallel_x4": 1.5, "tuned_x4": 1.575}
+  runs = {cell: {0: {"final_eval_loss": v, "tokens": 1_000_000 * int(cell[-1])}}
+          for cell, v in loss.items()}
+  sweep = {"name": "scale", "title": "Scale", "metric": "final_eval_loss", "runs": runs,
+           "reference": "data_parallel_x1", "cells": [{"name": c} for c in loss]}
+  lines = []
+  real_polyfit = report.np.polyfit
+  def polyfit(x, y, deg):
+    lines.append((list(x), list(y)))
+    return real_polyfit(x, y, deg)
+  report.np.polyfit = polyfit
+  try:
+    name = report.fig_gap_vs_tokens(sweep, str(tmp_path))
+  finally:
+    report.np.polyfit = real_polyfit
+  assert name == "scale_gap_vs_tokens.png"
+  assert matplotlib.image.imread(str(tmp_path / name)).shape[0] > 100
+  (x, y), = lines  # One kind, tuned: +10% at 1M tokens, +5% at 4M.
+  np.testing.assert_allclose(x, [6.0, np.log10(4e6)])
+  np.testing.assert_allclose(y, [10.0, 5.0])
+  del runs["data_parallel_x4"]  # No reference at 4x: nothing to draw a trend from.
+  assert report.fig_gap_vs_tokens(sweep, str(tmp_path)) is not None
+  del runs["data_parallel_x1"]
+  assert report.fig_gap_vs_tokens(sweep, str(tmp_path)) is None
