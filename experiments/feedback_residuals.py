@@ -36,7 +36,7 @@ def main(argv):
   if not 0 < _DECAY.value <= 1:
     raise app.UsageError(f"--decay={_DECAY.value} must be in (0, 1]: with 0 nothing is kept.")
   logging.set_verbosity(logging.WARNING)
-  c = diloco.get_config()
+  c = diloco.get_config("h25")
   c.seed = _SEED.value
   c.codec.update(up=_CODEC.value, error_feedback=True, feedback_decay=_DECAY.value)
   cfg = config_lib.parse(c)

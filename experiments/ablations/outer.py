@@ -9,7 +9,7 @@ sweep of its own (one seed first, then four at the cells that matter):
 
   sync_every   H = 5, 10, 25 (today's default), 50, at today's outer optimizer
                (Nesterov, lr 0.7, momentum 0.5)
-  outer        outer lr 0.5 / 0.7 / 1.0 x momentum 0 / 0.5 / 0.9, at H = BEST_H
+  outer        outer lr 0.5 / 0.7 / 1.0 / 1.4 x momentum 0 / 0.5 / 0.9, at H = BEST_H
   inner        the inner lr x 0.5 / 1 / 2, at the best outer cell
   confirm      data-parallel, today's default, and the best cells, 4 seeds
   scale        data-parallel, default and tuned DiLoCo at 1x, 4x and 16x the tokens
@@ -35,7 +35,7 @@ DEFAULT = {"diloco.sync_every": 25, "outer.lr": 0.7, "outer.momentum": 0.5}
 EVALS = {"train.eval_every": 50}  # Loss-vs-tokens curves.
 # The evidence each later stage starts from (stage `sync_every`, `outer`; see the report).
 BEST_H = 5
-BEST_OUTER = {"outer.lr": 0.7, "outer.momentum": 0.5}
+BEST_OUTER = {"outer.lr": 1.0, "outer.momentum": 0.0}  # Plain averaging, every BEST_H steps.
 SEEDS = (0, 1, 2, 3)
 SCALES = (1, 4, 16)
 
@@ -56,7 +56,7 @@ def _stage(arg: str) -> tuple[list[dict], str, tuple, str]:
     cells = [dp] + [
         _diloco(f"lr{lr}_m{m}", {"diloco.sync_every": BEST_H, "outer.lr": lr,
                                  "outer.momentum": m})
-        for lr in (0.5, 0.7, 1.0) for m in (0.0, 0.5, 0.9)]
+        for lr in (0.5, 0.7, 1.0, 1.4) for m in (0.0, 0.5, 0.9)]
     return cells, f"DiLoCo M = 4, H = {BEST_H}: the outer optimizer", (0,), (
         f"Nesterov momentum at H = {BEST_H} (the best of the H stage).")
   if arg == "inner":
@@ -68,9 +68,11 @@ def _stage(arg: str) -> tuple[list[dict], str, tuple, str]:
   if arg == "confirm":
     tuned = {"diloco.sync_every": BEST_H, **BEST_OUTER}
     cells = [dp, _diloco("default", DEFAULT), _diloco("tuned", tuned),
-             _diloco("tuned_h10", {**tuned, "diloco.sync_every": 10})]
+             _diloco("m1_default", {**DEFAULT, "diloco.num_learners": 1})]
     return cells, "Outer optimization: DiLoCo M = 4, default vs tuned, 4 seeds", SEEDS, (
-        "Paired by seed: each seed's data order and init are shared by every cell.")
+        "Paired by seed: each seed's init and data order are shared by every cell."
+        " `m1_default`: one learner on the whole batch with the H = 25 outer loop (the"
+        " tuned one, plain averaging, leaves one learner's training as it is).")
   if arg == "scale":
     tuned = {"diloco.sync_every": BEST_H, **BEST_OUTER}
     cells = [sweep.cell(f"{name}_x{x}", config, {**overrides, "train.steps": 300 * x,
@@ -90,9 +92,21 @@ def get_config(arg=None):
   arg = arg or "sync_every"
   cells, title, seeds, notes = _stage(arg)
   scale = arg == "scale"
+  checks = {
+      "confirm": [
+          dict(claim="Tuned DiLoCo (M = 4) beats the H = 25 default", kind="worse",
+               a="default", b="tuned", tol=0.0),
+          dict(claim="Tuned DiLoCo (M = 4) within 5% of data-parallel, 1x tokens",
+               kind="within", a="tuned", b="data_parallel", tol=0.05),
+          dict(claim="DiLoCo M = 1 at or below data-parallel", kind="not_worse",
+               a="m1_default", b="data_parallel", tol=0.0)],
+      "scale": [
+          dict(claim="Tuned DiLoCo (M = 4) within 5% of data-parallel at 4x tokens",
+               kind="within", a="tuned_x4", b="data_parallel_x4", tol=0.05)],
+  }.get(arg, [])
   return sweep.make_sweep(
       name=f"outer_{arg}", title=title, cells=cells,
       reference="data_parallel_x1" if scale else "data_parallel", seeds=seeds,
       timeout_s=7200 if scale else 1800, columns=("tokens", "outer_steps"),
-      figures=("gap_vs_tokens",) if scale else ("loss_curves",), notes=notes,
+      figures=("gap_vs_tokens",) if scale else ("loss_curves",), checks=checks, notes=notes,
       commands=__doc__)
