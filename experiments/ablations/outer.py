@@ -82,8 +82,9 @@ def _stage(arg: str) -> tuple[list[dict], str, tuple, str]:
                                              ("default", DILOCO, DEFAULT),
                                              ("tuned", DILOCO, tuned))]
     return cells, "Gap to data-parallel vs scale (DiLoCo M = 4)", (0,), (
-        "Each budget is its own run (warmup, cosine decay and outer steps scale with it);"
-        " the gap is each cell's eval loss over data-parallel's at the same tokens.")
+        "Each budget is its own run (warmup, cosine decay and outer steps scale with it)."
+        " The table compares every row with data-parallel at 1x; the figure compares each"
+        " with data-parallel at its own tokens (the gap).")
   raise ValueError(f"stage {arg!r} is unknown; choose sync_every, outer, inner, confirm or scale"
                    " (experiments/ablations/outer.py:sync_every).")
 
