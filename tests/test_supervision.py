@@ -444,7 +444,14 @@ def test_sigterm_and_kill_9_of_the_launcher_stop_every_child_and_the_run_resumes
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["segments"] == [{k: s[k] for k in ("start", "end", "ended")} for s in segments]
   assert summary["wall_seconds"] == pytest.approx(sum(s["end"] - s["start"] for s in segments))
-  assert 0 < summary["goodput"] <= 1 and 0 < summary["uptime"] <= 1
+  # Busy time over every launch's wall time, unclamped: at most 1, give or take the
+  # second a killed launcher's last heartbeat may leave out of its segment (over the
+  # last launch alone, as the summary once computed it, it would be far above).
+  busy = sum(l["busy_s"] for l in summary["learners"])
+  raw = busy / (len(summary["learners"]) * summary["wall_seconds"])
+  assert 0 < raw <= 1 + 1.0 / summary["wall_seconds"], raw
+  assert summary["goodput"] == pytest.approx(min(raw, 1.0))
+  assert 0 < summary["uptime"] <= 1
   assert summary["learners"][0]["steps"] == 100
   shown = [int(g) for g in re.findall(r"\| goodput (\d+)%", run.output())]
   assert shown and max(shown) <= 100
