@@ -149,9 +149,8 @@ class LocalRun:
       if os.path.exists(path):
         os.remove(path)
       return
-    with open(path + ".tmp", "w") as f:
-      json.dump({"bytes_per_s": bytes_per_s, "latency_s": latency_s}, f)
-    os.replace(path + ".tmp", path)
+    workdir_lib.write_atomically(path, json.dumps({"bytes_per_s": bytes_per_s,
+                                                   "latency_s": latency_s}))
 
   def mailbox(self):
     from decoupled_diloco.runtime.dist.mailbox import Mailbox  # pylint: disable=g-import-not-at-top

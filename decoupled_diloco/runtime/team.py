@@ -335,15 +335,12 @@ def payload_bytes(cfg: Config, flat: dict, fragments) -> tuple[list[int], list[i
   """Per fragment, the array bytes of a contribution and of a publication (the larger
   of an update under the down codec and a full copy): what the mailbox bounds reads by."""
   up, down = make_codec(cfg.codec, "up"), make_codec(cfg.codec, "down")
-  sizes = []
-  for names in fragments:
-    f32 = [jax.ShapeDtypeStruct(np.shape(flat[k]), np.float32) for k in names]
-    own = [jax.ShapeDtypeStruct(np.shape(flat[k]), flat[k].dtype) for k in names]
-    nbytes = lambda codec, spec: codecs.payload_nbytes(
-        jax.eval_shape(lambda ts: codecs.encode_tree(codec, ts), spec))
-    sizes.append((nbytes(up, f32), max(nbytes(down, f32), nbytes(codecs.EXACT, f32),
-                                       nbytes(codecs.EXACT, own))))
-  return [u for u, _ in sizes], [d for _, d in sizes]
+  def nbytes(codec, names, dtype=None):
+    spec = [jax.ShapeDtypeStruct(np.shape(flat[k]), dtype or flat[k].dtype) for k in names]
+    return codecs.payload_nbytes(jax.eval_shape(lambda ts: codecs.encode_tree(codec, ts), spec))
+  return ([nbytes(up, names, np.float32) for names in fragments],
+          [max(nbytes(down, names, np.float32), nbytes(codecs.EXACT, names, np.float32),
+               nbytes(codecs.EXACT, names)) for names in fragments])
 
 
 def make_syncer(cfg: Config, task: Task, flat: dict, fragments, device=None) -> Syncer:

@@ -126,13 +126,13 @@ def kvstore_spec(url: str) -> dict:
   Raises:
     ValueError: for a URL of any other form.
   """
-  parsed = urllib.parse.urlsplit(url)
   scheme, sep, rest = url.partition("://")
   if not sep and url and ":" not in url.split("/")[0]:
     scheme, rest = "file", os.path.abspath(url)
-  rest = rest.split("?")[0].rstrip("/")
+  rest, _, query_text = rest.partition("?")
+  rest = rest.rstrip("/")
   path = rest + "/" if rest else ""
-  query = urllib.parse.parse_qs(parsed.query) if sep else {}
+  query = urllib.parse.parse_qs(query_text)
   if set(query) - ({"endpoint", "region"} if scheme == "s3" else set()):
     raise ValueError(f"Mailbox url {url!r}: unknown parameters {sorted(query)}"
                      " (only s3:// takes ?endpoint=...&region=...).")
@@ -247,7 +247,7 @@ class Mailbox:
     self._lock = threading.Lock()
     self.rejected = collections.Counter()  # (kind, reason) -> objects.
     self._bad: dict[tuple[str, bytes], str] = {}  # (key, generation) -> reason, logged once.
-    self._newest: dict[str, tuple[str, object]] = {}  # Prefix -> (key, parsed), authentic.
+    self._newest: dict[str, tuple[int, object]] = {}  # Prefix -> (number, parsed), authentic.
     self.bytes_written = self.bytes_read = 0
     try:
       self._kv = ts.KvStore.open(spec, context=context).result(timeout=timeout_s)
@@ -332,12 +332,12 @@ class Mailbox:
       if "OUT_OF_RANGE" not in str(e):
         raise
       return _Read("bad", b"", generation, "truncated")
+    if result.state != "value":
+      return _Read("missing", b"", result.stamp.generation)
     value = result.value  # Each access of `.value` copies the bytes: take them once.
     self._link(len(value))
     with self._lock:
       self.bytes_read += len(value)
-    if result.state != "value":
-      return _Read("missing", b"", result.stamp.generation)
     return _Read("value", value, result.stamp.generation)
 
   def _write(self, key: str, value: bytes | None, if_equal: bytes | None = None) -> bytes:
@@ -590,17 +590,18 @@ class Mailbox:
     prefix = f"down/{p}/"
     return [n[0] for k in self.keys(prefix) if (n := _numbers(k, prefix, 1))]
 
+  def _latest(self, p: int, versions) -> int | None:
+    got = self._newest_authentic(f"down/{p}/", versions, lambda v: self.publication(p, v))
+    return None if got is None else got[0]
+
   def latest_version(self, p: int) -> int | None:
     """The newest version of fragment `p` whose publication counts."""
-    return self.latest_versions(p + 1)[p]
+    return self._latest(p, self.versions(p))
 
   def latest_versions(self, num_fragments: int) -> list[int | None]:
     """`latest_version` of every fragment, from one listing (what pollers call)."""
-    out = []
-    for p, versions in enumerate(self._numbered("down/", num_fragments)):
-      got = self._newest_authentic(f"down/{p}/", versions, lambda v: self.publication(p, v))
-      out.append(None if got is None else got[0])
-    return out
+    return [self._latest(p, versions)
+            for p, versions in enumerate(self._numbered("down/", num_fragments))]
 
   def publication(self, p: int, v: int) -> tuple[Publication, dict] | None:
     """(publication, extra header fields) of version `v` of fragment `p`."""

@@ -92,7 +92,6 @@ class SyncerService:
     self._warm = False
     self.log = EventLog(os.path.join(workdir, "events.jsonl"), clock=clock, role="syncer")
     self.started = clock()
-    self.learners_info: dict[int, dict] = {}
 
   # --- leading ----------------------------------------------------------------------
 
@@ -198,7 +197,7 @@ class SyncerService:
     p = pub.fragment
     full = self.syncer.publication(p) if self.syncer.held is not None and pub.round >= 0 else None
     # The publication lands at the learners about one poll later, as they measure it.
-    latencies = [i.get("latency_s", 0.0) for i in self.learners_info.values()]
+    latencies = [l.info.get("latency_s", 0.0) for l in self.leases.values()]
     self.protocol.rounds.observe_sync(
         self._write_s + (float(np.median(latencies)) if latencies else 0.0))
     t0 = self.clock()
@@ -222,8 +221,8 @@ class SyncerService:
     if not alive:
       return
     below_round = int(min(self.seen[p, m] for m in alive)) + 1
-    bases = [self.learners_info.get(m, {}).get("base_versions", [0] * self.num_fragments)[p]
-             for m in alive]
+    infos = [self.leases[m].info if m in self.leases else {} for m in alive]
+    bases = [i.get("base_versions", [0] * self.num_fragments)[p] for i in infos]
     below_version = min(int(min(bases)), int(self.syncer.version[p]) - self.cfg.dist.keep_versions)
     n = self.mailbox.collect(p, below_round=below_round, below_version=max(below_version, 0))
     self.log("collect", fragment=p, below_round=below_round, below_version=below_version,
@@ -253,7 +252,6 @@ class SyncerService:
     for m in range(self.num_learners):
       lease = self.leases.get(m)
       if lease is not None:
-        self.learners_info[m] = lease.info
         done += lease.info.get("status") == "done"
       up = live(lease, now) or (lease is None and now - self.started < self.cfg.dist.startup_s)
       incarnation = lease.info.get("incarnation") if lease else None
@@ -354,7 +352,7 @@ class SyncerService:
         "protocol": {**self.protocol.counts, **self.counts, "xi_step": rounds.xi_step,
                      "xi_quorum": rounds.xi_quorum, "xi_sync": rounds.xi_sync},
         "wall_seconds": self.clock() - self.started, "epoch": self.lease.epoch,
-        "learners": {str(m): i for m, i in sorted(self.learners_info.items())},
+        "learners": {str(m): l.info for m, l in sorted(self.leases.items())},
     }
     self._stop.set()
     self.mailbox.release(self.lease)
