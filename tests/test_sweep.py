@@ -17,6 +17,7 @@ import sys
 import time
 
 import matplotlib.image
+import ml_collections
 import numpy as np
 import pytest
 
@@ -348,3 +349,19 @@ def test_gap_vs_tokens_draws_each_kind_against_the_reference_at_its_scale(tmp_pa
   assert report.fig_gap_vs_tokens(sweep, str(tmp_path)) is not None
   del runs["data_parallel_x1"]
   assert report.fig_gap_vs_tokens(sweep, str(tmp_path)) is None
+
+
+@pytest.mark.parametrize("stage", ["sync_every", "outer", "inner", "learners", "batch",
+                                   "confirm", "scale", "scale_llama"])
+def test_every_outer_loop_stage_plans_valid_configs(tmp_path, stage):
+  """A misspelt override or an invalid cell (e.g. a batch M does not divide) fails here,
+  not an hour into a sweep."""
+  from decoupled_diloco import config as config_lib  # pylint: disable=g-import-not-at-top
+  from experiments import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  spec = sweep_lib.load_config(f"experiments/ablations/outer.py:{stage}")
+  runs = sweep_lib.plan(spec, str(tmp_path), [0], {})
+  assert len(runs) == len(spec.cells)
+  for run in runs:
+    config_lib.parse(ml_collections.ConfigDict(run.config))
+  with pytest.raises(ValueError, match="stage 'nope' is unknown"):
+    sweep_lib.load_config("experiments/ablations/outer.py:nope")

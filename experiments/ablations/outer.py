@@ -11,17 +11,30 @@ sweep of its own (one seed first, then four at the cells that matter):
                (Nesterov, lr 0.7, momentum 0.5)
   outer        outer lr 0.5 / 0.7 / 1.0 / 1.4 x momentum 0 / 0.5 / 0.9, at H = BEST_H
   inner        the inner lr x 0.5 / 1 / 2, at the best outer cell
-  confirm      data-parallel, today's default, and the best cells, 4 seeds
+  learners     at the tuned outer loop: M = 1 (plain, and with outer momentum), M = 2,
+               M = 4 with H = 1 and 2, Decoupled DiLoCo (its default and tuned: P = H = 5,
+               plain averaging)
+  batch        data-parallel and tuned DiLoCo at global batch 32, 64, 128 sequences,
+               equal tokens (300, 150, 75 steps; warmup scaled with them)
+  confirm      data-parallel, the earlier default, and the best cells, 4 seeds, with the
+               precision check ("sign beats fp32") re-run at the tuned setting
   scale        data-parallel, default and tuned DiLoCo at 1x, 4x and 16x the tokens
                (300, 1200, 4800 steps; the schedules stretch with them)
+  scale_llama  the same for the Llama decoder (experiments/llama.py), without the
+               earlier default
 
 CPU (about a minute a run on an idle 2-core machine):
   python -m experiments.sweep --sweep=experiments/ablations/outer.py:sync_every --workdir=runs/ablations/outer_h --jobs=1
   python -m experiments.sweep --sweep=experiments/ablations/outer.py:outer --workdir=runs/ablations/outer_lr --jobs=1
   python -m experiments.sweep --sweep=experiments/ablations/outer.py:inner --workdir=runs/ablations/outer_inner --jobs=1
+  python -m experiments.sweep --sweep=experiments/ablations/outer.py:learners --workdir=runs/ablations/outer_learners --jobs=1
+  python -m experiments.sweep --sweep=experiments/ablations/outer.py:batch --workdir=runs/ablations/outer_batch --jobs=1
   python -m experiments.sweep --sweep=experiments/ablations/outer.py:confirm --workdir=runs/ablations/outer_confirm --jobs=1
   python -m experiments.sweep --sweep=experiments/ablations/outer.py:scale --workdir=runs/ablations/outer_scale --jobs=1
-  python -m experiments.report runs/ablations/outer_h runs/ablations/outer_lr runs/ablations/outer_inner runs/ablations/outer_confirm runs/ablations/outer_scale --into=experiments/results/ablations
+  python -m experiments.sweep --sweep=experiments/ablations/outer.py:scale_llama --workdir=runs/ablations/outer_scale_llama --jobs=1
+  python -m experiments.report runs/ablations/outer_h runs/ablations/outer_lr runs/ablations/outer_inner \
+      runs/ablations/outer_learners runs/ablations/outer_batch runs/ablations/outer_confirm runs/ablations/outer_scale \
+      runs/ablations/outer_scale_llama --into=experiments/results/ablations
 
 Results: experiments/results/ablations/report.md ("Outer optimization", "Gap to
 data-parallel vs scale").
@@ -31,17 +44,28 @@ from experiments import sweep
 
 DILOCO = "experiments/diloco.py"
 DP = "experiments/data_parallel.py"
+DECOUPLED = "experiments/decoupled_diloco.py:nochaos"
+LLAMA = "experiments/llama.py"
 DEFAULT = {"diloco.sync_every": 25, "outer.lr": 0.7, "outer.momentum": 0.5}
 EVALS = {"train.eval_every": 50}  # Loss-vs-tokens curves.
 # The evidence each later stage starts from (stage `sync_every`, `outer`; see the report).
 BEST_H = 5
 BEST_OUTER = {"outer.lr": 1.0, "outer.momentum": 0.0}  # Plain averaging, every BEST_H steps.
+TUNED = {"diloco.sync_every": BEST_H, **BEST_OUTER}
+# Decoupled DiLoCo syncs one of P fragments a step, so each fragment every H = P steps.
+DECOUPLED_TUNED = {"diloco.num_fragments": BEST_H, **TUNED}
 SEEDS = (0, 1, 2, 3)
 SCALES = (1, 4, 16)
 
 
-def _diloco(name: str, overrides: dict) -> dict:
-  return sweep.cell(name, DILOCO, {**EVALS, **overrides})
+def _diloco(name: str, overrides: dict, config: str = DILOCO) -> dict:
+  return sweep.cell(name, config, {**EVALS, **overrides})
+
+
+def _batch(b: int) -> dict:
+  """Global batch `b` at the quickstart's tokens (32 x 300 sequences), schedules scaled."""
+  return {"data.batch_size": b, "train.steps": 300 * 32 // b,
+          "train.eval_every": 50 * 32 // b, "inner.warmup_steps": 30 * 32 // b}
 
 
 def _stage(arg: str) -> tuple[list[dict], str, tuple, str]:
@@ -60,39 +84,71 @@ def _stage(arg: str) -> tuple[list[dict], str, tuple, str]:
     return cells, f"DiLoCo M = 4, H = {BEST_H}: the outer optimizer", (0,), (
         f"Nesterov momentum at H = {BEST_H} (the best of the H stage).")
   if arg == "inner":
-    tuned = {"diloco.sync_every": BEST_H, **BEST_OUTER}
-    cells = [dp] + [_diloco(f"inner_x{f:g}", {**tuned, "inner.lr": 3e-3 * f})
+    cells = [dp] + [_diloco(f"inner_x{f:g}", {**TUNED, "inner.lr": 3e-3 * f})
                     for f in (0.5, 1.0, 2.0)]
     return cells, "DiLoCo M = 4, tuned outer loop: the inner learning rate", (0,), (
         "AdamW peak lr 3e-3 (the data-parallel setting) scaled for 8 sequences a learner.")
+  if arg == "learners":
+    m1 = {"diloco.num_learners": 1}
+    cells = [dp,
+             _diloco("m1_tuned", {**TUNED, **m1}),
+             _diloco("m1_h5_lr1.0_m0.5", {**TUNED, **m1, "outer.momentum": 0.5}),
+             _diloco("m1_h5_lr0.7_m0.9", {**TUNED, **m1, "outer.lr": 0.7, "outer.momentum": 0.9}),
+             _diloco("m1_h25_lr0.7_m0.9", {**m1, "diloco.sync_every": 25, "outer.lr": 0.7,
+                                            "outer.momentum": 0.9}),
+             _diloco("m2_tuned", {**TUNED, "diloco.num_learners": 2}),
+             _diloco("m4_h1", {**TUNED, "diloco.sync_every": 1}),
+             _diloco("m4_h2", {**TUNED, "diloco.sync_every": 2}),
+             _diloco("m4_tuned", TUNED),
+             _diloco("decoupled_default", {}, DECOUPLED),
+             _diloco("decoupled_tuned", DECOUPLED_TUNED, DECOUPLED)]
+    return cells, "DiLoCo M = 1, 2, 4 and Decoupled DiLoCo at the tuned outer loop", (0,), (
+        f"Tuned: H = {BEST_H}, outer lr 1.0, momentum 0 (plain averaging). M = 1 with plain"
+        " averaging is data-parallel up to rounding; with outer momentum it is a lookahead"
+        " optimizer. Decoupled DiLoCo: `experiments/decoupled_diloco.py:nochaos` (P = H = 10,"
+        f" Nesterov lr 0.7, momentum 0.5), tuned P = H = {BEST_H} with plain averaging.")
+  if arg == "batch":
+    cells = [c for b in (32, 64, 128) for c in (
+        sweep.cell("data_parallel" if b == 32 else f"data_parallel_b{b}", DP, _batch(b)),
+        _diloco(f"tuned_b{b}", {**TUNED, **_batch(b)}))]
+    return cells, "DiLoCo M = 4 and data-parallel vs the global batch, equal tokens", (0,), (
+        "Global batch in sequences of 128 bytes, summed over the 4 learners; the inner lr"
+        " stays 3e-3; warmup, evals and steps scale with 32 / batch.")
   if arg == "confirm":
-    tuned = {"diloco.sync_every": BEST_H, **BEST_OUTER}
-    cells = [dp, _diloco("default", DEFAULT), _diloco("tuned", tuned),
-             _diloco("m1_default", {**DEFAULT, "diloco.num_learners": 1})]
+    sign = {"codec.up": "sign"}
+    cells = [dp, _diloco("default", DEFAULT), _diloco("tuned", TUNED),
+             _diloco("m1_default", {**DEFAULT, "diloco.num_learners": 1}),
+             _diloco("m2_tuned", {**TUNED, "diloco.num_learners": 2}),
+             _diloco("decoupled_default", {}, DECOUPLED),
+             _diloco("decoupled_tuned", DECOUPLED_TUNED, DECOUPLED),
+             _diloco("decoupled_default_sign", sign, DECOUPLED),
+             _diloco("decoupled_tuned_sign", {**DECOUPLED_TUNED, **sign}, DECOUPLED)]
     return cells, "Outer optimization: DiLoCo M = 4, default vs tuned, 4 seeds", SEEDS, (
         "Paired by seed: each seed's init and data order are shared by every cell."
         " `m1_default`: one learner on the whole batch with the H = 25 outer loop (the"
         " tuned one, plain averaging, leaves one learner's training as it is).")
-  if arg == "scale":
-    tuned = {"diloco.sync_every": BEST_H, **BEST_OUTER}
+  if arg in ("scale", "scale_llama"):
+    kinds = (("data_parallel", DP, {}), ("default", DILOCO, DEFAULT), ("tuned", DILOCO, TUNED))
+    if arg == "scale_llama":
+      kinds = (("data_parallel", LLAMA + ":data_parallel", {}),
+               ("tuned", LLAMA + ":diloco", TUNED))
     cells = [sweep.cell(f"{name}_x{x}", config, {**overrides, "train.steps": 300 * x,
                                                   "train.eval_every": 50 * x})
-             for x in SCALES
-             for name, config, overrides in (("data_parallel", DP, {}),
-                                             ("default", DILOCO, DEFAULT),
-                                             ("tuned", DILOCO, tuned))]
-    return cells, "Gap to data-parallel vs scale (DiLoCo M = 4)", (0,), (
+             for x in SCALES for name, config, overrides in kinds]
+    model = " (the Llama decoder of `experiments/llama.py`)" if arg == "scale_llama" else ""
+    return cells, f"Gap to data-parallel vs scale (DiLoCo M = 4){model}", (0,), (
         "Each budget is its own run (warmup, cosine decay and outer steps scale with it)."
         " The table compares every row with data-parallel at 1x; the figure compares each"
         " with data-parallel at its own tokens (the gap).")
-  raise ValueError(f"stage {arg!r} is unknown; choose sync_every, outer, inner, confirm or scale"
+  raise ValueError(f"stage {arg!r} is unknown; choose sync_every, outer, inner, learners,"
+                   " batch, confirm, scale or scale_llama"
                    " (experiments/ablations/outer.py:sync_every).")
 
 
 def get_config(arg=None):
   arg = arg or "sync_every"
   cells, title, seeds, notes = _stage(arg)
-  scale = arg == "scale"
+  scale = arg.startswith("scale")
   checks = {
       "confirm": [
           dict(claim="Tuned DiLoCo (M = 4) beats the H = 25 default", kind="worse",
@@ -100,10 +156,18 @@ def get_config(arg=None):
           dict(claim="Tuned DiLoCo (M = 4) within 5% of data-parallel, 1x tokens",
                kind="within", a="tuned", b="data_parallel", tol=0.05),
           dict(claim="DiLoCo M = 1 at or below data-parallel", kind="not_worse",
-               a="m1_default", b="data_parallel", tol=0.0)],
-      "scale": [
-          dict(claim="Tuned DiLoCo (M = 4) within 5% of data-parallel at 4x tokens",
-               kind="within", a="tuned_x4", b="data_parallel_x4", tol=0.05)],
+               a="m1_default", b="data_parallel", tol=0.0),
+          dict(claim="Tuned DiLoCo M = 2 within 5% of data-parallel, 1x tokens",
+               kind="within", a="m2_tuned", b="data_parallel", tol=0.05),
+          dict(claim="Tuned Decoupled DiLoCo (P = H = 5, plain averaging) beats its default",
+               kind="worse", a="decoupled_default", b="decoupled_tuned", tol=0.0),
+          dict(claim="Sign beats fp32 pseudo-gradients, Decoupled DiLoCo's default outer loop",
+               kind="worse", a="decoupled_default", b="decoupled_default_sign", tol=0.0),
+          dict(claim="Sign beats fp32 pseudo-gradients, Decoupled DiLoCo tuned",
+               kind="worse", a="decoupled_tuned", b="decoupled_tuned_sign", tol=0.0)],
+      **{stage: [dict(claim="Tuned DiLoCo (M = 4) within 5% of data-parallel at 4x tokens",
+                      kind="within", a="tuned_x4", b="data_parallel_x4", tol=0.05)]
+         for stage in ("scale", "scale_llama")},
   }.get(arg, [])
   return sweep.make_sweep(
       name=f"outer_{arg}", title=title, cells=cells,
