@@ -45,6 +45,7 @@ _CLAIMS = [
 def run(row: str, seed: int) -> dict:
   variant, up, down = (row.split(":") + ["fp32", "fp32"])[:3]
   c = decoupled_diloco.get_config(variant)
+  c.update_from_flattened_dict(decoupled_diloco.EARLIER)  # What results/ was measured at.
   c.seed = seed
   c.chaos.seed = c.chaos.seed + seed
   c.train.update(steps=_STEPS.value, eval_every=0, checkpoint_every=0)

@@ -1,8 +1,8 @@
 """The real runtime (processes over a file:// mailbox) against what it is built on.
 
 Four measurements, side by side in one run on this machine, all on
-experiments/decoupled_diloco.py:nochaos (tiny model, P = H = 10: every step
-sends one fragment and takes one publication) with 16 sequences per learner:
+experiments/decoupled_diloco.py:nochaos with its earlier outer loop (tiny model,
+P = H = 10: every step sends one fragment and takes one publication) with 16 sequences per learner:
 
 1. Mailbox throughput: create-once writes and reads of a contribution (that
    config's largest fragment, the whole model, 16 MiB) vs a plain file write
@@ -101,6 +101,7 @@ def _wait(run, done, what: str) -> None:
 def run_config(num_learners: int, num_steps: int, checkpoint_every: int):
   """The paper's setting (P = H = 10) on the tiny model, 16 sequences per learner."""
   c = decoupled_diloco.get_config("nochaos")
+  c.update_from_flattened_dict(decoupled_diloco.EARLIER)  # What results/ was measured at.
   c.data.batch_size = 16 * num_learners
   c.diloco.num_learners = num_learners
   c.train.update(steps=num_steps, eval_every=0, checkpoint_every=checkpoint_every,

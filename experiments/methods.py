@@ -14,8 +14,14 @@ METHODS = {
     # architecture) ran; the tuned one (experiments/diloco.py) was found on the GPT only.
     "diloco": lambda: diloco.get_config("h25"),
     "streaming": lambda: streaming_diloco.get_config(),
-    "decoupled": lambda: decoupled_diloco.get_config("nochaos"),
+    # P = H = 10, Nesterov 0.7 / 0.5, for the same reason.
+    "decoupled": lambda: _with(decoupled_diloco.get_config("nochaos"), decoupled_diloco.EARLIER),
 }
+
+
+def _with(c, overrides: dict):
+  c.update_from_flattened_dict(overrides)
+  return c
 
 
 def use_method(c, name: str) -> None:

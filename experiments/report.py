@@ -287,7 +287,7 @@ def evaluate_check(sweep: dict, check: dict) -> tuple[str, str]:
   if kind == "increasing":
     means = [st(c)[0] for c in check["cells"]]
     ok = all(_worse_by(b, a, higher) <= 0 for a, b in zip(means, means[1:]))
-    return verdict(ok), " < ".join(desc(c) for c in check["cells"])
+    return verdict(ok), ", then ".join(desc(c) for c in check["cells"])
   if kind == "stays_above":
     a, b = (_series_means(sweep, check[c], check[k])
             for c, k in (("a", "series"), ("b", "reference")))

@@ -40,7 +40,7 @@ Results: experiments/results/ablations/report.md ("Outer optimization", "Gap to
 data-parallel vs scale").
 """
 
-from experiments import sweep
+from experiments import decoupled_diloco, sweep
 
 DILOCO = "experiments/diloco.py"
 DP = "experiments/data_parallel.py"
@@ -54,6 +54,7 @@ BEST_OUTER = {"outer.lr": 1.0, "outer.momentum": 0.0}  # Plain averaging, every 
 TUNED = {"diloco.sync_every": BEST_H, **BEST_OUTER}
 # Decoupled DiLoCo syncs one of P fragments a step, so each fragment every H = P steps.
 DECOUPLED_TUNED = {"diloco.num_fragments": BEST_H, **TUNED}
+DECOUPLED_EARLIER = decoupled_diloco.EARLIER  # Its default before these sweeps.
 SEEDS = (0, 1, 2, 3)
 SCALES = (1, 4, 16)
 
@@ -100,13 +101,14 @@ def _stage(arg: str) -> tuple[list[dict], str, tuple, str]:
              _diloco("m4_h1", {**TUNED, "diloco.sync_every": 1}),
              _diloco("m4_h2", {**TUNED, "diloco.sync_every": 2}),
              _diloco("m4_tuned", TUNED),
-             _diloco("decoupled_default", {}, DECOUPLED),
+             _diloco("decoupled_default", DECOUPLED_EARLIER, DECOUPLED),
              _diloco("decoupled_tuned", DECOUPLED_TUNED, DECOUPLED)]
     return cells, "DiLoCo M = 1, 2, 4 and Decoupled DiLoCo at the tuned outer loop", (0,), (
         f"Tuned: H = {BEST_H}, outer lr 1.0, momentum 0 (plain averaging). M = 1 with plain"
         " averaging is data-parallel up to rounding; with outer momentum it is a lookahead"
-        " optimizer. Decoupled DiLoCo: `experiments/decoupled_diloco.py:nochaos` (P = H = 10,"
-        f" Nesterov lr 0.7, momentum 0.5), tuned P = H = {BEST_H} with plain averaging.")
+        " optimizer. Decoupled DiLoCo: `experiments/decoupled_diloco.py:nochaos` with its"
+        " earlier outer loop (`default`: P = H = 10, Nesterov lr 0.7, momentum 0.5) and"
+        f" tuned (P = H = {BEST_H}, plain averaging, now its default).")
   if arg == "batch":
     cells = [c for b in (32, 64, 128) for c in (
         sweep.cell("data_parallel" if b == 32 else f"data_parallel_b{b}", DP, _batch(b)),
@@ -119,14 +121,22 @@ def _stage(arg: str) -> tuple[list[dict], str, tuple, str]:
     cells = [dp, _diloco("default", DEFAULT), _diloco("tuned", TUNED),
              _diloco("m1_default", {**DEFAULT, "diloco.num_learners": 1}),
              _diloco("m2_tuned", {**TUNED, "diloco.num_learners": 2}),
-             _diloco("decoupled_default", {}, DECOUPLED),
+             _diloco("decoupled_default", DECOUPLED_EARLIER, DECOUPLED),
              _diloco("decoupled_tuned", DECOUPLED_TUNED, DECOUPLED),
-             _diloco("decoupled_default_sign", sign, DECOUPLED),
-             _diloco("decoupled_tuned_sign", {**DECOUPLED_TUNED, **sign}, DECOUPLED)]
-    return cells, "Outer optimization: DiLoCo M = 4, default vs tuned, 4 seeds", SEEDS, (
+             _diloco("decoupled_default_sign", {**DECOUPLED_EARLIER, **sign}, DECOUPLED),
+             _diloco("decoupled_tuned_sign", {**DECOUPLED_TUNED, **sign}, DECOUPLED),
+             # Sign's scale (a block's mean |x|) is sqrt(2 / pi) ~ 0.8 of its rms for
+             # Gaussian values: is sign's gain only a shorter outer step?
+             _diloco("decoupled_tuned_lr0.8", {**DECOUPLED_TUNED, "outer.lr": 0.8}, DECOUPLED)]
+    return cells, "Outer optimization: default vs tuned, 4 seeds", SEEDS, (
         "Paired by seed: each seed's init and data order are shared by every cell."
-        " `m1_default`: one learner on the whole batch with the H = 25 outer loop (the"
-        " tuned one, plain averaging, leaves one learner's training as it is).")
+        " DiLoCo M = 4 (`default`: H = 25, Nesterov lr 0.7, momentum 0.5; `tuned`: H ="
+        f" {BEST_H}, plain averaging); `m1_default`: one learner on the whole batch with the"
+        " H = 25 outer loop (the tuned one, plain averaging, leaves one learner's training as"
+        " it is); Decoupled DiLoCo M = 4 (`default`: P = H = 10, Nesterov lr 0.7, momentum"
+        f" 0.5; `tuned`: P = H = {BEST_H}, plain averaging), with fp32 and with 1-bit (`sign`)"
+        " pseudo-gradients: the precision check at both outer loops; `decoupled_tuned_lr0.8`:"
+        " fp32 with the outer step sign's scale gives Gaussian values.")
   if arg in ("scale", "scale_llama"):
     kinds = (("data_parallel", DP, {}), ("default", DILOCO, DEFAULT), ("tuned", DILOCO, TUNED))
     if arg == "scale_llama":
@@ -150,6 +160,20 @@ def get_config(arg=None):
   cells, title, seeds, notes = _stage(arg)
   scale = arg.startswith("scale")
   checks = {
+      "learners": [
+          dict(claim="DiLoCo M = 1 with plain averaging is data-parallel (within 0.01%)",
+               kind="within", a="m1_tuned", b="data_parallel", tol=1e-4),
+          dict(claim="Outer momentum makes M = 1 beat data-parallel (H = 25, lr 0.7,"
+               " momentum 0.9)", kind="not_worse", a="m1_h25_lr0.7_m0.9", b="data_parallel",
+               tol=0.0),
+          dict(claim="M = 4 closes on data-parallel as H falls (5, 2, 1)", kind="increasing",
+               cells=["m4_tuned", "m4_h2", "m4_h1"]),
+          dict(claim="Tuned DiLoCo M = 4 within 5% of data-parallel at H = 1", kind="within",
+               a="m4_h1", b="data_parallel", tol=0.05)],
+      "batch": [dict(claim=f"Tuned DiLoCo (M = 4) within 5% of data-parallel at global batch {b}",
+                     kind="within", a=f"tuned_b{b}",
+                     b="data_parallel" if b == 32 else f"data_parallel_b{b}", tol=0.05)
+                for b in (32, 64, 128)],
       "confirm": [
           dict(claim="Tuned DiLoCo (M = 4) beats the H = 25 default", kind="worse",
                a="default", b="tuned", tol=0.0),
@@ -164,7 +188,10 @@ def get_config(arg=None):
           dict(claim="Sign beats fp32 pseudo-gradients, Decoupled DiLoCo's default outer loop",
                kind="worse", a="decoupled_default", b="decoupled_default_sign", tol=0.0),
           dict(claim="Sign beats fp32 pseudo-gradients, Decoupled DiLoCo tuned",
-               kind="worse", a="decoupled_tuned", b="decoupled_tuned_sign", tol=0.0)],
+               kind="worse", a="decoupled_tuned", b="decoupled_tuned_sign", tol=0.0),
+          dict(claim="An fp32 outer step of 0.8 (sign's shrink) recovers most of sign's gain",
+               kind="recovers", bad="decoupled_tuned", fixed="decoupled_tuned_lr0.8",
+               good="decoupled_tuned_sign", share=0.5)],
       **{stage: [dict(claim="Tuned DiLoCo (M = 4) within 5% of data-parallel at 4x tokens",
                       kind="within", a="tuned_x4", b="data_parallel_x4", tol=0.05)]
          for stage in ("scale", "scale_llama")},
