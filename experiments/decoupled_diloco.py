@@ -3,9 +3,9 @@
 M = 4 learners on island meshes, P = H = 5 balanced fragments (one fragment
 sent per inner step), tau = 2, quorum K = 1 with the adaptive grace window,
 merge weights tokens^2/steps, radial-directional averaging (embeddings on the
-mean), alpha = 0, outer lr 1.0 without momentum (each fragment's merge replaces
-it: the best outer loop of experiments/ablations/outer.py at this scale; the
-earlier one, P = H = 10 with Nesterov lr 0.7 and momentum 0.5, is `EARLIER`).
+mean), alpha = 0, outer lr 0.8 without momentum (the best outer loop of
+experiments/ablations/outer.py at this scale; the earlier one, P = H = 10 with
+Nesterov lr 0.7 and momentum 0.5, is `EARLIER`).
 A discrete-event simulator runs learners and syncer on a virtual clock (1 s per
 inner step) with real JAX training.
 
@@ -47,9 +47,10 @@ def get_config(arg: str | None = None):
   c.diloco.update(num_learners=4, num_fragments=5, sync_every=5, overlap=2, alpha=0.0,
                   fragmentation="balanced", merge="rda", weighting="tokens2_per_step",
                   quorum=1, grace_gamma=1.0, grace_max_s=5.0)
-  # The report's "Outer optimization: default vs tuned, 4 seeds" (paired: 0.076 +- 0.014
-  # nats/byte better than EARLIER without failures).
-  c.outer.update(name="nesterov", lr=1.0, momentum=0.0)
+  # The report's "Outer optimization: default vs tuned, 4 seeds" (no failures, paired:
+  # lr 1.0 beats EARLIER by 0.076 +- 0.014 nats/byte, and lr 0.8 beats lr 1.0 by 0.046 +-
+  # 0.007: RDA keeps the learners' mean norm, longer than the norm of their mean).
+  c.outer.update(name="nesterov", lr=0.8, momentum=0.0)
   c.sim.update(step_seconds=1.0, latency_s=0.05, syncer_seconds=0.05)
   arg = arg or "chaos"
   if arg == "chaos":
