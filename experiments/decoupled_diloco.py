@@ -14,7 +14,7 @@ every 80 virtual seconds on average and is repaired after ~30 s (lognormal), so
 every learner loses all its slices at least once in the run and rejoins from
 the syncer's fragments; no failure stops the run.
 
-Command (about 3 minutes on a 2-core CPU; eval loss about 2.44 nats/byte, goodput
+Command (about 3 minutes on a 2-core CPU; eval loss about 2.39 nats/byte, goodput
 printed in the summary, next to the data-parallel baselines' virtual time):
   python -m decoupled_diloco.main --config=experiments/decoupled_diloco.py \
       --workdir=/tmp/decoupled

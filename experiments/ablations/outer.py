@@ -148,8 +148,8 @@ def _stage(arg: str) -> tuple[list[dict], str, tuple, str]:
     cells = [sweep.cell(f"{name}_x{x}", config, {**overrides, "train.steps": 300 * x,
                                                   "train.eval_every": 50 * x})
              for x in SCALES for name, config, overrides in kinds]
-    model = " (the Llama decoder of `experiments/llama.py`)" if arg == "scale_llama" else ""
-    return cells, f"Gap to data-parallel vs scale (DiLoCo M = 4){model}", (0,), (
+    model = ", the Llama decoder of `experiments/llama.py`" if arg == "scale_llama" else ""
+    return cells, f"Gap to data-parallel vs scale (DiLoCo M = 4{model})", (0,), (
         "Each budget is its own run (warmup, cosine decay and outer steps scale with it)."
         " The table compares every row with data-parallel at 1x; the figure compares each"
         " with data-parallel at its own tokens (the gap).")
