@@ -2,7 +2,8 @@
 
 Four measurements, side by side in one run on this machine, all on
 experiments/decoupled_diloco.py:nochaos with its earlier outer loop (tiny model,
-P = H = 10: every step sends one fragment and takes one publication) with 16 sequences per learner:
+P = H = 10: every step sends one fragment and takes one publication) with 16
+sequences per learner:
 
 1. Mailbox throughput: create-once writes and reads of a contribution (that
    config's largest fragment, the whole model, 16 MiB) vs a plain file write
