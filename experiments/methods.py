@@ -3,25 +3,27 @@
 `use_method(c, name)` copies the method's sections (runtime, diloco, outer,
 sim) from its own experiment file: `data_parallel`, `diloco`, `streaming`
 (Streaming DiLoCo) or `decoupled` (Decoupled DiLoCo without chaos; the
-variant the real runtime runs too).
+variant the real runtime runs too). DiLoCo and Decoupled DiLoCo keep their
+earlier outer loops here (each file's `EARLIER`).
 """
 
 from experiments import data_parallel, decoupled_diloco, diloco, streaming_diloco
 
+
+def _earlier(experiment, variant=None):
+  """The experiment's config with the outer loop the task sweeps (modality, architecture)
+  ran: the tuned ones (experiments/ablations/outer.py) were found on the GPT only."""
+  c = experiment.get_config(variant)
+  c.update_from_flattened_dict(experiment.EARLIER)
+  return c
+
+
 METHODS = {
     "data_parallel": lambda: data_parallel.get_config(),
-    # H = 25, Nesterov 0.7 / 0.5: the outer loop the task sweeps (modality,
-    # architecture) ran; the tuned one (experiments/diloco.py) was found on the GPT only.
-    "diloco": lambda: diloco.get_config("h25"),
+    "diloco": lambda: _earlier(diloco),
     "streaming": lambda: streaming_diloco.get_config(),
-    # P = H = 10, Nesterov 0.7 / 0.5, for the same reason.
-    "decoupled": lambda: _with(decoupled_diloco.get_config("nochaos"), decoupled_diloco.EARLIER),
+    "decoupled": lambda: _earlier(decoupled_diloco, "nochaos"),
 }
-
-
-def _with(c, overrides: dict):
-  c.update_from_flattened_dict(overrides)
-  return c
 
 
 def use_method(c, name: str) -> None:

@@ -40,13 +40,13 @@ Results: experiments/results/ablations/report.md ("Outer optimization", "Gap to
 data-parallel vs scale").
 """
 
-from experiments import decoupled_diloco, sweep
+from experiments import decoupled_diloco, diloco, sweep
 
 DILOCO = "experiments/diloco.py"
 DP = "experiments/data_parallel.py"
 DECOUPLED = "experiments/decoupled_diloco.py:nochaos"
 LLAMA = "experiments/llama.py"
-DEFAULT = {"diloco.sync_every": 25, "outer.lr": 0.7, "outer.momentum": 0.5}
+DEFAULT = diloco.EARLIER  # H = 25, Nesterov lr 0.7, momentum 0.5: its default before.
 EVALS = {"train.eval_every": 50}  # Loss-vs-tokens curves.
 # The evidence each later stage starts from (stage `sync_every`, `outer`; see the report).
 BEST_H = 5
@@ -54,13 +54,13 @@ BEST_OUTER = {"outer.lr": 1.0, "outer.momentum": 0.0}  # Plain averaging, every 
 TUNED = {"diloco.sync_every": BEST_H, **BEST_OUTER}
 # Decoupled DiLoCo syncs one of P fragments a step, so each fragment every H = P steps.
 DECOUPLED_TUNED = {"diloco.num_fragments": BEST_H, **TUNED}
-DECOUPLED_EARLIER = decoupled_diloco.EARLIER  # Its default before these sweeps.
+DECOUPLED_EARLIER = decoupled_diloco.EARLIER  # P = H = 10, Nesterov 0.7 / 0.5.
 DECOUPLED_BEST = {**DECOUPLED_TUNED, "outer.lr": 0.8}  # Stage `confirm`; its default now.
 SEEDS = (0, 1, 2, 3)
 SCALES = (1, 4, 16)
 
 
-def _diloco(name: str, overrides: dict, config: str = DILOCO) -> dict:
+def _cell(name: str, overrides: dict, config: str = DILOCO) -> dict:
   return sweep.cell(name, config, {**EVALS, **overrides})
 
 
@@ -74,36 +74,36 @@ def _stage(arg: str) -> tuple[list[dict], str, tuple, str]:
   """(cells, title, seeds, notes) of one stage."""
   dp = sweep.cell("data_parallel", DP, EVALS)
   if arg == "sync_every":
-    cells = [dp] + [_diloco(f"h{h}", {**DEFAULT, "diloco.sync_every": h}) for h in (5, 10, 25, 50)]
+    cells = [dp] + [_cell(f"h{h}", {**DEFAULT, "diloco.sync_every": h}) for h in (5, 10, 25, 50)]
     return cells, "DiLoCo M = 4: how often to sync (H)", (0,), (
         "Outer Nesterov lr 0.7, momentum 0.5 (today's `experiments/diloco.py`); H inner"
         " steps between syncs, so 300 / H outer steps.")
   if arg == "outer":
     cells = [dp] + [
-        _diloco(f"lr{lr}_m{m}", {"diloco.sync_every": BEST_H, "outer.lr": lr,
+        _cell(f"lr{lr}_m{m}", {"diloco.sync_every": BEST_H, "outer.lr": lr,
                                  "outer.momentum": m})
         for lr in (0.5, 0.7, 1.0, 1.4) for m in (0.0, 0.5, 0.9)]
     return cells, f"DiLoCo M = 4, H = {BEST_H}: the outer optimizer", (0,), (
         f"Nesterov momentum at H = {BEST_H} (the best of the H stage).")
   if arg == "inner":
-    cells = [dp] + [_diloco(f"inner_x{f:g}", {**TUNED, "inner.lr": 3e-3 * f})
+    cells = [dp] + [_cell(f"inner_x{f:g}", {**TUNED, "inner.lr": 3e-3 * f})
                     for f in (0.5, 1.0, 2.0)]
     return cells, "DiLoCo M = 4, tuned outer loop: the inner learning rate", (0,), (
         "AdamW peak lr 3e-3 (the data-parallel setting) scaled for 8 sequences a learner.")
   if arg == "learners":
     m1 = {"diloco.num_learners": 1}
     cells = [dp,
-             _diloco("m1_tuned", {**TUNED, **m1}),
-             _diloco("m1_h5_lr1.0_m0.5", {**TUNED, **m1, "outer.momentum": 0.5}),
-             _diloco("m1_h5_lr0.7_m0.9", {**TUNED, **m1, "outer.lr": 0.7, "outer.momentum": 0.9}),
-             _diloco("m1_h25_lr0.7_m0.9", {**m1, "diloco.sync_every": 25, "outer.lr": 0.7,
+             _cell("m1_tuned", {**TUNED, **m1}),
+             _cell("m1_h5_lr1.0_m0.5", {**TUNED, **m1, "outer.momentum": 0.5}),
+             _cell("m1_h5_lr0.7_m0.9", {**TUNED, **m1, "outer.lr": 0.7, "outer.momentum": 0.9}),
+             _cell("m1_h25_lr0.7_m0.9", {**m1, "diloco.sync_every": 25, "outer.lr": 0.7,
                                             "outer.momentum": 0.9}),
-             _diloco("m2_tuned", {**TUNED, "diloco.num_learners": 2}),
-             _diloco("m4_h1", {**TUNED, "diloco.sync_every": 1}),
-             _diloco("m4_h2", {**TUNED, "diloco.sync_every": 2}),
-             _diloco("m4_tuned", TUNED),
-             _diloco("decoupled_default", DECOUPLED_EARLIER, DECOUPLED),
-             _diloco("decoupled_tuned", DECOUPLED_TUNED, DECOUPLED)]
+             _cell("m2_tuned", {**TUNED, "diloco.num_learners": 2}),
+             _cell("m4_h1", {**TUNED, "diloco.sync_every": 1}),
+             _cell("m4_h2", {**TUNED, "diloco.sync_every": 2}),
+             _cell("m4_tuned", TUNED),
+             _cell("decoupled_default", DECOUPLED_EARLIER, DECOUPLED),
+             _cell("decoupled_tuned", DECOUPLED_TUNED, DECOUPLED)]
     return cells, "DiLoCo M = 1, 2, 4 and Decoupled DiLoCo at the tuned outer loop", (0,), (
         f"Tuned: H = {BEST_H}, outer lr 1.0, momentum 0 (plain averaging). M = 1 with plain"
         " averaging is data-parallel up to rounding; with outer momentum it is a lookahead"
@@ -113,22 +113,22 @@ def _stage(arg: str) -> tuple[list[dict], str, tuple, str]:
   if arg == "batch":
     cells = [c for b in (32, 64, 128) for c in (
         sweep.cell("data_parallel" if b == 32 else f"data_parallel_b{b}", DP, _batch(b)),
-        _diloco(f"tuned_b{b}", {**TUNED, **_batch(b)}))]
+        _cell(f"tuned_b{b}", {**TUNED, **_batch(b)}))]
     return cells, "DiLoCo M = 4 and data-parallel vs the global batch, equal tokens", (0,), (
         "Global batch in sequences of 128 bytes, summed over the 4 learners; the inner lr"
         " stays 3e-3; warmup, evals and steps scale with 32 / batch.")
   if arg == "confirm":
     sign = {"codec.up": "sign"}
-    cells = [dp, _diloco("default", DEFAULT), _diloco("tuned", TUNED),
-             _diloco("m1_default", {**DEFAULT, "diloco.num_learners": 1}),
-             _diloco("m2_tuned", {**TUNED, "diloco.num_learners": 2}),
-             _diloco("decoupled_default", DECOUPLED_EARLIER, DECOUPLED),
-             _diloco("decoupled_tuned", DECOUPLED_TUNED, DECOUPLED),
-             _diloco("decoupled_default_sign", {**DECOUPLED_EARLIER, **sign}, DECOUPLED),
-             _diloco("decoupled_tuned_sign", {**DECOUPLED_TUNED, **sign}, DECOUPLED),
+    cells = [dp, _cell("default", DEFAULT), _cell("tuned", TUNED),
+             _cell("m1_default", {**DEFAULT, "diloco.num_learners": 1}),
+             _cell("m2_tuned", {**TUNED, "diloco.num_learners": 2}),
+             _cell("decoupled_default", DECOUPLED_EARLIER, DECOUPLED),
+             _cell("decoupled_tuned", DECOUPLED_TUNED, DECOUPLED),
+             _cell("decoupled_default_sign", {**DECOUPLED_EARLIER, **sign}, DECOUPLED),
+             _cell("decoupled_tuned_sign", {**DECOUPLED_TUNED, **sign}, DECOUPLED),
              # Sign's scale (a block's mean |x|) is sqrt(2 / pi) ~ 0.8 of its rms for
              # Gaussian values: is sign's gain only a shorter outer step?
-             _diloco("decoupled_tuned_lr0.8", DECOUPLED_BEST, DECOUPLED)]
+             _cell("decoupled_tuned_lr0.8", DECOUPLED_BEST, DECOUPLED)]
     return cells, "Outer optimization: default vs tuned, 4 seeds", SEEDS, (
         "Paired by seed: each seed's init and data order are shared by every cell."
         " DiLoCo M = 4 (`default`: H = 25, Nesterov lr 0.7, momentum 0.5; `tuned`: H ="
