@@ -446,8 +446,12 @@ def final_line(summary: dict, workdir: str) -> str:
 # --- the launcher ------------------------------------------------------------------------
 
 
-class Stopped(Exception):
-  """The launcher got SIGINT, SIGTERM or SIGHUP."""
+class Stopped(BaseException):
+  """The launcher got SIGINT, SIGTERM or SIGHUP.
+
+  A BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way (the
+  mailbox's retries wrap any error they meet as a StoreError) turns a stop into a failure.
+  """
 
   def __init__(self, signum: int):
     super().__init__(signal.Signals(signum).name)

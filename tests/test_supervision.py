@@ -212,6 +212,16 @@ def test_progress_shows_finished_learners_as_done_and_goodput_over_every_launch(
   assert local.progress(box, 1, 2, 100, 20.0)[0].endswith("goodput 100%")  # Never above.
 
 
+def test_a_stop_signal_inside_a_mailbox_call_stops_the_launcher_rather_than_failing_it():
+  # SIGTERM lands in whatever the launcher is doing, most often polling the mailbox, whose
+  # retries wrap the errors they meet: the stop must pass through them as a stop.
+  box = mailbox_lib.Mailbox(f"memory://stop-{os.getpid()}", SECRET)
+  def interrupted():
+    local._raise_stopped(signal.SIGTERM, None)  # pylint: disable=protected-access
+  with pytest.raises(local.Stopped, match="SIGTERM"):
+    box._op("list down/", interrupted)  # pylint: disable=protected-access
+
+
 def test_uptime_counts_the_launches_only():
   # Launches [0, 10] and [20, 30]; a learner stepped over [5, 25]: 5 s in each, of 20.
   assert local.uptime([(5.0, 25.0)], [(0.0, 10.0), (20.0, 30.0)]) == 0.5
