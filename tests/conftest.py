@@ -13,6 +13,13 @@ CPU, XLA's code does not depend on which devices run it, so the tests key the
 cache without the device assignment (as JAX itself does on GPUs) and each
 island loads the first island's executable onto its own devices
 (`test_model_islands` checks where the results land and that they agree).
+
+The tests' models are tiny and their runs short, so XLA's optimizing passes
+cost more than they save: the tests compile with most of them off
+(`jax_disable_most_optimizations`, passed on to subprocesses through the
+environment), except where a test runs long enough for the speed of the
+compiled code to matter (the `optimized` fixture). No test compares numbers
+across the two settings.
 """
 
 import os
@@ -28,6 +35,7 @@ _CACHE_DIR = os.environ["DD_TESTS_JAX_CACHE"]
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -35,6 +43,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)  # If jax was imported before us.
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+jax.config.update("jax_disable_most_optimizations", True)
 
 
 def _key_compiled_programs_without_their_devices():
@@ -66,6 +75,18 @@ def pytest_unconfigure(config):
   del config
   if _OWN_CACHE:
     shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+@pytest.fixture
+def optimized():
+  """XLA's optimizing passes on for this test's compilations (module docstring).
+
+  The setting is part of the persistent cache's key, so the two settings never share an
+  executable.
+  """
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", True)
 
 
 @pytest.fixture(scope="session")
