@@ -28,10 +28,12 @@ import tempfile
 
 import pytest
 
-_OWN_CACHE = "DD_TESTS_JAX_CACHE" not in os.environ  # Else a pytest-xdist controller's.
-if _OWN_CACHE:
-  os.environ["DD_TESTS_JAX_CACHE"] = tempfile.mkdtemp(prefix="jax_cache_tests_")
-_CACHE_DIR = os.environ["DD_TESTS_JAX_CACHE"]
+# The session's scratch folder: the compilation cache, and what helpers make outside a
+# test's tmp_path. Removed at the end by the process that made it.
+_OWN_SCRATCH = "DD_TESTS_SCRATCH" not in os.environ  # Else a pytest-xdist controller's.
+if _OWN_SCRATCH:
+  os.environ["DD_TESTS_SCRATCH"] = tempfile.mkdtemp(prefix="dd_tests_")
+_CACHE_DIR = os.path.join(os.environ["DD_TESTS_SCRATCH"], "jax_cache")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
@@ -73,8 +75,8 @@ def pytest_collection_modifyitems(items):
 
 def pytest_unconfigure(config):
   del config
-  if _OWN_CACHE:
-    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+  if _OWN_SCRATCH:
+    shutil.rmtree(os.environ["DD_TESTS_SCRATCH"], ignore_errors=True)
 
 
 @pytest.fixture

@@ -85,13 +85,15 @@ def preempt(monkeypatch, runtime_cls, at_step: int, config, workdir) -> None:
 def make_runtime(config, workdir=None):
   """`config`'s runtime on the fixture corpus, to drive step by step outside train.py.
 
-  `workdir` (default: a fresh temporary folder) is where a decoupled runtime
-  writes its event log when `sim.event_log` is on.
+  `workdir` (default: a fresh folder in the test session's scratch folder, which
+  tests/conftest.py removes) is where a decoupled runtime writes its event log when
+  `sim.event_log` is on.
   """
   from decoupled_diloco import train  # pylint: disable=g-import-not-at-top
   cfg = config_lib.parse(config)
   return train.make_runtime(cfg, tasks.build(cfg),
-                            str(workdir or tempfile.mkdtemp(prefix="runtime_")))
+                            str(workdir or tempfile.mkdtemp(prefix="runtime_",
+                                                     dir=os.environ["DD_TESTS_SCRATCH"])))
 
 
 def sgd_step_on(task, island, params, batch) -> tuple[dict, float]:
