@@ -134,19 +134,32 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL):
-    c, dtype = self.c, jnp.dtype(self.c.dtype)
-    embed = nn.Embed(c.vocab_size, c.d_model, dtype=dtype, name="embed",
-                     embedding_init=_part(_embed_init, ("vocab", "embed")))
+    embed = make_embed(self.c)
     x_BxLxD = embed(tokens_BxL)
-    for i in range(c.num_layers):
-      x_BxLxD = Block(c, name=f"block_{i}")(x_BxLxD)
-    x_BxLxD = RMSNorm(dtype, name="final_norm")(x_BxLxD)
-    if c.tie_embeddings:
-      logits_BxLxV = embed.attend(x_BxLxD)
-    else:
-      logits_BxLxV = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, name="head",
-                              kernel_init=_part(_embed_init, ("embed", "vocab")))(x_BxLxD)
-    return logits_BxLxV.astype(jnp.float32)
+    for i in range(self.c.num_layers):
+      x_BxLxD = Block(self.c, name=f"block_{i}")(x_BxLxD)
+    return logits(self.c, embed, x_BxLxD)
+
+
+def make_embed(c) -> nn.Embed:
+  """The token embedding, `embed` in the calling module (the tied head too)."""
+  return nn.Embed(c.vocab_size, c.d_model, dtype=jnp.dtype(c.dtype), name="embed",
+                  embedding_init=_part(_embed_init, ("vocab", "embed")))
+
+
+def logits(c, embed: nn.Embed, x_BxLxD):
+  """`final_norm`, then the head (`embed` tied, or `head`): float32 logits [B, L, V].
+
+  Called inside a compact module, whose parameters these become.
+  """
+  dtype = jnp.dtype(c.dtype)
+  x_BxLxD = RMSNorm(dtype, name="final_norm")(x_BxLxD)
+  if c.tie_embeddings:
+    logits_BxLxV = embed.attend(x_BxLxD)
+  else:
+    logits_BxLxV = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, name="head",
+                            kernel_init=_part(_embed_init, ("embed", "vocab")))(x_BxLxD)
+  return logits_BxLxV.astype(jnp.float32)
 
 
 def _boxed_init(c, rng):

@@ -59,7 +59,6 @@ _part = nn.with_logical_partitioning
 # One expert's fan-in (embed or mlp), not E times it: each expert starts like llama's Dense.
 _expert_init = nn.initializers.lecun_normal(batch_axis=(0,))
 # llama's initialisers, so that a moe and a llama of one shape start alike.
-_embed_init = llama._embed_init  # pylint: disable=protected-access
 _kernel_init = llama._kernel_init  # pylint: disable=protected-access
 
 
@@ -187,24 +186,17 @@ class Moe(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL):
-    c, dtype = self.c, jnp.dtype(self.c.dtype)
-    embed = nn.Embed(c.vocab_size, c.d_model, dtype=dtype, name="embed",
-                     embedding_init=_part(_embed_init, ("vocab", "embed")))
+    embed = llama.make_embed(self.c)
     x_BxLxD = embed(tokens_BxL)
     layer_stats = []
-    for i in range(c.num_layers):
-      x_BxLxD, stats = Block(c, name=f"block_{i}")(x_BxLxD)
+    for i in range(self.c.num_layers):
+      x_BxLxD, stats = Block(self.c, name=f"block_{i}")(x_BxLxD)
       layer_stats.append(stats)
-    x_BxLxD = llama.RMSNorm(dtype, name="final_norm")(x_BxLxD)
-    if c.tie_embeddings:
-      logits_BxLxV = embed.attend(x_BxLxD)
-    else:
-      logits_BxLxV = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, name="head",
-                              kernel_init=_part(_embed_init, ("embed", "vocab")))(x_BxLxD)
+    logits_BxLxV = llama.logits(self.c, embed, x_BxLxD)
     # Scalars: means over layers; `_expert_load` [layers, experts] (private: task.update_local).
     aux = {k: jnp.stack([s[k] for s in layer_stats]) for k in layer_stats[0]}
     aux = {k: v if k.startswith("_") else jnp.mean(v) for k, v in aux.items()}
-    return logits_BxLxV.astype(jnp.float32), aux
+    return logits_BxLxV, aux
 
 
 def routing(c, params, tokens_BxL) -> dict:
