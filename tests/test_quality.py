@@ -36,9 +36,9 @@ def final_loss(config, workdir, steps=None) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("optimized")  # 600 steps: running them outweighs compiling.
 def test_diloco_is_within_25_percent_of_data_parallel_and_catches_broken_outer_steps(
-    tmp_path, monkeypatch, optimized):
-  del optimized  # 600 steps: the compiled code's speed outweighs compiling it.
+    tmp_path, monkeypatch):
   dp = final_loss(data_parallel.get_config(), tmp_path / "dp")
   ok = final_loss(diloco.get_config(), tmp_path / "diloco")
   # Data-parallel itself learned more than byte pairs: it beats the train split's
