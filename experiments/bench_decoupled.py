@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from decoupled_diloco import train
-from experiments import decoupled_diloco
+from experiments import decoupled_diloco, methods
 
 _ROWS = flags.DEFINE_list(
     "rows", ["nochaos", "chaos", "nochaos:int4:int4", "hetero_lockstep", "hetero_km",
@@ -44,8 +44,7 @@ _CLAIMS = [
 
 def run(row: str, seed: int) -> dict:
   variant, up, down = (row.split(":") + ["fp32", "fp32"])[:3]
-  c = decoupled_diloco.get_config(variant)
-  c.update_from_flattened_dict(decoupled_diloco.EARLIER)  # What results/ was measured at.
+  c = methods.earlier(decoupled_diloco, variant)  # What results/ was measured at.
   c.seed = seed
   c.chaos.seed = c.chaos.seed + seed
   c.train.update(steps=_STEPS.value, eval_every=0, checkpoint_every=0)

@@ -58,7 +58,7 @@ from decoupled_diloco.runtime.dist import mailbox as mailbox_lib
 from decoupled_diloco.runtime.dist import wire
 from decoupled_diloco.runtime.dist.keys import Keyring
 from decoupled_diloco.runtime import team as team_lib
-from experiments import decoupled_diloco, saved
+from experiments import decoupled_diloco, methods, saved
 from launch import local
 
 _STEPS = flags.DEFINE_integer("steps", 100, "Inner steps per throughput run.")
@@ -101,8 +101,7 @@ def _wait(run, done, what: str) -> None:
 
 def run_config(num_learners: int, num_steps: int, checkpoint_every: int):
   """The paper's setting (P = H = 10) on the tiny model, 16 sequences per learner."""
-  c = decoupled_diloco.get_config("nochaos")
-  c.update_from_flattened_dict(decoupled_diloco.EARLIER)  # What results/ was measured at.
+  c = methods.earlier(decoupled_diloco, "nochaos")  # What results/ was measured at.
   c.data.batch_size = 16 * num_learners
   c.diloco.num_learners = num_learners
   c.train.update(steps=num_steps, eval_every=0, checkpoint_every=checkpoint_every,

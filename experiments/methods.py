@@ -10,9 +10,10 @@ earlier outer loops here (each file's `EARLIER`).
 from experiments import data_parallel, decoupled_diloco, diloco, streaming_diloco
 
 
-def _earlier(experiment, variant=None):
-  """The experiment's config with the outer loop the task sweeps (modality, architecture)
-  ran: the tuned ones (experiments/ablations/outer.py) were found on the GPT only."""
+def earlier(experiment, variant=None):
+  """The experiment's config (`variant`) with its `EARLIER` outer loop: what the task
+  sweeps (modality, architecture) and the committed benchmark results ran; the tuned
+  loops (experiments/ablations/outer.py) were found on the GPT only."""
   c = experiment.get_config(variant)
   c.update_from_flattened_dict(experiment.EARLIER)
   return c
@@ -20,9 +21,9 @@ def _earlier(experiment, variant=None):
 
 METHODS = {
     "data_parallel": lambda: data_parallel.get_config(),
-    "diloco": lambda: _earlier(diloco),
+    "diloco": lambda: earlier(diloco),
     "streaming": lambda: streaming_diloco.get_config(),
-    "decoupled": lambda: _earlier(decoupled_diloco, "nochaos"),
+    "decoupled": lambda: earlier(decoupled_diloco, "nochaos"),
 }
 
 

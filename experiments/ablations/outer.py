@@ -76,7 +76,7 @@ def _stage(arg: str) -> tuple[list[dict], str, tuple, str]:
   if arg == "sync_every":
     cells = [dp] + [_cell(f"h{h}", {**DEFAULT, "diloco.sync_every": h}) for h in (5, 10, 25, 50)]
     return cells, "DiLoCo M = 4: how often to sync (H)", (0,), (
-        "Outer Nesterov lr 0.7, momentum 0.5 (today's `experiments/diloco.py`); H inner"
+        "Outer Nesterov lr 0.7, momentum 0.5 (`experiments/diloco.py` then); H inner"
         " steps between syncs, so 300 / H outer steps.")
   if arg == "outer":
     cells = [dp] + [
