@@ -26,7 +26,7 @@ setuptools.setup(
         "tqdm>=4.66",  # data/prepare.py's progress bar.
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5",  # Two test processes on two cores (.ci/run).
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5",  # Test processes: one per core and one more (conftest.py).
                  "import-linter>=2.17",  # .importlinter, run by .ci/run.
                  "moto[server]>=5.0"],  # An S3 server in the tests: the mailbox over s3://.
         "cuda": ["jax[cuda12]>=0.7.0"],

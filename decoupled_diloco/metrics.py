@@ -12,9 +12,7 @@ import json
 import os
 import time
 
-import jax
 from absl import logging
-from tensorboardX import SummaryWriter
 
 from decoupled_diloco import workdir as workdir_lib
 
@@ -25,6 +23,7 @@ _COMPILE_EVENTS = frozenset({
     "/jax/core/compile/backend_compile_duration",
 })
 _compile_seconds = 0.0
+_listening = False
 
 
 def _on_duration(event: str, duration: float, **kwargs) -> None:
@@ -34,11 +33,17 @@ def _on_duration(event: str, duration: float, **kwargs) -> None:
     _compile_seconds += duration
 
 
-jax.monitoring.register_event_duration_secs_listener(_on_duration)
-
-
 def compile_seconds() -> float:
-  """Seconds this process has spent tracing and compiling jitted functions so far."""
+  """Seconds this process has spent tracing and compiling jitted functions since it first asked.
+
+  Callers take differences. jax is imported here, not with the module, so that what only
+  reads a workdir (the launchers) starts without it.
+  """
+  global _listening
+  if not _listening:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    _listening = True
   return _compile_seconds
 
 
@@ -47,6 +52,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str):
     os.makedirs(workdir, exist_ok=True)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 

@@ -16,10 +16,13 @@ island loads the first island's executable onto its own devices
 
 The tests' models are tiny and their runs short, so XLA's optimizing passes
 cost more than they save: the tests compile with most of them off
-(`jax_disable_most_optimizations`, passed on to subprocesses through the
-environment), except where a test runs long enough for the speed of the
-compiled code to matter (the `optimized` fixture). No test compares numbers
-across the two settings.
+(`jax_disable_most_optimizations`), except where a test runs long enough for
+the speed of the compiled code to matter (the `optimized` fixture). No test
+compares numbers across the two settings. They also compile fusions with XLA's
+older CPU emitters, in one piece (`_FAST_COMPILE`): without the optimizing
+passes, a training step of the tests' models compiles several times faster
+that way and runs no slower (`experiments/bench_compile.py`, BUILD.md "Test").
+Both settings reach the tests' subprocesses through the environment.
 """
 
 import os
@@ -38,6 +41,9 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+_FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
+if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -65,6 +71,13 @@ _key_compiled_programs_without_their_devices()
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: long end-to-end runs (still run in CI)")
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto`: a test process per core, and one more. The end-to-end tests spend much of
+  their time waiting for the processes they started, paced by the wall clock."""
+  del config
+  return len(os.sched_getaffinity(0)) + 1
 
 
 def pytest_collection_modifyitems(items):

@@ -151,7 +151,9 @@ def test_chaos_faults_go_through_the_supervisor_and_fire_once_per_run(tmp_path):
       _wait_for(lambda: (sup.tick(), p.pid != first and p.running())[1], 10, "a restart")
     assert sup.restarts == {"learner 1": 1, "syncer": 1}
     chaos.tick({0: {"step": 60}, 1: {"step": 10}})
-    assert _state(run.learners[0].pid) == "T"  # Stopped, then continued after 0.05 s.
+    # Stopped (once the kernel has delivered the signal), then continued after 0.05 s: the
+    # SIGCONT comes from a later tick.
+    _wait_for(lambda: _state(run.learners[0].pid) == "T", 10, "SIGSTOP")
     _wait_for(lambda: (chaos.tick({}), _state(run.learners[0].pid) != "T")[1], 10, "SIGCONT")
     chaos.tick({0: {"step": 80}})
     assert json.loads(link.read_text()) == {"bytes_per_s": 1e6, "latency_s": 0.2}
