@@ -80,7 +80,7 @@ def _chaos_config(steps):
       "decoupled", steps=steps, **{"diloco.num_learners": 2, "diloco.num_fragments": 2,
                                    "diloco.sync_every": 4, "diloco.quorum": 1,
                                    "train.checkpoint_every": 25, "dist.lease_s": 3.0,
-                                   "dist.min_step_s": 0.04})
+                                   "dist.min_step_s": 0.02})
 
 
 @pytest.mark.slow

@@ -431,7 +431,7 @@ def test_a_crash_loop_stops_the_run_with_the_end_of_the_log(tmp_path):
 def test_sigterm_and_kill_9_of_the_launcher_stop_every_child_and_the_run_resumes(tmp_path):
   """Three launches of one run: stopped by SIGTERM, killed by SIGKILL, finished."""
   workdir = tmp_path / "run"
-  config = _config(tmp_path, 100, **{"dist.min_step_s": 0.05})
+  config = _config(tmp_path, 100, **{"dist.min_step_s": 0.02})
   launches = []
   try:
     for name, sig in (("first", signal.SIGTERM), ("second", signal.SIGKILL)):
