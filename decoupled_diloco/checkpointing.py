@@ -95,23 +95,6 @@ def run_record(config, task) -> str:
                     sort_keys=True)
 
 
-def differences(stored, text: str, most: int = 4) -> str:
-  """What differs between two JSON run records (`run_record`), by dotted key, with both
-  values (the first `most`): "differs in a.b: 1 there, 2 here; ..."."""
-  def flat(value, prefix=""):
-    if not isinstance(value, dict):
-      return {prefix: value}
-    return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
-  try:
-    old, new = flat(json.loads(stored)), flat(json.loads(text))
-  except (TypeError, ValueError):
-    return "is another config"
-  keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-  shown = "; ".join(f"{k.rstrip('.')}: {old.get(k)!r} there, {new.get(k)!r} here"
-                    for k in keys[:most])
-  return f"differs in {shown}" + (f" and {len(keys) - most} more" if len(keys) > most else "")
-
-
 # Every field a fingerprint can have, at its default (a non-data-parallel runtime has them
 # all); checkpoints written before `data_id` were all of byte tokens.
 _DEFAULT_FINGERPRINT = fingerprint(config_lib.Config(runtime="decoupled"),

@@ -13,6 +13,7 @@ names; tests/test_reliability.py checks that the two agree.
 """
 
 import dataclasses
+import json
 import math
 import typing
 from typing import Literal
@@ -419,3 +420,20 @@ def _validate(cfg: Config) -> None:
   if cfg.runtime != "data_parallel" and cfg.data.batch_size % d.num_learners:
     raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by"
                      f" diloco.num_learners={d.num_learners} (the global batch is split).")
+
+
+def differences(stored, text: str, most: int = 4) -> str:
+  """What differs between two JSON run records (`checkpointing.run_record`), by dotted key,
+  with both values (the first `most`): "differs in a.b: 1 there, 2 here; ..."."""
+  def flat(value, prefix=""):
+    if not isinstance(value, dict):
+      return {prefix: value}
+    return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+  try:
+    old, new = flat(json.loads(stored)), flat(json.loads(text))
+  except (TypeError, ValueError):
+    return "is another config"
+  keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  shown = "; ".join(f"{k.rstrip('.')}: {old.get(k)!r} there, {new.get(k)!r} here"
+                    for k in keys[:most])
+  return f"differs in {shown}" + (f" and {len(keys) - most} more" if len(keys) > most else "")

@@ -480,8 +480,8 @@ def check_config(config_path: str, text: str) -> None:
   with open(config_path) as f:
     stored = f.read()
   if stored != text:
-    from decoupled_diloco import checkpointing  # pylint: disable=g-import-not-at-top
-    why = checkpointing.differences(stored, text, most=1000)
+    from decoupled_diloco import config as config_lib  # pylint: disable=g-import-not-at-top
+    why = config_lib.differences(stored, text, most=1000)
     raise ValueError(f"--workdir={os.path.dirname(config_path)} holds a run of another config:"
                      f" its {config_path} {why}. Use another --workdir (or this run's config"
                      " to resume it).")

@@ -57,7 +57,7 @@ from absl import logging
 import numpy as np
 import tensorstore as ts
 
-from decoupled_diloco import checkpointing
+from decoupled_diloco import config as config_lib
 from decoupled_diloco.algorithm.messages import FULL, Contribution, Notice, Publication
 from decoupled_diloco.runtime.dist import keys as keys_lib
 from decoupled_diloco.runtime.dist.keys import Keyring
@@ -774,7 +774,7 @@ class Mailbox:
     """Raises ValueError naming each field of `text` that differs from the run's."""
     if stored is not None and stored != text:
       raise ValueError(f"Mailbox {self.url} belongs to another run: its run/config "
-                       f"{checkpointing.differences(stored, text)}. Use the same config, or"
+                       f"{config_lib.differences(stored, text)}. Use the same config, or"
                        " another mailbox for another run.")
 
   def join(self, text: str, startup_s: float, num_fragments: int, poll_s: float = 0.5) -> None:
