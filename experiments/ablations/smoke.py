@@ -14,7 +14,7 @@ from experiments.ablations import common
 TINY = {
     "model.num_layers": 1, "model.d_model": 64, "model.num_heads": 2, "model.mlp_dim": 128,
     "model.seq_len": 32, "data.batch_size": 16, "train.steps": 24, "train.log_every": 4,
-    "train.eval_every": 4, "train.checkpoint_every": 4, "train.eval_batches": 2,
+    "train.eval_every": 4, "train.checkpoint_every": 12, "train.eval_batches": 2,
     "inner.warmup_steps": 2, "diloco.num_learners": 2, "diloco.num_fragments": 2,
     "diloco.sync_every": 4, "diloco.overlap": 1,
 }
