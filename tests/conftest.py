@@ -73,11 +73,14 @@ def pytest_configure(config):
   config.addinivalue_line("markers", "slow: long end-to-end runs (still run in CI)")
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's; the suite also runs without it.
 def pytest_xdist_auto_num_workers(config):
   """`-n auto`: a test process per core, and one more. The end-to-end tests spend much of
   their time waiting for the processes they started, paced by the wall clock."""
   del config
-  return len(os.sched_getaffinity(0)) + 1
+  cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+           else os.cpu_count() or 1)
+  return cores + 1
 
 
 def pytest_collection_modifyitems(items):
