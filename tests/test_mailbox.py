@@ -161,6 +161,33 @@ def test_create_race_between_processes_each_key_won_once(tmp_path, request, stor
 # -------------------------------------------------------------- leases
 
 
+def test_a_lease_replaced_between_its_two_reads_is_read_whole_and_blames_nothing(url):
+  """The prefix read sizes the learner's lease; its last renewal (longer: it says done)
+  lands before the second read. That read starts again: before, the second read took the
+  new object's first bytes, blamed it as truncated for good, and the syncer never saw the
+  learner finish (it waited until the launcher stopped it)."""
+  learner, syncer = Mailbox(url, SECRET), Mailbox(url, SECRET)
+  lease = learner.acquire("learner/0", "L", ttl_s=60, info={"step": 1})
+  real, fired = syncer._kv, []
+
+  class RenewedBetweenReads:
+    def __getattr__(self, name):
+      return getattr(real, name)
+
+    def read(self, key, byte_range=None, **kwargs):
+      if (key == "lease/learner/0" and byte_range is not None and not fired
+          and byte_range.stop not in (0, wire.PREFIX_BYTES)):
+        fired.append(learner.renew(lease, 60, {"step": 12, "status": "done", "busy_s": 0.25}))
+      return real.read(key, byte_range=byte_range, **kwargs)
+
+  syncer._kv = RenewedBetweenReads()
+  got = syncer.read_lease("learner/0")
+  assert fired and fired[0] is not None
+  assert got.info == {"step": 12, "status": "done", "busy_s": 0.25}
+  assert not syncer.rejected
+  assert syncer.leases("learner/")["learner/0"].info["status"] == "done"
+
+
 def test_lease_is_taken_over_only_after_expiry(url):
   clock = FakeClock()
   box = Mailbox(url, SECRET, clock=clock)

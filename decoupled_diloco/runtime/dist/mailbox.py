@@ -301,8 +301,14 @@ class Mailbox:
     sizes = getattr(self.limits, field)
     return sizes[int(p)] if p.isdigit() and int(p) < len(sizes) else 0
 
-  def _read(self, key: str) -> _Read:
-    """`key`'s value, reading at most its prefix if it is larger than `limit(key)`."""
+  def _read(self, key: str, tries: int = 4) -> _Read:
+    """`key`'s value, reading at most its prefix if it is larger than `limit(key)`.
+
+    Two reads: the prefix (which says the length), then the object. A writer may
+    replace the object between them (a lease renewed): then the second read's bytes
+    are not of the object the first one sized, so the read starts again (`tries`
+    times; after that the key counts as missing for now, and no object is blamed).
+    """
     def start(byte_range):
       return lambda: self._kv.read(key, byte_range=byte_range)
     try:
@@ -331,7 +337,13 @@ class Mailbox:
     except StoreError as e:
       if "OUT_OF_RANGE" not in str(e):
         raise
-      return _Read("bad", b"", generation, "truncated")
+      result = self._op(f"read {key}", start(slice(0, 0)))  # Shorter than it says, or replaced?
+      if result.stamp.generation == generation:
+        return _Read("bad", b"", generation, "truncated")
+    if result.stamp.generation != generation:  # Replaced between the two reads.
+      if tries > 1:
+        return self._read(key, tries - 1)
+      return _Read("missing", b"", generation)
     if result.state != "value":
       return _Read("missing", b"", result.stamp.generation)
     value = result.value  # Each access of `.value` copies the bytes: take them once.
