@@ -340,17 +340,15 @@ class Mailbox:
       result = self._op(f"read {key}", start(slice(0, 0)))  # Shorter than it says, or replaced?
       if result.stamp.generation == generation:
         return _Read("bad", b"", generation, "truncated")
-    if result.stamp.generation != generation:  # Replaced between the two reads.
+    if result.stamp.generation != generation:  # Replaced (or deleted) between the two reads.
       if tries > 1:
         return self._read(key, tries - 1)
       return _Read("missing", b"", generation)
-    if result.state != "value":
-      return _Read("missing", b"", result.stamp.generation)
     value = result.value  # Each access of `.value` copies the bytes: take them once.
     self._link(len(value))
     with self._lock:
       self.bytes_read += len(value)
-    return _Read("value", value, result.stamp.generation)
+    return _Read("value", value, generation)
 
   def _write(self, key: str, value: bytes | None, if_equal: bytes | None = None) -> bytes:
     """Writes `value` (None: deletes); its new generation, empty if `if_equal` did not match.
