@@ -16,6 +16,8 @@ time) are tests/test_mailbox.py's.
 
 import json
 import os
+import threading
+import time
 import uuid
 
 import jax
@@ -26,7 +28,7 @@ from decoupled_diloco import config as config_lib, metrics
 from decoupled_diloco.algorithm import codecs, protocol as protocol_lib
 from decoupled_diloco.algorithm.messages import FULL, Contribution
 from decoupled_diloco.algorithm.rounds import MAX_ROUNDS_AHEAD
-from decoupled_diloco.runtime.dist.learner import LINK_FILE, learner_lease
+from decoupled_diloco.runtime.dist.learner import LINK_FILE, SYNCER_LEASE, learner_lease
 from decoupled_diloco.runtime.dist.mailbox import Mailbox
 from decoupled_diloco.runtime.dist.syncer import Fenced, SyncerService
 from tests import helpers
@@ -605,6 +607,32 @@ def test_a_standby_syncer_takes_over_once_the_leaders_lease_expires(tmp_path):
   assert standby.syncer.version.tolist() == [1, 2]
   assert s.box.publication(1, 2)[1]["epoch"] == 2
   assert [e["versions"] for e in s.events("recovered", name="standby")] == [versions]
+
+
+def test_a_finishing_syncer_waits_for_a_renewal_in_flight_then_frees_its_lease(tmp_path):
+  """The lease thread (wall clock) is mid-renewal when the syncer finishes: `finish`
+  waits for it, so no renewal outlives the service (one that returns into a finalizing
+  interpreter aborts the process) and the release is of the renewed lease, not of a
+  stale one (which would leave the lease held until it expires)."""
+  cfg = config_lib.parse(_config(**{"dist.lease_s": 2.0}))  # Renewed every 0.5 s.
+  url = f"memory://finishing_{uuid.uuid4().hex}/"
+  box = Mailbox(url, SECRET)
+  svc = SyncerService(cfg, helpers.task(cfg), str(tmp_path), box)
+  renewed, real_renew = threading.Event(), box.renew
+
+  def slow_renew(lease, ttl_s, info=None):  # The store answers, the answer comes back late.
+    out = real_renew(lease, ttl_s, info)
+    renewed.set()
+    time.sleep(0.5)
+    return out
+
+  box.renew = slow_renew
+  assert svc.start()
+  assert renewed.wait(10)
+  svc.finish()
+  assert "syncer-lease" not in [t.name for t in threading.enumerate()]
+  lease = Mailbox(url, SECRET).read_lease(SYNCER_LEASE)
+  assert lease.expires_at <= time.time(), "the lease is still held after finish"
 
 
 def test_a_learner_lying_about_its_step_time_cannot_move_the_pace(tmp_path):

@@ -88,6 +88,7 @@ class SyncerService:
     self.lost = False  # Set when another syncer took the lease over.
     self._stop = threading.Event()
     self._lease_lock = threading.Lock()
+    self._lease_thread: threading.Thread | None = None
     self._next_renew = -np.inf
     self._warm = False
     self.log = EventLog(os.path.join(workdir, "events.jsonl"), clock=clock, role="syncer")
@@ -109,7 +110,9 @@ class SyncerService:
     logging.info("syncer: leading (epoch %d)", lease.epoch)
     self._recover()
     if self.threaded:
-      threading.Thread(target=self._keep_lease, daemon=True, name="syncer-lease").start()
+      self._lease_thread = threading.Thread(target=self._keep_lease, daemon=True,
+                                            name="syncer-lease")
+      self._lease_thread.start()
     return True
 
   def _renew(self) -> None:
@@ -128,6 +131,20 @@ class SyncerService:
     """Renews the lease in the background: a long compile or merge must not lose it."""
     while not self._stop.wait(self.cfg.dist.lease_s / 4) and not self.lost:
       self._renew()
+
+  def _stop_renewing(self) -> None:
+    """Stops the renewal thread and waits for a renewal in flight (up to a lease's time).
+
+    A renewal still in flight when the process exits comes back into a finalizing
+    interpreter from tensorstore's C++, which aborts the process; and one that lands
+    after `release` would hold the lease again until it expires.
+    """
+    self._stop.set()
+    if self._lease_thread is not None and self._lease_thread.is_alive():
+      self._lease_thread.join(self.cfg.dist.lease_s)
+      if self._lease_thread.is_alive():
+        logging.warning("syncer: a lease renewal is still in flight after %.1f s",
+                        self.cfg.dist.lease_s)
 
   # --- durable state, one fragment at a time -------------------------------------------
 
@@ -323,15 +340,18 @@ class SyncerService:
         waiting = True
       self.sleep(self.cfg.dist.poll_s * 4)
     last_report = self.clock()
-    while not self.step(self.clock()):
-      if self.clock() - last_report > 10:
-        last_report = self.clock()
-        logging.info("syncer: versions %s, live learners %s, rejected %d",
-                     self.syncer.version.tolist(),
-                     [m for m in range(self.num_learners) if self.live[m]],
-                     sum(self.syncer.rejected.values()))
-      self.sleep(self.cfg.dist.poll_s)
-    return self.finish()
+    try:
+      while not self.step(self.clock()):
+        if self.clock() - last_report > 10:
+          last_report = self.clock()
+          logging.info("syncer: versions %s, live learners %s, rejected %d",
+                       self.syncer.version.tolist(),
+                       [m for m in range(self.num_learners) if self.live[m]],
+                       sum(self.syncer.rejected.values()))
+        self.sleep(self.cfg.dist.poll_s)
+      return self.finish()
+    finally:
+      self._stop_renewing()  # Also when `step` raises (`Fenced`, a store error).
 
   def finish(self) -> dict:
     """Evaluates the global model, releases the lease; returns the summary."""
@@ -354,7 +374,7 @@ class SyncerService:
         "wall_seconds": self.clock() - self.started, "epoch": self.lease.epoch,
         "learners": {str(m): l.info for m, l in sorted(self.leases.items())},
     }
-    self._stop.set()
+    self._stop_renewing()
     self.mailbox.release(self.lease)
     self.log("done", versions=self.syncer.version.tolist(), eval_loss=loss)
     self.log.close()
