@@ -416,8 +416,8 @@ def run_local(commands: dict[str, str], *, log_dir: str, timeout_s: float,
   then SIGKILL) on a timeout, on Ctrl-C or if one fails.
 
   Returns:
-    0 if every learner exited 0; 124 on a timeout; 130 on Ctrl-C; else the
-    first nonzero exit status.
+    0 if every learner and the syncer exited 0; 124 on a timeout (the syncer's
+    grace included); 130 on Ctrl-C; else the first nonzero exit status.
   """
   out = out or sys.stdout
   os.makedirs(log_dir, exist_ok=True)
@@ -445,12 +445,19 @@ def run_local(commands: dict[str, str], *, log_dir: str, timeout_s: float,
         print(f"timed out after {timeout_s:.0f} s; stopping the run.", file=sys.stderr)
         return 124
       time.sleep(0.2)
+    if (failed := next((n for n in learners if procs[n].returncode), None)) is not None:
+      print(f"{failed} exited with status {procs[failed].returncode}.", file=sys.stderr)
+      return procs[failed].returncode
     if syncer in procs:
       try:
-        procs[syncer].wait(syncer_grace_s)
+        if (rc := procs[syncer].wait(syncer_grace_s)):
+          print(f"{syncer} exited with status {rc} after the learners finished.", file=sys.stderr)
+          return rc
       except subprocess.TimeoutExpired:
-        pass
-    return next((procs[n].returncode for n in learners if procs[n].returncode), 0)
+        print(f"{syncer} was still running {syncer_grace_s:.0f} s after the learners finished;"
+              " stopping it (the run has no final evaluation).", file=sys.stderr)
+        return 124
+    return 0
   except KeyboardInterrupt:
     print("interrupted; stopping every process.", file=sys.stderr)
     return 130

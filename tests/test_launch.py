@@ -258,14 +258,19 @@ def test_tpu_run_local_runs_the_same_learner_command_here(tmp_path):
 def test_local_runner_prefixes_output_and_stops_everyone(tmp_path):
   out = tmp_path / "out.txt"
   with open(out, "w") as f:
-    rc = common.run_local({"syncer": "echo merging; sleep 60", "learner0": "echo step 1",
-                           "learner1": "sleep 0.3; echo step 2"},
-                          log_dir=str(tmp_path / "logs"), timeout_s=30, syncer_grace_s=0.2,
-                          out=f)
+    rc = common.run_local({"syncer": "echo merging; sleep 0.5; echo done",
+                           "learner0": "echo step 1", "learner1": "sleep 0.3; echo step 2"},
+                          log_dir=str(tmp_path / "logs"), timeout_s=30, out=f)
   assert rc == 0
   lines = set(out.read_text().splitlines())
-  assert {"[syncer] merging", "[learner0] step 1", "[learner1] step 2"} <= lines
+  assert {"[syncer] merging", "[learner0] step 1", "[learner1] step 2", "[syncer] done"} <= lines
   assert (tmp_path / "logs" / "learner1.log").read_text() == "step 2\n"
+  # The learners are done but the syncer is not: it gets its grace, then the run fails,
+  # as it does when the syncer fails at the end (no final evaluation).
+  for cmd, want in (("sleep 60", 124), ("sleep 0.2; exit 6", 6)):
+    with open(out, "w") as f:
+      assert common.run_local({"syncer": cmd, "learner0": "true"}, log_dir=str(tmp_path / "logs"),
+                              timeout_s=30, syncer_grace_s=0.5, out=f) == want
   pid_file = tmp_path / "pid"
   with open(out, "w") as f:
     rc = common.run_local({"syncer": f"echo $$ > {pid_file}; exec sleep 60",
