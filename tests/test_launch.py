@@ -267,10 +267,10 @@ def test_local_runner_prefixes_output_and_stops_everyone(tmp_path):
   assert (tmp_path / "logs" / "learner1.log").read_text() == "step 2\n"
   # The learners are done but the syncer is not: it gets its grace, then the run fails,
   # as it does when the syncer fails at the end (no final evaluation).
-  for cmd, want in (("sleep 60", 124), ("sleep 0.2; exit 6", 6)):
+  for cmd, grace_s, want in (("sleep 60", 0.5, 124), ("sleep 0.3; exit 6", 30, 6)):
     with open(out, "w") as f:
       assert common.run_local({"syncer": cmd, "learner0": "true"}, log_dir=str(tmp_path / "logs"),
-                              timeout_s=30, syncer_grace_s=0.5, out=f) == want
+                              timeout_s=30, syncer_grace_s=grace_s, out=f) == want
   pid_file = tmp_path / "pid"
   with open(out, "w") as f:
     rc = common.run_local({"syncer": f"echo $$ > {pid_file}; exec sleep 60",
