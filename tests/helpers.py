@@ -21,7 +21,9 @@ from decoupled_diloco.data import corpus as corpus_lib
 from decoupled_diloco.runtime import goodput, scenario, serialization, simulated
 from decoupled_diloco.runtime.team import Team
 
-CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "corpus")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+"""The repository root: the working directory of the processes tests start."""
+CORPUS = os.path.join(REPO, "tests", "fixtures", "corpus")
 """The tests' own text (tests/fixtures/README.md): the same bytes on every Python."""
 
 

@@ -3,7 +3,8 @@
 Learners and the syncer are the `LearnerRuntime` and `SyncerService` that
 processes run, on a `memory://` mailbox, driven by tests/dist_harness.py;
 tests of the syncer alone write the learners' messages and leases by hand
-through the same mailbox. The tests share a few configs (fp32 or int8
+through the same mailbox (one test starts a process: what it tests is how a
+learner process exits). The tests share a few configs (fp32 or int8
 downloads, two learners; the same number of steps) so that the session's
 compilation cache serves their programs after the first compile.
 
@@ -16,6 +17,8 @@ time) are tests/test_mailbox.py's.
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -192,6 +195,34 @@ def test_a_learner_whose_lease_another_holder_took_stops_with_a_clear_error(tmp_
     run.run_until(lambda: rt.step >= step + 10)
   assert rt.step <= step + 1 + lease_s / 4  # It stops at its next heartbeat.
   assert intruder.read_lease(learner_lease(0)).holder == "another host"
+
+
+_COURIER_THEN_ERROR = """
+import sys, time
+import numpy as np
+from decoupled_diloco.runtime.dist.courier import Courier
+from decoupled_diloco.runtime.dist.mailbox import Mailbox
+box = Mailbox(sys.argv[1], b"secret")
+lease = box.acquire("learner/0", "me", 10.0, {})
+courier = Courier(box, 0, 2, lossless_down=True, notices=False, lease=lease, ttl_s=10.0,
+                  poll_s=0.0, incarnation=1, info=dict, log=lambda *a, **k: None)
+courier.start(np.zeros(2, np.int64))
+time.sleep(0.5)
+raise RuntimeError("the learner failed")
+"""
+
+
+def test_a_learner_process_that_fails_exits_with_its_error_not_an_abort(tmp_path):
+  """The one process this module starts: its exit is what is tested. A learner that
+  raises never closes its courier; the courier's threads, polling a file mailbox
+  without pause, are stopped before the interpreter finalizes (else a store call in
+  flight comes back into it and the process aborts, status -6, losing the error's
+  exit status)."""
+  out = subprocess.run([sys.executable, "-c", _COURIER_THEN_ERROR, f"file://{tmp_path}/box/"],
+                       capture_output=True, text=True, timeout=120, cwd=helpers.REPO)
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert "RuntimeError: the learner failed" in out.stderr
+  assert "terminate called" not in out.stderr
 
 
 def test_the_link_throttle_in_the_workdir_is_taken_up_and_removed(tmp_path):

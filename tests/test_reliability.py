@@ -27,9 +27,8 @@ from decoupled_diloco.data import corpus as corpus_lib, reader
 from decoupled_diloco.models import vit
 from decoupled_diloco.runtime import simulated
 from decoupled_diloco.tasks import lm
-from tests.helpers import ArraysRuntime, tiny_config
+from tests.helpers import REPO, ArraysRuntime, tiny_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def records(workdir) -> list[dict]:

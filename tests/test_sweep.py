@@ -21,9 +21,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tests.helpers import CORPUS
+from tests.helpers import CORPUS, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = "experiments/ablations/smoke.py"
 RUNS = [(cell, seed) for cell in ("fp32", "int4") for seed in (0, 1)]
 # Three compute-free runs of a few seconds each (mostly start-up), one at a time.

@@ -7,6 +7,7 @@ instead, which does one round of the same work on the caller's thread, under
 the caller's clock.
 """
 
+import atexit
 import json
 import queue
 import threading
@@ -69,6 +70,9 @@ class Courier:
     if threaded:
       for t in self._threads:
         t.start()
+      # A process leaving on an error never reaches `close`: stop the threads before
+      # the interpreter finalizes, or a store call still in flight aborts the process.
+      atexit.register(self._halt)
 
   def send(self, c: Contribution) -> None:
     self._outbox.put(c)
@@ -105,11 +109,16 @@ class Courier:
       self.pump_uploads()
     while self._outbox.unfinished_tasks and time.time() < deadline:
       time.sleep(0.01)
+    self._halt(max(deadline - time.time(), 1.0))
+    atexit.unregister(self._halt)
+    return not self._outbox.unfinished_tasks
+
+  def _halt(self, timeout_s: float = 5.0) -> None:
+    """Stops the threads, waiting up to `timeout_s` for the store calls they are in."""
     self._stop.set()
     for t in self._threads:
       if t.is_alive():
-        t.join(timeout=max(deadline - time.time(), 1.0))
-    return not self._outbox.unfinished_tasks
+        t.join(timeout=timeout_s)
 
   def beat(self, status: str = "running") -> None:
     """Renews the lease with the learner's latest figures."""
