@@ -454,7 +454,7 @@ def run_local(commands: dict[str, str], *, log_dir: str, timeout_s: float,
           print(f"{syncer} exited with status {rc} after the learners finished.", file=sys.stderr)
           return rc
       except subprocess.TimeoutExpired:
-        print(f"{syncer} was still running {syncer_grace_s:.0f} s after the learners finished;"
+        print(f"{syncer} was still running {syncer_grace_s:g} s after the learners finished;"
               " stopping it (the run has no final evaluation).", file=sys.stderr)
         return 124
     return 0
