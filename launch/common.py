@@ -435,19 +435,18 @@ def run_local(commands: dict[str, str], *, log_dir: str, timeout_s: float,
       pumps[-1].start()
     deadline = time.monotonic() + timeout_s
     learners = [n for n in order if n != syncer]
-    while any(procs[n].poll() is None for n in learners):
+    while True:  # Failures first: a learner that failed as the last one ended counts.
       failed = [n for n in procs if procs[n].poll()]
       if failed:
         print(f"{failed[0]} exited with status {procs[failed[0]].returncode}; stopping the run.",
               file=sys.stderr)
         return procs[failed[0]].returncode
+      if all(procs[n].poll() is not None for n in learners):
+        break
       if time.monotonic() > deadline:
         print(f"timed out after {timeout_s:.0f} s; stopping the run.", file=sys.stderr)
         return 124
       time.sleep(0.2)
-    if (failed := next((n for n in learners if procs[n].returncode), None)) is not None:
-      print(f"{failed} exited with status {procs[failed].returncode}.", file=sys.stderr)
-      return procs[failed].returncode
     if syncer in procs:
       try:
         if (rc := procs[syncer].wait(syncer_grace_s)):

@@ -229,7 +229,8 @@ def test_every_task_trains_with_every_method_and_resumes_bitwise(tmp_path, monke
   chance = helpers.task(config(model)).chance_loss
   runs = {}
   for method in METHODS:  # Each saves at the end; the decoupled run, resumed below, at 4 too.
-    c = config(model, method, steps=8, **{"train.checkpoint_every": 4 if method == "decoupled" else 0})
+    c = config(model, method, steps=8,
+               **{"train.checkpoint_every": 4 if method == "decoupled" else 0})
     runs[method] = train.train_and_evaluate(c, str(tmp_path / method))
     assert runs[method]["final_eval_loss"] < chance, (method, runs[method])
   # Decoupled, killed at step 7 with messages in flight (last checkpoint at 4), resumed.
